@@ -1,0 +1,1 @@
+"""Calibration and evaluation sets, the readers that feed them to quantizers, and fidelity metrics."""

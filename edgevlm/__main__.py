@@ -1,0 +1,3 @@
+from edgevlm.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The contract between the pipeline and a backend's models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from edgevlm.families import Family
+from edgevlm.generation import DecodeState
+from edgevlm.tokenizer import Tokenizer
+
+
+@dataclass
+class Prepared:
+    """A prompt ready for the model: token ids (image placeholders expanded) and image tensors."""
+
+    input_ids: list[int]
+    image_inputs: dict[str, Any] = field(default_factory=dict)
+    image_features: Any = None  # set by Model.encode
+
+
+class Model(Protocol):
+    name: str  # hub id or directory, as the user gave it
+    family: Family
+    tokenizer: Tokenizer
+    max_context: int
+    eos_ids: set[int]
+
+    def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
+        """Tokenize a rendered prompt; with an image, preprocess it and expand its placeholder."""
+        ...
+
+    def encode(self, prepared: Prepared) -> None:
+        """Run the vision tower (and projector) on the prepared image, if any."""
+        ...
+
+    def prefill(self, prepared: Prepared) -> DecodeState:
+        """Run the prompt through the decoder; the returned state decodes from there."""
+        ...

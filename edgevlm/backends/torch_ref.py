@@ -1,0 +1,121 @@
+"""The PyTorch reference backend: transformers models and processors, run step by step.
+
+It is the numerical reference for every exported backend, so it does nothing clever: HF
+processors prepare the inputs, the model's own `get_image_features` runs the vision side, and
+the decoder runs with a DynamicCache one token at a time under the shared generation loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgevlm.backends.base import Prepared
+from edgevlm.errors import DeviceError, ModelError
+from edgevlm.families import Family, idefics3, llava_onevision
+from edgevlm.tokenizer import Tokenizer
+
+_PROCESSOR_LOADERS = {
+    llava_onevision.FAMILY.name: llava_onevision.load_hf_processor,
+    idefics3.FAMILY.name: idefics3.load_hf_processor,
+}
+
+
+def torch_device(device: str):
+    import torch
+
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu")
+        return torch.device(device)
+    raise DeviceError(f"unknown device {device!r}; use cpu or cuda")
+
+
+class TorchDecodeState:
+    def __init__(self, model, cache, logits: np.ndarray, prompt_len: int, device):
+        self._model, self._cache, self._device = model, cache, device
+        self.logits, self.prompt_len = logits, prompt_len
+
+    def step(self, token_id: int) -> np.ndarray:
+        import torch
+
+        ids = torch.tensor([[token_id]], device=self._device)
+        with torch.inference_mode():
+            out = self._model(input_ids=ids, cache=self._cache, use_cache=True)
+        self.logits = out.logits[0, -1].float().cpu().numpy()
+        return self.logits
+
+
+class TorchModel:
+    """A HF checkpoint directory loaded for the reference backend."""
+
+    def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        self.dir = Path(model_dir)
+        self.name = name or str(model_dir)
+        self.family = family
+        self.device = torch_device(device)
+        self.tokenizer = Tokenizer(self.dir)
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+        auto = AutoModelForImageTextToText if family.vision else AutoModelForCausalLM
+        try:
+            self.model = auto.from_pretrained(self.dir, dtype=dtype).to(self.device).eval()
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot load {self.name}: {first}") from None
+        self.processor = _PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.max_context = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
+        self.eos_ids = self.tokenizer.eos_token_ids(self.dir)
+        if not self.eos_ids:
+            raise ModelError(f"{self.name} defines no end-of-sequence token (tokenizer or generation config)")
+        if family.vision:
+            params = inspect.signature(self.model.get_image_features).parameters
+            self._feature_args = {n for n, p in params.items() if p.kind != p.VAR_KEYWORD}
+
+    def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
+        if image is None:
+            return Prepared(self.tokenizer.encode(prompt))
+        import torch
+
+        # channels_last: HF infers the layout from the shape, and guesses wrong for 1- or 3-pixel-high images
+        out = self.processor(text=prompt, images=image, return_tensors="pt",
+                             input_data_format="channels_last")
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                  for k, v in out.items() if k in self._feature_args}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return Prepared(out["input_ids"][0].tolist(), inputs)
+
+    def encode(self, prepared: Prepared) -> None:
+        if not prepared.image_inputs:
+            return
+        import torch
+
+        with torch.inference_mode():
+            prepared.image_features = self.model.get_image_features(**prepared.image_inputs, return_dict=True)
+
+    def prefill(self, prepared: Prepared) -> TorchDecodeState:
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([prepared.input_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        kwargs = {}
+        if prepared.image_features is not None:
+            kwargs["mm_encoder_outputs"] = {"image": prepared.image_features}
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        logits = out.logits[0, -1].float().cpu().numpy()
+        return TorchDecodeState(self.model, cache, logits, len(prepared.input_ids), self.device)

@@ -1,0 +1,68 @@
+"""Finding a model: a local directory, or a hub id resolved through the local HF cache (downloading
+only when the hub is reachable and allowed). Checkpoints in the original LLaVA-NeXT format (the
+paper's released extractors) are converted to transformers format on first use and cached.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from edgevlm.errors import ModelError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model directory needs; never pickles, GGUF or ONNX folders.
+_ALLOW = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+OFFLINE_HINT = (
+    "offline options: local model directories (--extractor DIR --reasoner DIR; `edgevlm make-tiny` builds "
+    "test models), or download once with HF_HUB_OFFLINE unset"
+)
+
+
+def cache_dir() -> Path:
+    """Where edgevlm keeps what it derives from downloads (converted checkpoints)."""
+    base = os.environ.get("EDGEVLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgevlm"
+    )
+    return Path(base)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve(model: str) -> Path:
+    """A local directory for `model` (a directory path or a hub id), or a one-line ModelError."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"{model} is a file; a model is a directory (config.json, weights, tokenizer)")
+    if not _HUB_ID.match(model):
+        raise ModelError(f"{model}: no such model directory, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=_ALLOW, local_files_only=_offline()))
+    except RepositoryNotFoundError:
+        raise ModelError(f"{model} is not on the hub (or is private); check the id") from None
+    except LocalEntryNotFoundError:
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub cannot be reached"
+        raise ModelError(f"{model} is not in the local cache and {why}; {OFFLINE_HINT}") from None
+    except (HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot download {model}: {first}; {OFFLINE_HINT}") from None
+
+
+def resolve_extractor(model: str) -> Path:
+    """Like `resolve`, converting an original LLaVA-NeXT checkpoint (the paper's) on first use."""
+    from edgevlm.families import read_config
+
+    path = resolve(model)
+    if read_config(path).get("model_type") != "llava_qwen3":
+        return path
+    from edgevlm.export import llava_next
+
+    return llava_next.converted(path, model, cache_dir() / "converted")

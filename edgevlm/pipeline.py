@@ -1,0 +1,289 @@
+"""The Extract->Think pipeline: plan (question -> instruction), extract (image -> description),
+think (description + question -> answer); plus `extract` and `direct` modes.
+
+    pipe = Pipeline.from_pretrained(extractor="DIR_OR_ID", reasoner="DIR_OR_ID")
+    result = pipe("frame.jpg", "How many cups are on the table?", choices=["1", "2", "3"])
+    for event in pipe.stream("frame.jpg", "What is written on the sign?"):
+        ...
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from edgevlm import prompts
+from edgevlm.backends.base import Model
+from edgevlm.errors import EdgeVLMError, InputTooLongError, UsageError
+from edgevlm.generation import ThinkControl, generate
+from edgevlm.images import ImageInput, load_image
+from edgevlm.profiler import Profiler, StageTimings
+from edgevlm.prompts import Decoding
+from edgevlm.tokenizer import StreamDecoder
+
+MODES = ("extract-think", "extract", "direct")
+MAX_QUESTION_CHARS = 100_000
+
+
+@dataclass
+class StageResult:
+    """One model call: what went in, what came out, and how long each part took."""
+
+    name: str  # plan, extract, think or direct
+    model: str
+    prompt: str
+    text: str  # the generated text, special tokens removed
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    stop_reason: str  # eos, length or context
+    timings: StageTimings
+
+
+@dataclass
+class Result:
+    """The outcome of one question. `answer` is the letter for multiple choice, else the free text."""
+
+    answer: str
+    mode: str
+    question: str
+    multiple_choice: bool
+    instruction: str | None = None
+    extraction: str | None = None
+    reasoning: str | None = None
+    response: str = ""  # the last stage's visible output (after any thinking)
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+    total_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        """The `edgevlm run --json` object."""
+        return {
+            "answer": self.answer,
+            "mode": self.mode,
+            "question": self.question,
+            "multiple_choice": self.multiple_choice,
+            "instruction": self.instruction,
+            "extraction": self.extraction,
+            "reasoning": self.reasoning,
+            "response": self.response,
+            "timings": {"total_ms": round(self.total_ms, 3),
+                        **{name: s.timings.to_dict() for name, s in self.stages.items()}},
+            "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
+                       for name, s in self.stages.items()},
+            "models": self.models,
+        }
+
+
+@dataclass
+class Event:
+    """What `Pipeline.stream` yields: stage_start, token (a text delta), stage_end, then done."""
+
+    kind: str
+    stage: str | None = None
+    text: str = ""
+    result: Result | None = None
+
+
+class Pipeline:
+    """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads serialize."""
+
+    def __init__(self, extractor: Model, reasoner: Model | None = None):
+        self.extractor, self.reasoner = extractor, reasoner
+        self._lock = threading.Lock()
+        self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
+
+    @classmethod
+    def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
+                        preset: str | None = None, device: str = "cpu", load_reasoner: bool = True) -> Pipeline:
+        """Load HF checkpoints (hub ids or directories) on the PyTorch reference backend.
+
+        A model not given comes from `preset` (default: paper-0.6b). `load_reasoner=False` skips the
+        reasoner (enough for `mode="direct"`).
+        """
+        from edgevlm.families import extractor_family, reasoner_family
+        from edgevlm.hub import resolve, resolve_extractor
+        from edgevlm.presets import DEFAULT_PRESET, get_preset
+
+        try:
+            from edgevlm.backends.torch_ref import TorchModel, torch_device
+        except ImportError as e:
+            raise EdgeVLMError(f"the PyTorch reference backend needs torch and transformers ({e}); "
+                               "pip install 'edgevlm[export]'") from None
+        torch_device(device)  # fail on an unusable device before any download or conversion
+        p = get_preset(preset or DEFAULT_PRESET)
+        extractor, reasoner = extractor or p.extractor, reasoner or p.reasoner
+        ex_dir = resolve_extractor(extractor)
+        re_dir = resolve(reasoner) if load_reasoner else None
+        ex = TorchModel(ex_dir, extractor_family(ex_dir), name=extractor, device=device)
+        rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device) if re_dir else None
+        return cls(ex, rs)
+
+    def __call__(self, image: ImageInput, question: str, **options) -> Result:
+        """Answer `question` about `image`; options as for `stream`."""
+        for event in self.stream(image, question, **options):
+            if event.kind == "done":
+                return event.result
+        raise AssertionError("stream ended without a result")  # unreachable
+
+    def stream(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        choices: list[str] | None = None,
+        mode: str = "extract-think",
+        think: bool = True,
+        think_budget: int = prompts.THINK_BUDGET,
+        max_new_tokens: int | None = None,
+        instruction: str | None = None,
+        seed: int = 0,
+        bgr: bool = False,
+    ) -> Iterator[Event]:
+        """Run the pipeline, yielding events as it goes; the last one carries the Result.
+
+        mode: extract-think (default), extract (stop after the description) or direct (the VLM answers).
+        think: Qwen3 thinking mode for the reasoner, bounded by `think_budget` tokens.
+        max_new_tokens: cap on each stage's visible output (thinking excluded); default per stage.
+        instruction: skip the planner and use this "contents to observe" instruction.
+        """
+        if mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if not isinstance(question, str) or not question.strip():
+            raise UsageError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise UsageError(f"the question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise UsageError("max_new_tokens must be at least 1")
+        if think_budget < 1:
+            raise UsageError("the thinking budget must be at least 1 token")
+        if mode != "direct" and self.reasoner is None:
+            raise UsageError(f"mode {mode!r} needs a reasoner; this pipeline was loaded without one")
+        question = prompts.format_question(question, choices)
+        multiple_choice = bool(choices) or prompts.is_multiple_choice(question)
+        with self._lock:
+            yield from self._run(image, question, multiple_choice, mode, think, think_budget, max_new_tokens,
+                                 instruction, np.random.default_rng(seed), bgr)
+
+    # ------------------------------------------------------------------ stages
+    def _run(self, image, question, multiple_choice, mode, think, think_budget, max_new_tokens, instruction,
+             rng, bgr) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        prof = Profiler()
+        result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
+                        models={"extractor": self.extractor.name})
+        first_stage = "direct" if mode == "direct" else "extract" if instruction else "plan"
+        with prof.span(first_stage, "preprocess"):
+            pil = load_image(image, bgr=bgr)
+
+        if mode == "direct":
+            prompt = prompts.direct_prompt(question, multiple_choice=multiple_choice)
+            stage = yield from self._stage(result, prof, rng, "direct", self.extractor, prompt,
+                                           prompts.DIRECT.with_max_new_tokens(max_new_tokens), image=pil)
+            result.response = stage.text.strip()
+            result.answer = prompts.parse_answer(stage.text, multiple_choice=multiple_choice)
+        else:
+            result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
+            if instruction is None:
+                cap = min(prompts.PLAN.max_new_tokens, max_new_tokens or prompts.PLAN.max_new_tokens)
+                stage = yield from self._stage(result, prof, rng, "plan", self.reasoner,
+                                               prompts.planner_prompt(question),
+                                               prompts.PLAN.with_max_new_tokens(cap), enable_thinking=False)
+                instruction = prompts.parse_instruction(stage.text)
+            result.instruction = instruction
+            stage = yield from self._stage(result, prof, rng, "extract", self.extractor,
+                                           prompts.extract_prompt(instruction),
+                                           prompts.EXTRACT.with_max_new_tokens(max_new_tokens), image=pil)
+            result.extraction = stage.text.strip()
+            if mode == "extract":
+                result.answer = result.response = result.extraction
+            else:
+                yield from self._think(result, prof, rng, question, multiple_choice, think, think_budget,
+                                       max_new_tokens)
+        result.total_ms = (time.perf_counter() - t0) * 1e3
+        yield Event("done", result=result)
+
+    def _think(self, result, prof, rng, question, multiple_choice, think, think_budget, max_new_tokens):
+        answer_budget = max_new_tokens or prompts.ANSWER_BUDGET
+        control = self._think_control(think_budget) if think else None
+        if control is not None:
+            decoding = replace(prompts.THINK, max_new_tokens=think_budget + answer_budget, think_budget=think_budget)
+        else:
+            decoding = prompts.NO_THINK.with_max_new_tokens(answer_budget)
+        prompt = prompts.reasoner_prompt(result.extraction, question, multiple_choice=multiple_choice, think=think)
+        stage = yield from self._stage(result, prof, rng, "think", self.reasoner, prompt, decoding,
+                                       enable_thinking=think, think=control)
+        ids = stage.token_ids
+        if control is not None and control.think_end_id in ids:
+            cut = ids.index(control.think_end_id)
+            reasoning = self.reasoner.tokenizer.decode(ids[:cut])
+            response = self.reasoner.tokenizer.decode(ids[cut + 1:])
+        elif control is not None and stage.stop_reason != "eos":  # thinking never ended
+            reasoning, response = stage.text, ""
+        else:
+            reasoning, response = "", stage.text
+        result.reasoning = reasoning.replace("<think>", "", 1).strip() or None
+        result.response = response.strip()
+        result.answer = prompts.parse_answer(response, multiple_choice=multiple_choice)
+
+    def _think_control(self, budget: int) -> ThinkControl | None:
+        """Thinking-mode controls for the reasoner, or None when its vocabulary has no </think>."""
+        tok = self.reasoner.tokenizer
+        think_end, newline = tok.token_id("</think>"), tok.encode("\n")
+        if think_end is None or len(newline) != 1:
+            return None
+        if self._banned is None:  # scanning the vocabulary takes a moment: once per pipeline
+            self._banned = np.asarray(tok.ids_of_words(prompts.REFLEXIVE_WORDS), dtype=np.int64)
+        return ThinkControl(think_end_id=think_end, newline_id=newline[0], budget=budget,
+                            banned_ids=self._banned if prompts.THINK.ban_reflexive else self._banned[:0])
+
+    def _stage(self, result: Result, prof: Profiler, rng: np.random.Generator, name: str, model: Model,
+               prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,
+               think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
+        """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
+        yield Event("stage_start", name)
+        template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        rendered = model.tokenizer.apply_chat_template(
+            model.family.messages(prompt, with_image=image is not None), **template_kwargs)
+        with prof.span(name, "preprocess"):
+            prepared = model.prepare(rendered, image)
+        n_prompt = len(prepared.input_ids)
+        if n_prompt >= model.max_context:
+            raise InputTooLongError(
+                f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}; "
+                "shorten the question")
+        with prof.span(name, "vision"):
+            model.encode(prepared)
+        with prof.span(name, "prefill"):
+            state = model.prefill(prepared)
+        tokens = generate(state, decoding, eos_ids=model.eos_ids, max_context=model.max_context, rng=rng,
+                          think=think)
+        detok = StreamDecoder(model.tokenizer)
+        first_token_at = None
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as done:
+                generation = done.value
+                break
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            delta = detok.push(token)
+            if delta:
+                yield Event("token", name, delta)
+        if first_token_at is not None:
+            prof.add(name, "decode", first_token_at, time.perf_counter())
+        n_new = len(generation.token_ids)
+        stage = StageResult(
+            name=name, model=model.name, prompt=rendered, text=model.tokenizer.decode(generation.token_ids),
+            token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=n_new,
+            stop_reason=generation.stop_reason,
+            timings=prof.stage(name, prompt_tokens=n_prompt, new_tokens=n_new, first_token_at=first_token_at),
+        )
+        result.stages[name] = stage
+        yield Event("stage_end", name, stage.text)
+        return stage

@@ -1,0 +1,243 @@
+"""Tiny, randomly initialised models of every supported family, built from configs with no download.
+
+They are saved as ordinary Hugging Face model directories (config, safetensors weights, a
+tokenizer trained here, the family's chat template and image processor), so anything that
+loads a hub checkpoint loads them too. Use them to test an integration offline:
+
+    edgevlm make-tiny llava_onevision /tmp/extractor
+    edgevlm make-tiny qwen3 /tmp/reasoner
+    edgevlm run photo.jpg "What is shown?" --extractor /tmp/extractor --reasoner /tmp/reasoner
+
+or from Python: ``edgevlm.testing.make_tiny("qwen3", "/tmp/reasoner")``.
+
+Their outputs are random text; what they exercise is shapes, plumbing and numerics. Needs
+torch and transformers (``pip install edgevlm[export]``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from edgevlm import prompts
+from edgevlm.errors import UsageError
+
+# Chat templates. The Qwen3-style one honours `enable_thinking=False` the way Qwen3's does (an empty
+# think block in the generation prompt); the LLaVA-OneVision one is the template the paper's authors
+# ship with their converted extractors (families.llava_onevision); the Idefics3 one follows SmolVLM's.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}"
+)
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>",
+    "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+# Like Qwen3's <think> and </think>: added tokens, but not special (they survive decoding).
+PLAIN_ADDED_TOKENS = ["<think>", "</think>"]
+
+_CORPUS = [
+    prompts.PLANNER_PREFIX, prompts.EXTRACT_PREFIX, prompts.REASONER_ROLE, prompts.POST_THINK_CHOICE,
+    prompts.POST_DIRECT_CHOICE, prompts.POST_THINK_OPEN, prompts.POST_DIRECT_OPEN, prompts.QWEN_1_5_SYSTEM,
+    prompts.DIRECT_POST_CHOICE, prompts.DIRECT_POST_OPEN,
+    "A small cat sits on a red mat in the sun. There are two dogs and three birds near the blue house.",
+    "The quick brown fox jumps over the lazy dog. What color is the car? How many people are there?",
+    "Wait, but however the other option may be right. Hmm, let me check again. Now the waiter comes.",
+    "Options: A: red, B: green, C: blue, D: yellow. Answer: B. The answer is on the last line.",
+    "Question: What is written on the sign? Description: a stop sign at the corner of a street.",
+    "0 1 2 3 4 5 6 7 8 9 10 left right top bottom center above below next to behind in front of",
+] * 8
+
+FAMILIES = ("qwen3", "llava_onevision", "idefics3")
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE trained here on the method's own prompts, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[3:]})
+    fast.add_tokens(PLAIN_ADDED_TOKENS, special_tokens=False)
+    fast.model_input_names = ["input_ids", "attention_mask"]
+    return fast
+
+
+def _text_config(vocab: int, **extra) -> dict:
+    cfg = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def _qwen3_text_config(tok) -> dict:
+    return _text_config(
+        len(tok), model_type="qwen3", head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+
+
+def _save_generation_config(model, eos_ids: list[int], pad_id: int) -> None:
+    model.generation_config.eos_token_id = eos_ids
+    model.generation_config.pad_token_id = pad_id
+
+
+def _make_qwen3(out: Path, seed: int) -> None:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_tokenizer()
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**_qwen3_text_config(tok)))
+    _save_generation_config(
+        model, [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# The SigLIP tower of the paper's extractor, shrunk: same family and layout, 16 tokens per 32x32 crop.
+TINY_SIGLIP = dict(
+    model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False,
+)
+# AnyRes pinpoints shaped like the paper's (1x1 ... 3x3 crops of the base size).
+TINY_PINPOINTS = [[32 * h, 32 * w] for h in range(1, 4) for w in range(1, 4)]
+
+
+def _make_llava_onevision(out: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from edgevlm.families import llava_onevision
+
+    tok = build_tokenizer()
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(TINY_SIGLIP), text_config=_qwen3_text_config(tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=TINY_PINPOINTS, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        use_image_newline_parameter=True, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    _save_generation_config(
+        model, [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=TINY_PINPOINTS, do_pad=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3,
+    )
+    model.save_pretrained(out)
+    llava_onevision.save_processor(
+        out, tok, image_processor, num_image_tokens=(32 // 8) ** 2, chat_template=llava_onevision.CHAT_TEMPLATE,
+    )
+
+
+def _make_idefics3(out: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    tok = build_tokenizer()
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    text = _text_config(
+        len(tok), model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        eos_token_id=eou, pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    cfg = Idefics3Config(
+        vision_config=vision, text_config=text, scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(cfg)
+    _save_generation_config(model, [eou, tok.convert_tokens_to_ids("<|im_end|>")],
+                            tok.convert_tokens_to_ids("<|endoftext|>"))
+    # SmolVLM's layout: the image is split into crops of max_image_size plus one global view.
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    image_seq_len = (32 // 8) ** 2 // 2**2
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=image_seq_len,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+_MAKERS: dict[str, Callable[[Path, int], None]] = {
+    "qwen3": _make_qwen3,
+    "llava_onevision": _make_llava_onevision,
+    "idefics3": _make_idefics3,
+}
+
+
+def make_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build a tiny random model of `family` (one of FAMILIES) and save it to `out_dir`.
+
+    The directory is written atomically: it appears complete or not at all.
+    """
+    if family not in _MAKERS:
+        raise UsageError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _MAKERS[family](tmp, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,39 @@
+"""The runtime stays light, and the README's Quickstart is what CI runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_runtime_modules_never_import_torch_or_transformers():
+    code = (
+        "import sys, edgevlm, edgevlm.pipeline, edgevlm.cli, edgevlm.generation, edgevlm.tokenizer, "
+        "edgevlm.images, edgevlm.profiler, edgevlm.hub, edgevlm.presets, edgevlm.families.llava_onevision, "
+        "edgevlm.families.idefics3, edgevlm.backends.base\n"
+        "edgevlm.Pipeline, edgevlm.Result\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_export_and_calibration_import_under_the_edgevlm_namespace():
+    import edgevlm.calibration
+    import edgevlm.export
+
+    assert Path(edgevlm.export.__file__).parent.name == "export"
+    assert Path(edgevlm.calibration.__file__).parent.name == "calibration"
+
+
+def test_readme_quickstart_is_install_run_test_and_ci_runs_it():
+    lines = subprocess.run(
+        ["awk", "/^## Quickstart/{q=1} q&&/^```bash/{f=1;next} f&&/^```/{exit} f", str(ROOT / "README.md")],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("pip install") and lines[2].startswith("pytest")
+    assert "edgevlm run" in lines[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "/^## Quickstart/{q=1} q&&/^```bash/{f=1;next} f&&/^```/{exit} f" in ci  # the same extraction
