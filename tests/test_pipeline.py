@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import random_image
+from PIL import Image
 
 from edgevlm import prompts
 from edgevlm.errors import ImageError, InputTooLongError, UsageError
@@ -161,3 +162,25 @@ def test_extract_think_needs_a_reasoner(torch_models):
     with pytest.raises(UsageError, match="needs a reasoner"):
         pipe(random_image(), "q")
     assert pipe(random_image(), "q", mode="direct", max_new_tokens=2).answer is not None
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("odd")
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (90, 60), (0, 255, 255, 0)).save(cmyk)
+    huge = tmp_path / "huge.jpg"
+    Image.new("RGB", (12000, 12000), (30, 90, 200)).save(huge)
+    deep = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)
+    rgba = Image.new("RGBA", (33, 77), (200, 10, 10, 128))
+    return {"grayscale": Image.new("L", (64, 40), 128), "rgba": rgba, "16-bit": deep, "cmyk": cmyk, "huge": huge,
+            "1x1": Image.new("RGB", (1, 1), (5, 5, 5)), "wide": random_image(3, 900), "tall": random_image(700, 5)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_odd_images_run_through_the_vision_side(pipelines, family, odd_images):
+    pipe = pipelines(family)
+    for name, image in odd_images.items():
+        r = pipe(image, "What is shown?", mode="direct", max_new_tokens=2)
+        assert r.stages["direct"].timings.vision_ms > 0, name
+        assert r.stages["direct"].new_tokens == 2, name
