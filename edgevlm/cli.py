@@ -118,7 +118,7 @@ def profile_table(result) -> str:
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head)] + [fmt.format(*r) for r in cells]
-    lines.append(f"total {result.total_ms:.1f} ms")
+    lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms)")
     return "\n".join(lines)
 
 

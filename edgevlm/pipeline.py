@@ -58,6 +58,7 @@ class Result:
     response: str = ""  # the last stage's visible output (after any thinking)
     stages: dict[str, StageResult] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
+    image_ms: float = 0.0  # reading and normalising the image, before any stage
     total_ms: float = 0.0
 
     def to_dict(self) -> dict:
@@ -71,7 +72,7 @@ class Result:
             "extraction": self.extraction,
             "reasoning": self.reasoning,
             "response": self.response,
-            "timings": {"total_ms": round(self.total_ms, 3),
+            "timings": {"total_ms": round(self.total_ms, 3), "image_ms": round(self.image_ms, 3),
                         **{name: s.timings.to_dict() for name, s in self.stages.items()}},
             "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
                        for name, s in self.stages.items()},
@@ -176,9 +177,10 @@ class Pipeline:
         prof = Profiler()
         result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
                         models={"extractor": self.extractor.name})
-        first_stage = "direct" if mode == "direct" else "extract" if instruction else "plan"
-        with prof.span(first_stage, "preprocess"):
-            pil = load_image(image, bgr=bgr)
+        # Decoded up front so a bad image fails before any model runs; timed apart from the stages.
+        start = time.perf_counter()
+        pil = load_image(image, bgr=bgr)
+        result.image_ms = (time.perf_counter() - start) * 1e3
 
         if mode == "direct":
             prompt = prompts.direct_prompt(question, multiple_choice=multiple_choice)
