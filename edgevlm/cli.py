@@ -12,19 +12,21 @@ from edgevlm.errors import EdgeVLMError, UsageError
 
 
 def _quiet_libraries() -> None:
-    """Library warnings and progress bars are noise on a robot's console; --debug shows them."""
+    """Library warnings are noise on a robot's console (--debug shows them). Progress bars stay on terminals.
+
+    Nothing is imported here: `edgevlm run --bundle` must never load torch or transformers.
+    """
     import logging
+    import os
     import warnings
 
     warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():  # progress bars in a log file or a pipe are noise; on a terminal they stay
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "torch", "torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _note(message: str) -> None:
@@ -47,6 +49,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.argument("image")
 @click.argument("question")
+@click.option("--bundle", "bundle_dir", metavar="DIR", help="An exported bundle (ONNX Runtime; no torch needed).")
 @click.option("--extractor", metavar="ID|DIR", help="The VLM that extracts visual details (hub id or directory).")
 @click.option("--reasoner", metavar="ID|DIR", help="The LLM that plans and reasons (hub id or directory).")
 @click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b.")
@@ -60,13 +63,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--choice", "choices", multiple=True, metavar="TEXT",
               help="An answer option (repeat for each); makes the question multiple choice (A, B, ...).")
 @click.option("--instruction", metavar="TEXT", help="Skip the planner: what the extractor should pay attention to.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Override the reasoner's sampling temperature (0 = greedy; default: the paper's 0.6 / 0.7).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda", help="Where the models run.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with everything.")
 @click.option("--profile", is_flag=True, help="Print a per-stage timing table (to stderr).")
-def run(image, question, extractor, reasoner, preset, mode, think, think_budget, max_new_tokens, choices,
-        instruction, seed, device, stream, as_json, profile):
+def run(image, question, bundle_dir, extractor, reasoner, preset, mode, think, think_budget, max_new_tokens, choices,
+        instruction, temperature, seed, device, stream, as_json, profile):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.images import load_image
     from edgevlm.pipeline import MODES, Pipeline
@@ -76,16 +81,21 @@ def run(image, question, extractor, reasoner, preset, mode, think, think_budget,
         raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if not question.strip():
         raise UsageError("the question is empty")
+    if bundle_dir and (extractor or reasoner or preset):
+        raise UsageError("--bundle already names the models; drop --extractor/--reasoner/--preset")
     if preset:
         get_preset(preset)  # an unknown name is a usage error before anything loads
     # Read the image before loading any model: a bad path should fail in milliseconds, not after a load.
     pil = load_image(sys.stdin.buffer.read() if image == "-" else image)
     _note("loading models")
-    pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
-                                    load_reasoner=mode != "direct")
+    if bundle_dir:
+        pipe = Pipeline.from_bundle(bundle_dir, device=device)
+    else:
+        pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
+                                        load_reasoner=mode != "direct")
     events = pipe.stream(pil, question, choices=list(choices) or None, mode=mode, think=think,
                          think_budget=think_budget, max_new_tokens=max_new_tokens, instruction=instruction,
-                         seed=seed)
+                         temperature=temperature, seed=seed)
     out = sys.stderr if as_json else sys.stdout
     result = None
     for event in events:
@@ -119,6 +129,73 @@ def profile_table(result) -> str:
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head)] + [fmt.format(*r) for r in cells]
     lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms)")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle directory to write.")
+@click.option("--extractor", metavar="ID|DIR", help="The VLM to export (default: the preset's).")
+@click.option("--reasoner", metavar="ID|DIR", help="The reasoning LLM to export (default: the preset's).")
+@click.option("--no-reasoner", is_flag=True, help="Export the extractor alone (a bundle for --mode direct).")
+@click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b.")
+@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx",
+              help="Graph format (TensorRT engines come later).")
+@click.option("--quant", default="fp32", show_default=True, metavar="fp32|fp16", help="Weight precision.")
+@click.option("--vision-quant", metavar="fp32|fp16", help="Precision of the vision tower (default: --quant).")
+@click.option("--target", default="cpu", show_default=True, metavar="NAME", help="Where the bundle will run.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(out, extractor, reasoner, no_reasoner, preset, fmt, quant, vision_quant, target, overwrite):
+    """Export an extractor and a reasoner (HF checkpoints) to a bundle of ONNX graphs."""
+    try:
+        from edgevlm.export.exporter import export_bundle
+    except ImportError as e:
+        raise EdgeVLMError(f"export needs torch and transformers ({e}); pip install 'edgevlm[export]'") from None
+    if preset:
+        from edgevlm.presets import get_preset
+
+        get_preset(preset)
+    if no_reasoner and reasoner:
+        raise UsageError("--no-reasoner and --reasoner contradict each other")
+    export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset, with_reasoner=not no_reasoner, fmt=fmt,
+                  quant=quant, vision_quant=vision_quant, target=target, overwrite=overwrite)
+
+
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file (sizes are still checked).")
+def info(bundle_dir, as_json, no_verify):
+    """What is inside BUNDLE: models, graphs, sizes, quantization, fidelity."""
+    from edgevlm import bundle
+
+    b = bundle.load(bundle_dir, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(b.manifest, indent=2))
+        return
+    click.echo(describe_bundle(b))
+
+
+def describe_bundle(b) -> str:
+    m = b.manifest
+    sizes = {rel: meta["bytes"] for rel, meta in m["files"].items()}
+    total = sum(sizes.values())
+    lines = [f"bundle {b.path}  (format {m['format_version']}, {total / 1e6:.1f} MB, target {m.get('target')}, "
+             f"created {m.get('created')})"]
+    versions = m.get("provenance", {}).get("versions", {})
+    if versions:
+        lines.append("made with " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    lines.append("stages: " + ", ".join(f"{stage} -> {role}" for stage, role in m["stages"].items()))
+    for role, entry in m["models"].items():
+        source = entry.get("source", {})
+        rev = f"@{source['revision'][:12]}" if source.get("revision") else ""
+        kv = entry["kv"]
+        lines.append(f"{role}: {source.get('model', '?')}{rev}  family {entry['family']}, context "
+                     f"{entry['max_context']}, KV {kv['layers']} layers x {kv['kv_heads']} heads x {kv['head_dim']}")
+        for name, g in entry["graphs"].items():
+            size = sum(v for rel, v in sizes.items() if rel == g["file"] or rel == g["file"] + ".data")
+            lines.append(f"  {name:<8} {g['file']:<28} {size / 1e6:>9.1f} MB  {g['quant']}")
+    fidelity = m.get("fidelity")
+    lines.append("fidelity: " + (json.dumps(fidelity) if fidelity else "not measured (fp32 export is the reference)"))
     return "\n".join(lines)
 
 

@@ -124,6 +124,17 @@ class Pipeline:
         rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device) if re_dir else None
         return cls(ex, rs)
 
+    @classmethod
+    def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None,
+                    verify: bool = True) -> Pipeline:
+        """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256."""
+        from edgevlm import bundle
+        from edgevlm.backends.onnx import OrtModel
+
+        b = bundle.load(path, verify=verify)
+        models = {role: OrtModel(b, role, device=device, threads=threads) for role in sorted(set(b.stages.values()))}
+        return cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")))
+
     def __call__(self, image: ImageInput, question: str, **options) -> Result:
         """Answer `question` about `image`; options as for `stream`."""
         for event in self.stream(image, question, **options):
@@ -142,6 +153,7 @@ class Pipeline:
         think_budget: int = prompts.THINK_BUDGET,
         max_new_tokens: int | None = None,
         instruction: str | None = None,
+        temperature: float | None = None,
         seed: int = 0,
         bgr: bool = False,
     ) -> Iterator[Event]:
@@ -151,6 +163,7 @@ class Pipeline:
         think: Qwen3 thinking mode for the reasoner, bounded by `think_budget` tokens.
         max_new_tokens: cap on each stage's visible output (thinking excluded); default per stage.
         instruction: skip the planner and use this "contents to observe" instruction.
+        temperature: override the reasoner's sampling temperature in the think stage (0 = greedy).
         """
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -162,17 +175,19 @@ class Pipeline:
             raise UsageError("max_new_tokens must be at least 1")
         if think_budget < 1:
             raise UsageError("the thinking budget must be at least 1 token")
+        if temperature is not None and temperature < 0:
+            raise UsageError("the temperature must be 0 (greedy) or more")
         if mode != "direct" and self.reasoner is None:
             raise UsageError(f"mode {mode!r} needs a reasoner; this pipeline was loaded without one")
         question = prompts.format_question(question, choices)
         multiple_choice = bool(choices) or prompts.is_multiple_choice(question)
         with self._lock:
             yield from self._run(image, question, multiple_choice, mode, think, think_budget, max_new_tokens,
-                                 instruction, np.random.default_rng(seed), bgr)
+                                 instruction, temperature, np.random.default_rng(seed), bgr)
 
     # ------------------------------------------------------------------ stages
     def _run(self, image, question, multiple_choice, mode, think, think_budget, max_new_tokens, instruction,
-             rng, bgr) -> Iterator[Event]:
+             temperature, rng, bgr) -> Iterator[Event]:
         t0 = time.perf_counter()
         prof = Profiler()
         result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
@@ -205,17 +220,19 @@ class Pipeline:
                 result.answer = result.response = result.extraction
             else:
                 yield from self._think(result, prof, rng, question, multiple_choice, think, think_budget,
-                                       max_new_tokens)
+                                       max_new_tokens, temperature)
         result.total_ms = (time.perf_counter() - t0) * 1e3
         yield Event("done", result=result)
 
-    def _think(self, result, prof, rng, question, multiple_choice, think, think_budget, max_new_tokens):
+    def _think(self, result, prof, rng, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
         answer_budget = max_new_tokens or prompts.ANSWER_BUDGET
         control = self._think_control(think_budget) if think else None
         if control is not None:
             decoding = replace(prompts.THINK, max_new_tokens=think_budget + answer_budget, think_budget=think_budget)
         else:
             decoding = prompts.NO_THINK.with_max_new_tokens(answer_budget)
+        if temperature is not None:
+            decoding = replace(decoding, temperature=temperature)
         prompt = prompts.reasoner_prompt(result.extraction, question, multiple_choice=multiple_choice, think=think)
         stage = yield from self._stage(result, prof, rng, "think", self.reasoner, prompt, decoding,
                                        enable_thinking=think, think=control)

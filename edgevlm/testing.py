@@ -39,6 +39,13 @@ QWEN3_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
     "{% endif %}"
 )
+# ChatML without thinking, like SmolLM2-Instruct's.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 IDEFICS3_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -66,7 +73,7 @@ _CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 10 left right top bottom center above below next to behind in front of",
 ] * 8
 
-FAMILIES = ("qwen3", "llava_onevision", "idefics3")
+FAMILIES = ("qwen3", "llama", "llava_onevision", "llava_onevision_qwen2", "idefics3")
 
 
 def build_tokenizer(vocab_size: int = 1024):
@@ -114,6 +121,12 @@ def _save_generation_config(model, eos_ids: list[int], pad_id: int) -> None:
     model.generation_config.pad_token_id = pad_id
 
 
+def _qwen2_text_config(tok) -> dict:
+    cfg = _qwen3_text_config(tok)
+    del cfg["head_dim"]
+    return {**cfg, "model_type": "qwen2"}
+
+
 def _make_qwen3(out: Path, seed: int) -> None:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -121,7 +134,25 @@ def _make_qwen3(out: Path, seed: int) -> None:
     tok = build_tokenizer()
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**_qwen3_text_config(tok)))
+    _save_causal_lm(Qwen3ForCausalLM(Qwen3Config(**_qwen3_text_config(tok))), tok, out)
+
+
+def _make_llama(out: Path, seed: int) -> None:
+    """SmolLM2's architecture (Llama, tied embeddings) with a ChatML template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(**_text_config(
+        len(tok), rope_parameters={"rope_type": "default", "rope_theta": 1e5}, tie_word_embeddings=True,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    ))
+    _save_causal_lm(LlamaForCausalLM(config), tok, out)
+
+
+def _save_causal_lm(model, tok, out: Path) -> None:
     _save_generation_config(
         model, [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
         tok.convert_tokens_to_ids("<|endoftext|>"),
@@ -139,7 +170,7 @@ TINY_SIGLIP = dict(
 TINY_PINPOINTS = [[32 * h, 32 * w] for h in range(1, 4) for w in range(1, 4)]
 
 
-def _make_llava_onevision(out: Path, seed: int) -> None:
+def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3") -> None:
     import torch
     from transformers import (
         LlavaOnevisionConfig,
@@ -151,7 +182,8 @@ def _make_llava_onevision(out: Path, seed: int) -> None:
 
     tok = build_tokenizer()
     cfg = LlavaOnevisionConfig(
-        vision_config=dict(TINY_SIGLIP), text_config=_qwen3_text_config(tok),
+        vision_config=dict(TINY_SIGLIP),
+        text_config=_qwen3_text_config(tok) if text == "qwen3" else _qwen2_text_config(tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=TINY_PINPOINTS, vision_feature_select_strategy="full", vision_feature_layer=-1,
@@ -214,7 +246,9 @@ def _make_idefics3(out: Path, seed: int) -> None:
 
 _MAKERS: dict[str, Callable[[Path, int], None]] = {
     "qwen3": _make_qwen3,
+    "llama": _make_llama,
     "llava_onevision": _make_llava_onevision,
+    "llava_onevision_qwen2": lambda out, seed: _make_llava_onevision(out, seed, text="qwen2"),
     "idefics3": _make_idefics3,
 }
 

@@ -101,9 +101,10 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs
         )
 
-    def encode(self, text: str) -> list[int]:
-        # Rendered chat prompts already hold their special tokens: add none (as HF's apply_chat_template).
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Rendered chat prompts already hold their special tokens, so none are added by
+        default (as HF's apply_chat_template); VLM processors tokenize with them, so their families pass True."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

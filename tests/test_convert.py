@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_image
-from edgevlm.export import llava_next
 from safetensors.torch import save_file
 
 from edgevlm.backends.torch_ref import TorchModel
+from edgevlm.export import llava_next
 from edgevlm.families import extractor_family
 from edgevlm.generation import generate
 from edgevlm.prompts import Decoding

@@ -35,6 +35,25 @@ class Family:
         return msgs
 
 
+def expand_image_token(ids: list[int], token_id: int, count: int) -> list[int]:
+    """Replace the prompt's single image placeholder token with `count` of them (one per image feature)."""
+    try:
+        at = ids.index(token_id)
+    except ValueError:
+        raise ModelError("the chat template put no image placeholder in the prompt") from None
+    return ids[:at] + [token_id] * count + ids[at + 1:]
+
+
+def family_module(name: str):
+    """The module of a family by its name (as bundles record it)."""
+    from edgevlm.families import causal_lm, idefics3, llava_onevision
+
+    modules = {m.FAMILY.name: m for m in (causal_lm, idefics3, llava_onevision)}
+    if name not in modules:
+        raise ModelError(f"unknown model family {name!r}; this edgevlm knows: {', '.join(modules)}")
+    return modules[name]
+
+
 def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     try:

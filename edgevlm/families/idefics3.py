@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from edgevlm.families import Family
 
@@ -17,3 +22,104 @@ def load_hf_processor(model_dir: str | Path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = Idefics3ImageProcessorPil.from_pretrained(model_dir)
     return Idefics3Processor.from_pretrained(model_dir, image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------- runtime preprocessing (numpy, no torch)
+# Reproduces transformers' Idefics3ImageProcessor(Pil) and Idefics3Processor's prompt expansion (tests
+# compare them). For one image every crop is full-size, so the vision graph needs no pixel mask.
+MAX_IMAGE_SIZE = 4096  # HF's absolute cap on the resized image
+
+
+def preprocess_config(model_dir: str | Path) -> dict:
+    """What the runtime needs to prepare images and expand the prompt, from a HF checkpoint directory."""
+    model_dir = Path(model_dir)
+    processor = json.loads((model_dir / "processor_config.json").read_text())
+    image = processor.get("image_processor") or json.loads((model_dir / "preprocessor_config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    return {
+        "longest_edge": int(image.get("size", {}).get("longest_edge", 4 * 364)),
+        "max_image_size": int(image.get("max_image_size", {}).get("longest_edge", 364)),
+        "do_image_splitting": bool(image.get("do_image_splitting", True)),
+        "resample": int(image.get("resample", 1)),
+        "rescale_factor": float(image.get("rescale_factor", 1 / 255)),
+        "image_mean": [float(x) for x in image.get("image_mean", [0.5, 0.5, 0.5])],
+        "image_std": [float(x) for x in image.get("image_std", [0.5, 0.5, 0.5])],
+        "image_seq_len": int(processor.get("image_seq_len", 169)),
+        "image_token_id": int(config["image_token_id"]),
+    }
+
+
+def _fit_longest(h: int, w: int, longest: int) -> tuple[int, int]:
+    """HF's resize to a longest edge (even short side), then under the 4096 cap."""
+    aspect = w / h
+    if w >= h:
+        w, h = longest, int(longest / aspect)
+        h += h % 2
+    else:
+        h, w = longest, int(longest * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > MAX_IMAGE_SIZE:
+        w, h = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
+    elif h > w and h > MAX_IMAGE_SIZE:
+        h, w = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
+    return max(h, 1), max(w, 1)
+
+
+def _resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
+
+
+def preprocess(image: Image.Image, cfg: dict) -> tuple[np.ndarray, int, int]:
+    """Crops of max_image_size (row-major) plus the global view: pixel_values [crops, 3, m, m], rows, cols."""
+    rgb = np.asarray(image.convert("RGB"))
+    m, resample = cfg["max_image_size"], cfg["resample"]
+    rgb = _resize(rgb, *_fit_longest(*rgb.shape[:2], cfg["longest_edge"]), resample)
+    if cfg["do_image_splitting"]:
+        h, w = rgb.shape[:2]
+        if w >= h:
+            w = math.ceil(w / m) * m
+            h = math.ceil(int(w / (rgb.shape[1] / rgb.shape[0])) / m) * m
+        else:
+            h = math.ceil(h / m) * m
+            w = math.ceil(int(h * (rgb.shape[1] / rgb.shape[0])) / m) * m
+        rgb = _resize(rgb, h, w, resample)
+        h, w = rgb.shape[:2]
+        if h > m or w > m:
+            rows, cols = (h - m) // m + 1, (w - m) // m + 1
+            frames = [rgb[r * m:(r + 1) * m, c * m:(c + 1) * m] for r in range(rows) for c in range(cols)]
+            frames.append(_resize(rgb, m, m, resample))
+        else:
+            rows, cols, frames = 0, 0, [rgb]
+    else:
+        rows, cols, frames = 0, 0, [_resize(rgb, m, m, resample)]
+    mean, std = np.asarray(cfg["image_mean"], np.float32), np.asarray(cfg["image_std"], np.float32)
+    pixels = [((f.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32) - mean) / std for f in frames]
+    return np.stack([p.transpose(2, 0, 1) for p in pixels]), rows, cols
+
+
+def expand_prompt(rendered: str, rows: int, cols: int, cfg: dict) -> str:
+    """Replace the one `<image>` with the crop grid's tokens, exactly as Idefics3Processor writes them."""
+    run = "<image>" * cfg["image_seq_len"]
+    glob = f"<fake_token_around_image><global-img>{run}<fake_token_around_image>"
+    if rows == 0 and cols == 0:
+        text = glob
+    else:
+        text = "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n"
+                       for r in range(rows)) + "\n" + glob
+    return rendered.replace("<image>", text, 1)
+
+
+def prepare_inputs(rendered: str, image: Image.Image, cfg: dict, tokenizer) -> tuple[list[int], dict]:
+    """Token ids of the expanded prompt, and the crops for the vision graph."""
+    pixel_values, rows, cols = preprocess(image, cfg)
+    return tokenizer.encode(expand_prompt(rendered, rows, cols, cfg), add_special_tokens=True), {
+        "pixel_values": pixel_values}
+
+
+def image_features(vision_output: np.ndarray, inputs: dict, cfg: dict, arrays: dict) -> np.ndarray:
+    """Crop features in crop order, one row per <image> token."""
+    return vision_output.reshape(-1, vision_output.shape[-1])

@@ -1,0 +1,193 @@
+"""Torch modules shaped for ONNX export, and the export call itself (torch.onnx dynamo exporter).
+
+The decoder graph takes an explicit KV cache and returns the updated one:
+    (input_ids | inputs_embeds, attention_mask, position_ids, past.{i}.key, past.{i}.value ...)
+    -> (logits of the last position, present.{i}.key, present.{i}.value ...)
+KV tensors are [batch, kv_heads, sequence, head_dim]. Only the last position's logits leave the graph:
+a 1000-token prefill would otherwise compute 1000 x vocab logits nobody reads.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Names in every decoder graph; the runtime binds by these.
+INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, LOGITS = (
+    "input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits")
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+class DecoderWithPast(nn.Module):
+    """A transformers decoder body + LM head with the KV cache as explicit inputs and outputs."""
+
+    def __init__(self, body: nn.Module, lm_head: nn.Module, num_layers: int, embeds: bool):
+        super().__init__()
+        self.body, self.lm_head, self.num_layers, self.embeds = body, lm_head, num_layers, embeds
+
+    def forward(self, x, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        inputs = {"inputs_embeds": x} if self.embeds else {"input_ids": x}
+        out = self.body(**inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=True)
+        logits = self.lm_head(out.last_hidden_state[:, -1:])
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (logits, *present)
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids)
+
+
+def decoder_io(num_layers: int, embeds: bool) -> tuple[list[str], list[str], dict]:
+    """Input names, output names and dynamic axes of a decoder graph."""
+    inputs = [INPUTS_EMBEDS if embeds else INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
+    outputs = [LOGITS]
+    for i in range(num_layers):
+        inputs += [past_name(i, "key"), past_name(i, "value")]
+        outputs += [present_name(i, "key"), present_name(i, "value")]
+    axes = {inputs[0]: {0: "batch", 1: "sequence"}, ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+            POSITION_IDS: {0: "batch", 1: "sequence"}, LOGITS: {0: "batch"}}
+    axes.update({n: {0: "batch", 2: "past_sequence"} for n in inputs[3:]})
+    axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
+    return inputs, outputs, axes
+
+
+def sample_decoder_inputs(text_config, embeds: bool, batch: int = 2, seq: int = 3, past: int = 4):
+    """Example inputs for tracing; sizes differ per axis so the exporter cannot confuse them."""
+    kv = text_config.num_key_value_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    x = (torch.randn(batch, seq, text_config.hidden_size) if embeds
+         else torch.randint(0, text_config.vocab_size, (batch, seq)))
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
+    cache = [torch.randn(batch, kv, past, head_dim) for _ in range(2 * text_config.num_hidden_layers)]
+    return (x, mask, positions, *cache)
+
+
+def export(module: nn.Module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
+           dynamic_axes: dict, *, varargs_from: int | None = None) -> Path:
+    """torch.onnx.export with the dynamo exporter; weights go to `<path>.data` (models pass 2 GB).
+
+    `varargs_from`: index from which forward() takes *args (the KV cache), grouped for dynamic_shapes.
+    """
+    path = Path(path)
+    dim = torch.export.Dim.DYNAMIC
+    specs = [{axis: dim for axis in dynamic_axes.get(name, {})} or None for name in input_names[:len(args)]]
+    shapes = tuple(specs) if varargs_from is None else (*specs[:varargs_from], tuple(specs[varargs_from:]))
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, input_names=input_names, output_names=output_names, dynamic_shapes=shapes, dynamo=True,
+            optimize=True, verbose=False,
+        )
+        program.save(str(path), external_data=True)
+    return path
+
+
+def onnx_files(path: str | Path) -> list[Path]:
+    """The graph file and its external-data file, if any."""
+    path = Path(path)
+    data = Path(str(path) + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def set_threads_for_export() -> None:
+    # Export is single-process CPU work; let torch use every core.
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def graph_io(path: str | Path) -> dict:
+    """Names, element types and (symbolic) shapes of a saved graph's inputs and outputs, for the manifest."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def to_fp16(path: str | Path) -> None:
+    """Convert a saved graph's weights and arithmetic to float16 in place; inputs and outputs stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    for f in onnx_files(path):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def export_decoder(body: nn.Module, lm_head: nn.Module, text_config, path: Path, *, embeds: bool) -> Path:
+    """Export a decoder with explicit KV (see module docstring)."""
+    wrapper = DecoderWithPast(body, lm_head, text_config.num_hidden_layers, embeds)
+    inputs, outputs, axes = decoder_io(text_config.num_hidden_layers, embeds)
+    return export(wrapper, sample_decoder_inputs(text_config, embeds), path, inputs, outputs, axes, varargs_from=3)
+
+
+def export_embedding(embedding: nn.Module, vocab_size: int, path: Path) -> Path:
+    return export(TokenEmbedding(embedding), (torch.randint(0, vocab_size, (2, 3)),), path, [INPUT_IDS],
+                  [INPUTS_EMBEDS], {INPUT_IDS: {0: "batch", 1: "sequence"}})
+
+
+def kv_layout(text_config, max_context: int) -> dict:
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return {"layers": text_config.num_hidden_layers, "kv_heads": text_config.num_key_value_heads,
+            "head_dim": head_dim, "max_sequence": max_context, "dtype": "float32",
+            "layout": "batch,kv_heads,sequence,head_dim"}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "generation_config.json", "processor_config.json",
+                   "preprocessor_config.json")
+
+
+def copy_tokenizer(model_dir: Path, out: Path) -> None:
+    """The files the runtime's Tokenizer reads (tokenizer, special tokens, chat template, eos ids)."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).exists():
+            shutil.copy(Path(model_dir) / name, out / name)
+
+
+def quantize(path: Path, quant: str) -> str:
+    """Apply `quant` to a saved fp32 graph; returns what the manifest records."""
+    if quant == "fp16":
+        to_fp16(path)
+    elif quant != "fp32":
+        raise ValueError(f"unsupported quantization {quant!r}")
+    return quant
+
+
+def graph_entry(path: Path, root: Path, quant: str) -> dict:
+    return {"file": path.relative_to(root).as_posix(), "quant": quant, **graph_io(path)}

@@ -1,0 +1,69 @@
+"""Idefics3 / SmolVLM: vision tower + pixel-shuffle connector on full crops, token embedding, decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgevlm.export import graphs
+from edgevlm.families import idefics3
+
+
+class VisionFeatures(nn.Module):
+    """pixel_values [crops, 3, m, m] -> connector features [crops, image_seq_len, hidden].
+
+    The runtime always feeds full crops (one image is split into equal crops plus a global view), so
+    every patch is valid and the position ids are plain 0..n-1: computing them from a patch mask (HF's
+    bucketize path) would block a dynamic crop count in the exported graph.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        vision = model.model.vision_model
+        self.patch_embedding = vision.embeddings.patch_embedding
+        self.position_embedding = vision.embeddings.position_embedding
+        self.encoder, self.post_layernorm = vision.encoder, vision.post_layernorm
+        self.connector = model.model.connector
+
+    def forward(self, pixel_values):
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        positions = torch.arange(patches.shape[1], device=patches.device)
+        hidden = patches + self.position_embedding(positions)[None]
+        hidden = self.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
+        return self.connector(self.post_layernorm(hidden))
+
+
+def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Callable,
+                 vision_quant: str | None = None) -> dict:
+    from transformers import Idefics3ForConditionalGeneration
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = model.config.text_config
+    pre = idefics3.preprocess_config(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = pre["max_image_size"]
+    with step("vision tower + connector"):
+        vision = graphs.export(VisionFeatures(model), (torch.randn(2, 3, m, m),), out / "vision.onnx",
+                               ["pixel_values"], ["image_features"], {"pixel_values": {0: "crops"}})
+        vq = graphs.quantize(vision, vision_quant or quant)
+    with step("token embedding"):
+        embed = graphs.export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
+        eq = graphs.quantize(embed, quant)
+    with step("decoder"):
+        decoder = graphs.export_decoder(model.model.text_model, model.lm_head, text, out / "decoder.onnx",
+                                        embeds=True)
+        dq = graphs.quantize(decoder, quant)
+    graphs.copy_tokenizer(model_dir, out)
+    max_context = int(text.max_position_embeddings)
+    return {
+        "family": "idefics3",
+        "graphs": {"vision": graphs.graph_entry(vision, root, vq), "embed": graphs.graph_entry(embed, root, eq),
+                   "decoder": graphs.graph_entry(decoder, root, dq)},
+        "kv": graphs.kv_layout(text, max_context),
+        "max_context": max_context,
+        "preprocess": pre,
+        "tokenizer": out.relative_to(root).as_posix(),
+    }

@@ -1,0 +1,257 @@
+"""`edgevlm export` end to end on tiny models: exported graphs and the ONNX Runtime pipeline match the PyTorch
+reference; bundles are checksummed, versioned, written atomically and run without torch."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import random_image
+
+from edgevlm import bundle as bundle_mod
+from edgevlm.backends.onnx import OrtModel
+from edgevlm.backends.torch_ref import TorchModel
+from edgevlm.bundle import BundleError
+from edgevlm.export.exporter import export_bundle
+from edgevlm.families import extractor_family, reasoner_family
+from edgevlm.pipeline import Pipeline
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+LOGITS_TOL = 1e-4  # fp32 graphs vs PyTorch, prefill and each decode step
+PAIRS = {"llava": ("llava_onevision", "qwen3"), "idefics3": ("idefics3", "llama"),
+         "llava_qwen2": ("llava_onevision_qwen2", None)}
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_dir, tmp_path_factory):
+    """Three bundles covering every family: LLaVA-OV(Qwen3)+Qwen3, Idefics3+Llama, LLaVA-OV(Qwen2) alone.
+    The last goes through the CLI."""
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name, (ex, re) in PAIRS.items():
+        path = root / name
+        if re is None:
+            proc = subprocess.run([sys.executable, "-m", "edgevlm", "export", "--out", path, "--extractor",
+                                   tiny_dir(ex), "--no-reasoner"], capture_output=True, env=ENV, timeout=900)
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert "[1/3] extractor: exporting vision tower" in proc.stderr.decode()  # progress is shown
+        else:
+            export_bundle(path, extractor=str(tiny_dir(ex)), reasoner=str(tiny_dir(re)), log=lambda m: None)
+        out[name] = path
+    return out
+
+
+def _reference(tiny_dir, family):
+    d = tiny_dir(family)
+    return TorchModel(d, reasoner_family(d) if family in ("qwen3", "llama") else extractor_family(d))
+
+
+@pytest.mark.parametrize("name, role", [("llava", "extractor"), ("llava", "reasoner"), ("idefics3", "extractor"),
+                                        ("idefics3", "reasoner"), ("llava_qwen2", "extractor")])
+def test_exported_graph_logits_match_pytorch_on_prefill_and_8_decode_steps(bundles, tiny_dir, name, role):
+    b = bundle_mod.load(bundles[name])
+    ours = OrtModel(b, role)
+    family = PAIRS[name][0 if role == "extractor" else 1]
+    ref = _reference(tiny_dir, family)
+    image = random_image(61, 83) if role == "extractor" else None
+    messages = ref.family.messages("Describe the image.", with_image=image is not None)
+    rendered = ref.tokenizer.apply_chat_template(messages)
+    states = []
+    for model in (ref, ours):
+        prepared = model.prepare(rendered, image)
+        model.encode(prepared)
+        states.append((prepared.input_ids, model.prefill(prepared)))
+    (ref_ids, ref_state), (our_ids, our_state) = states
+    assert our_ids == ref_ids
+    np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=LOGITS_TOL)
+    for _ in range(8):
+        token = int(np.argmax(ref_state.logits))
+        np.testing.assert_allclose(our_state.step(token), ref_state.step(token), atol=LOGITS_TOL)
+
+
+@pytest.mark.parametrize("name", ["llava", "idefics3"])
+def test_bundle_pipeline_reproduces_the_reference_pipeline(bundles, tiny_dir, name):
+    ex, re = PAIRS[name]
+    reference = Pipeline(_reference(tiny_dir, ex), _reference(tiny_dir, re))
+    exported = Pipeline.from_bundle(bundles[name])
+    image = random_image(90, 40, seed=5)
+    for mode in ("extract-think", "direct"):
+        kw = dict(mode=mode, max_new_tokens=32, think_budget=32, temperature=0)
+        a, b = exported(image, "What is shown?", **kw), reference(image, "What is shown?", **kw)
+        assert list(a.stages) == list(b.stages)
+        for stage in a.stages:
+            assert a.stages[stage].token_ids == b.stages[stage].token_ids, (mode, stage)
+            assert a.stages[stage].new_tokens >= min(32, b.stages[stage].new_tokens)
+        assert a.answer == b.answer
+
+
+def test_extractor_only_bundle_runs_direct_mode_and_refuses_the_rest(bundles):
+    pipe = Pipeline.from_bundle(bundles["llava_qwen2"])
+    assert pipe(random_image(), "What is shown?", mode="direct", max_new_tokens=4).stages["direct"].new_tokens == 4
+    from edgevlm.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs a reasoner"):
+        pipe(random_image(), "What is shown?")
+
+
+def test_manifest_describes_every_model_and_file(bundles):
+    m = bundle_mod.load(bundles["llava"]).manifest
+    assert m["format"] == "edgevlm-bundle" and m["format_version"] == bundle_mod.FORMAT_VERSION
+    assert m["stages"] == {"plan": "reasoner", "extract": "extractor", "think": "reasoner", "direct": "extractor"}
+    ex = m["models"]["extractor"]
+    assert set(ex["graphs"]) == {"vision", "embed", "decoder"}
+    assert all(g["quant"] == "fp32" for g in ex["graphs"].values())
+    names = [i["name"] for i in ex["graphs"]["decoder"]["inputs"]]
+    assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"] and names[3] == "past.0.key"
+    assert ex["kv"] == {"layers": 2, "kv_heads": 2, "head_dim": 16, "max_sequence": 2048, "dtype": "float32",
+                        "layout": "batch,kv_heads,sequence,head_dim"}
+    assert ex["preprocess"]["image_token_id"] == 3 and ex["preprocess"]["num_image_tokens"] == 16
+    assert ex["source"]["model"].endswith("llava_onevision")
+    assert set(m["provenance"]["versions"]) >= {"edgevlm", "torch", "transformers", "onnx", "onnxruntime"}
+    files = set(m["files"])
+    for entry in m["models"].values():
+        for g in entry["graphs"].values():
+            assert g["file"] in files and g["file"] + ".data" in files
+        assert entry["tokenizer"] + "/tokenizer.json" in files
+    for rel, meta in m["files"].items():
+        assert bundle_mod.sha256(bundles["llava"] / rel) == meta["sha256"]
+
+
+def _copy(bundles, tmp_path, name="llava"):
+    dst = tmp_path / name
+    shutil.copytree(bundles[name], dst)
+    return dst
+
+
+def test_a_changed_byte_is_refused(bundles, tmp_path):
+    b = _copy(bundles, tmp_path)
+    data = b / "reasoner" / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="reasoner/decoder.onnx.data does not match its sha256"):
+        bundle_mod.load(b)
+    bundle_mod.load(b, verify=False)  # sizes still match: only the checksum catches it
+
+
+def test_a_missing_file_and_a_future_version_are_refused(bundles, tmp_path):
+    b = _copy(bundles, tmp_path)
+    (b / "extractor" / "image_newline.npy").unlink()
+    with pytest.raises(BundleError, match="image_newline.npy is missing"):
+        bundle_mod.load(b)
+    b2 = _copy(bundles, tmp_path, "idefics3")
+    manifest = json.loads((b2 / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (b2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 99"):
+        bundle_mod.load(b2)
+    with pytest.raises(BundleError, match="not an edgevlm bundle"):
+        bundle_mod.load(tmp_path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgevlm", *map(str, args)], capture_output=True, env=ENV,
+                          timeout=300)
+
+
+def test_cli_refuses_bad_bundles_in_one_line(bundles, tmp_path):
+    b = _copy(bundles, tmp_path)
+    (b / "reasoner" / "tokenizer.json").write_text("{}")
+    image = tmp_path / "x.png"
+    random_image().save(image)
+    for args in (["run", image, "q", "--bundle", b], ["info", b], ["run", image, "q", "--bundle", tmp_path / "none"]):
+        proc = _cli(*args)
+        err = proc.stderr.decode().strip()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("edgevlm: error: ")
+
+
+def test_info_shows_models_graphs_sizes_and_json(bundles):
+    proc = _cli("info", bundles["llava"])
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    for needle in ("format 1", "extractor:", "reasoner:", "vision", "decoder", "fp32", "MB", "KV 2 layers"):
+        assert needle in out
+    proc = _cli("info", bundles["llava"], "--json")
+    assert json.loads(proc.stdout)["models"]["reasoner"]["family"] == "causal_lm"
+
+
+def test_bundle_runs_without_importing_torch_or_transformers(bundles, tmp_path):
+    image = tmp_path / "x.png"
+    random_image().save(image)
+    code = f"""
+import sys
+from edgevlm import Pipeline
+from edgevlm.cli import main
+r = Pipeline.from_bundle({str(bundles['llava'])!r})({str(image)!r}, "What is shown?", max_new_tokens=4, think_budget=4)
+assert r.stages["think"].new_tokens > 0
+try:
+    main(["run", {str(image)!r}, "What is shown?", "--bundle", {str(bundles['idefics3'])!r}, "--max-new-tokens", "4",
+          "--think-budget", "4", "--json"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print("HEAVY", sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_a_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    from edgevlm.export import causal_lm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while exporting the reasoner")
+
+    monkeypatch.setattr(causal_lm, "export_model", broken)
+    with pytest.raises(RuntimeError):
+        export_bundle(tmp_path / "out", extractor=str(tiny_dir("llava_onevision")), reasoner=str(tiny_dir("qwen3")),
+                      log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_export_leaves_no_bundle_that_loads(tiny_dir, tmp_path):
+    out = tmp_path / "bundle"
+    proc = subprocess.Popen([sys.executable, "-m", "edgevlm", "export", "--out", str(out), "--extractor",
+                             str(tiny_dir("idefics3")), "--reasoner", str(tiny_dir("llama"))],
+                            stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 300
+    line = b""
+    while b"done in" not in line and time.time() < deadline:  # kill it after the first graph is written
+        line = proc.stderr.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.partial-")]
+    assert partial, "the export should have been interrupted mid-way"
+    with pytest.raises(BundleError):
+        bundle_mod.load(partial[0])
+    # a later export to the same place succeeds and replaces nothing half-done
+    export_bundle(out, extractor=str(tiny_dir("idefics3")), with_reasoner=False, log=lambda m: None)
+    bundle_mod.load(out)
+
+
+def test_fp16_bundle_runs_close_to_fp32(bundles, tiny_dir, tmp_path):
+    path = export_bundle(tmp_path / "fp16", extractor=str(tiny_dir("llava_onevision")), with_reasoner=False,
+                         quant="fp16", log=lambda m: None)
+    fp16, fp32 = OrtModel(bundle_mod.load(path), "extractor"), OrtModel(bundle_mod.load(bundles["llava"]), "extractor")
+    assert {g["quant"] for g in fp16.entry["graphs"].values()} == {"fp16"}
+
+    def weight_bytes(b):
+        return sum(m["bytes"] for rel, m in bundle_mod.load(b).manifest["files"].items()
+                   if rel.startswith("extractor/") and rel.endswith(".onnx.data"))
+
+    assert weight_bytes(path) < 0.55 * weight_bytes(bundles["llava"])  # half the bytes, plus a little
+    image = random_image()
+    rendered = fp32.tokenizer.apply_chat_template(fp32.family.messages("Describe.", with_image=True))
+    logits = []
+    for model in (fp16, fp32):
+        prepared = model.prepare(rendered, image)
+        model.encode(prepared)
+        logits.append(model.prefill(prepared).logits)
+    np.testing.assert_allclose(logits[0], logits[1], atol=5e-3)  # fp16 weights on tiny logits
