@@ -226,9 +226,10 @@ class Pipeline:
 
     def _think(self, result, prof, rng, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
         answer_budget = max_new_tokens or prompts.ANSWER_BUDGET
+        # A reasoner without </think> in its vocabulary still reasons step by step, just without the budget.
         control = self._think_control(think_budget) if think else None
-        if control is not None:
-            decoding = replace(prompts.THINK, max_new_tokens=think_budget + answer_budget, think_budget=think_budget)
+        if think:
+            decoding = prompts.THINK.with_max_new_tokens(think_budget + answer_budget)
         else:
             decoding = prompts.NO_THINK.with_max_new_tokens(answer_budget)
         if temperature is not None:
@@ -257,8 +258,7 @@ class Pipeline:
             return None
         if self._banned is None:  # scanning the vocabulary takes a moment: once per pipeline
             self._banned = np.asarray(tok.ids_of_words(prompts.REFLEXIVE_WORDS), dtype=np.int64)
-        return ThinkControl(think_end_id=think_end, newline_id=newline[0], budget=budget,
-                            banned_ids=self._banned if prompts.THINK.ban_reflexive else self._banned[:0])
+        return ThinkControl(think_end_id=think_end, newline_id=newline[0], budget=budget, banned_ids=self._banned)
 
     def _stage(self, result: Result, prof: Profiler, rng: np.random.Generator, name: str, model: Model,
                prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,

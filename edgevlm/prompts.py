@@ -176,8 +176,6 @@ class Decoding:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    think_budget: int | None = None  # thinking-budget logits processor, Qwen3 thinking mode only
-    ban_reflexive: bool = False  # "NoWait": ban reflexive words while thinking
 
     def with_max_new_tokens(self, n: int | None) -> Decoding:
         return self if n is None else replace(self, max_new_tokens=n)
@@ -190,10 +188,8 @@ ANSWER_BUDGET = 1024
 PLAN = Decoding(max_new_tokens=64)
 EXTRACT = Decoding(max_new_tokens=1024)
 DIRECT = Decoding(max_new_tokens=1024)
-THINK = Decoding(
-    max_new_tokens=THINK_BUDGET + ANSWER_BUDGET, temperature=0.6, top_p=0.95, top_k=20,
-    think_budget=THINK_BUDGET, ban_reflexive=True,
-)
+# Thinking mode: the budget and NoWait bans are applied by generation.ThinkControl while thinking.
+THINK = Decoding(max_new_tokens=THINK_BUDGET + ANSWER_BUDGET, temperature=0.6, top_p=0.95, top_k=20)
 NO_THINK = Decoding(max_new_tokens=ANSWER_BUDGET, temperature=0.7, top_p=0.8, top_k=20)
 
 # NoWait: tokens whose text is one of these words (case-insensitive, whole words) are banned while thinking.

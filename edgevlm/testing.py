@@ -275,3 +275,56 @@ def make_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# ---------------------------------------------------------------- full-size random models (benchmarks)
+QWEN3_SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+}
+PAPER_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+
+
+def make_paper_shaped(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A random model with the real architecture's shapes (no download), for export and speed benchmarks:
+    `extractor-0.6b` (the paper's: SigLIP so400m + projector + Qwen3-0.6B, 384 px AnyRes up to 6x6 crops),
+    `qwen3-0.6b`, `qwen3-1.7b`. The tokenizer is the tiny one; the vocabulary is Qwen3's size."""
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    from edgevlm.export.llava_next import SO400M
+    from edgevlm.families import llava_onevision
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    text = {**_qwen3_text_config(tok), **QWEN3_SHAPES["qwen3-0.6b" if kind == "extractor-0.6b" else kind],
+            "vocab_size": 151936, "max_position_embeddings": 40960}
+    torch.manual_seed(seed)
+    if kind == "extractor-0.6b":
+        config = LlavaOnevisionConfig(
+            vision_config=dict(SO400M), text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+            video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=PAPER_PINPOINTS,
+            vision_feature_select_strategy="full", vision_feature_layer=-1, use_image_newline_parameter=True,
+            tie_word_embeddings=True)
+        model = LlavaOnevisionForConditionalGeneration(config)
+        model.save_pretrained(out)
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": 384, "width": 384}, image_grid_pinpoints=PAPER_PINPOINTS, do_pad=True,
+            image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
+        llava_onevision.save_processor(out, tok, image_processor, num_image_tokens=729,
+                                       chat_template=llava_onevision.CHAT_TEMPLATE)
+    elif kind in QWEN3_SHAPES:
+        tok.chat_template = QWEN3_CHAT_TEMPLATE
+        _save_causal_lm(Qwen3ForCausalLM(Qwen3Config(**text)), tok, out)
+    else:
+        raise UsageError(f"unknown shape {kind!r}; choose extractor-0.6b, {', '.join(QWEN3_SHAPES)}")
+    return out

@@ -18,13 +18,5 @@ def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Ca
     out.mkdir(parents=True, exist_ok=True)
     with step("decoder"):
         decoder = graphs.export_decoder(model.model, model.lm_head, text, out / "decoder.onnx", embeds=False)
-        q = graphs.quantize(decoder, quant)
-    graphs.copy_tokenizer(model_dir, out)
-    max_context = int(text.max_position_embeddings)
-    return {
-        "family": "causal_lm",
-        "graphs": {"decoder": graphs.graph_entry(decoder, root, q)},
-        "kv": graphs.kv_layout(text, max_context),
-        "max_context": max_context,
-        "tokenizer": out.relative_to(root).as_posix(),
-    }
+        exported = {"decoder": (decoder, graphs.quantize(decoder, quant))}
+    return graphs.model_entry("causal_lm", exported, text, model_dir, out, root)

@@ -9,6 +9,7 @@ a 1000-token prefill would otherwise compute 1000 x vocab logits nobody reads.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -94,6 +95,8 @@ def export(module: nn.Module, args: tuple, path: str | Path, input_names: list[s
     specs = [{axis: dim for axis in dynamic_axes.get(name, {})} or None for name in input_names[:len(args)]]
     shapes = tuple(specs) if varargs_from is None else (*specs[:varargs_from], tuple(specs[varargs_from:]))
     module.eval()
+    # torch configures its loggers on import, after the CLI's settings: quiet the exporter's chatter here
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -191,3 +194,35 @@ def quantize(path: Path, quant: str) -> str:
 
 def graph_entry(path: Path, root: Path, quant: str) -> dict:
     return {"file": path.relative_to(root).as_posix(), "quant": quant, **graph_io(path)}
+
+
+def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body: nn.Module, out: Path, *,
+                      quant: str, vision_quant: str | None, step, vision_label: str) -> dict[str, tuple[Path, str]]:
+    """A VLM's three graphs: vision (pixel_values [crops, 3, h, w] -> image_features), embedding, decoder."""
+    text = model.config.text_config
+    with step(vision_label):
+        path = export(vision, (torch.randn(2, 3, *crop),), out / "vision.onnx", ["pixel_values"], ["image_features"],
+                      {"pixel_values": {0: "crops"}})
+        graphs = {"vision": (path, quantize(path, vision_quant or quant))}
+    with step("token embedding"):
+        path = export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
+        graphs["embed"] = (path, quantize(path, quant))
+    with step("decoder"):
+        path = export_decoder(text_body, model.lm_head, text, out / "decoder.onnx", embeds=True)
+        graphs["decoder"] = (path, quantize(path, quant))
+    return graphs
+
+
+def model_entry(family: str, graphs: dict[str, tuple[Path, str]], text_config, model_dir: Path, out: Path,
+                root: Path, **extra) -> dict:
+    """The manifest entry of one exported model; copies its tokenizer files beside the graphs."""
+    copy_tokenizer(model_dir, out)
+    max_context = int(text_config.max_position_embeddings)
+    return {
+        "family": family,
+        "graphs": {name: graph_entry(path, root, q) for name, (path, q) in graphs.items()},
+        "kv": kv_layout(text_config, max_context),
+        "max_context": max_context,
+        "tokenizer": out.relative_to(root).as_posix(),
+        **extra,
+    }

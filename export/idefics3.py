@@ -41,29 +41,10 @@ def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Ca
     from transformers import Idefics3ForConditionalGeneration
 
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text = model.config.text_config
     pre = idefics3.preprocess_config(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = pre["max_image_size"]
-    with step("vision tower + connector"):
-        vision = graphs.export(VisionFeatures(model), (torch.randn(2, 3, m, m),), out / "vision.onnx",
-                               ["pixel_values"], ["image_features"], {"pixel_values": {0: "crops"}})
-        vq = graphs.quantize(vision, vision_quant or quant)
-    with step("token embedding"):
-        embed = graphs.export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
-        eq = graphs.quantize(embed, quant)
-    with step("decoder"):
-        decoder = graphs.export_decoder(model.model.text_model, model.lm_head, text, out / "decoder.onnx",
-                                        embeds=True)
-        dq = graphs.quantize(decoder, quant)
-    graphs.copy_tokenizer(model_dir, out)
-    max_context = int(text.max_position_embeddings)
-    return {
-        "family": "idefics3",
-        "graphs": {"vision": graphs.graph_entry(vision, root, vq), "embed": graphs.graph_entry(embed, root, eq),
-                   "decoder": graphs.graph_entry(decoder, root, dq)},
-        "kv": graphs.kv_layout(text, max_context),
-        "max_context": max_context,
-        "preprocess": pre,
-        "tokenizer": out.relative_to(root).as_posix(),
-    }
+    exported = graphs.export_vlm_graphs(model, VisionFeatures(model), (m, m), model.model.text_model, out,
+                                        quant=quant, vision_quant=vision_quant, step=step,
+                                        vision_label="vision tower + connector")
+    return graphs.model_entry("idefics3", exported, model.config.text_config, model_dir, out, root, preprocess=pre)

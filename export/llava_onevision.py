@@ -38,31 +38,12 @@ def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Ca
     from transformers import LlavaOnevisionForConditionalGeneration
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text = model.config.text_config
     pre = llava_onevision.preprocess_config(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    crop_h, crop_w = pre["crop_size"]
-    with step("vision tower + projector"):
-        vision = graphs.export(VisionFeatures(model), (torch.randn(2, 3, crop_h, crop_w),), out / "vision.onnx",
-                               ["pixel_values"], ["image_features"], {"pixel_values": {0: "crops"}})
-        vq = graphs.quantize(vision, vision_quant or quant)
-    with step("token embedding"):
-        embed = graphs.export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
-        eq = graphs.quantize(embed, quant)
-    with step("decoder"):
-        decoder = graphs.export_decoder(model.model.language_model, model.lm_head, text, out / "decoder.onnx",
-                                        embeds=True)
-        dq = graphs.quantize(decoder, quant)
-    np.save(out / "image_newline.npy", model.model.image_newline.detach().float().numpy())
-    graphs.copy_tokenizer(model_dir, out)
-    max_context = int(text.max_position_embeddings)
-    return {
-        "family": "llava_onevision",
-        "graphs": {"vision": graphs.graph_entry(vision, root, vq), "embed": graphs.graph_entry(embed, root, eq),
-                   "decoder": graphs.graph_entry(decoder, root, dq)},
-        "arrays": {"image_newline": (out / "image_newline.npy").relative_to(root).as_posix()},
-        "kv": graphs.kv_layout(text, max_context),
-        "max_context": max_context,
-        "preprocess": pre,
-        "tokenizer": out.relative_to(root).as_posix(),
-    }
+    exported = graphs.export_vlm_graphs(model, VisionFeatures(model), tuple(pre["crop_size"]),
+                                        model.model.language_model, out, quant=quant, vision_quant=vision_quant,
+                                        step=step, vision_label="vision tower + projector")
+    newline = out / "image_newline.npy"
+    np.save(newline, model.model.image_newline.detach().float().numpy())
+    return graphs.model_entry("llava_onevision", exported, model.config.text_config, model_dir, out, root,
+                              preprocess=pre, arrays={"image_newline": newline.relative_to(root).as_posix()})

@@ -111,8 +111,8 @@ def test_choices_are_formatted_like_mmstar_and_detected():
 def test_decoding_defaults_follow_the_paper():
     assert prompts.EXTRACT.temperature == 0 and prompts.EXTRACT.max_new_tokens == 1024
     assert (prompts.THINK.temperature, prompts.THINK.top_p) == (0.6, 0.95)
-    assert prompts.THINK.think_budget == 4096 and prompts.THINK.max_new_tokens == 4096 + 1024
-    assert prompts.THINK.ban_reflexive
+    assert prompts.THINK_BUDGET == 4096 and prompts.THINK.max_new_tokens == 4096 + 1024
+    assert prompts.THINK.top_k == 20 and prompts.NO_THINK.top_k == 20  # Qwen3's generation_config
     assert (prompts.NO_THINK.temperature, prompts.NO_THINK.top_p, prompts.NO_THINK.max_new_tokens) == (0.7, 0.8, 1024)
     assert set(prompts.REFLEXIVE_WORDS) == {
         "wait", "alternatively", "hmm", "but", "however", "alternative", "another", "check", "double-check", "oh",

@@ -2,8 +2,10 @@
 
 Per model: an optional vision graph (image crops -> features), an optional token-embedding graph
 (VLMs, whose image features are placed into the embeddings in numpy), and a decoder graph with an
-explicit KV cache. The cache stays in ONNX Runtime's own tensors between steps (IO binding): each
-step's `present` outputs are bound as the next step's `past` inputs without a trip through numpy.
+explicit KV cache. The cache lives in preallocated buffers bound to the graph by pointer (IO binding):
+a step reads `past` from one buffer set and the graph writes `present` into the other, so no tensor
+is allocated or copied through Python per token. (The graph itself still concatenates past and new
+keys; graphs whose attention updates a shared buffer in place are the next step.)
 """
 
 from __future__ import annotations
@@ -42,31 +44,69 @@ def _session(path, device: str, threads: int | None):
     return session
 
 
-class OrtDecodeState:
-    """One generation's KV cache (ONNX Runtime values) and the latest logits."""
+class KVCache:
+    """Past/present KV tensors of one generation in two preallocated buffer sets used in turn.
 
-    def __init__(self, model: OrtModel, past: list, logits: np.ndarray, prompt_len: int):
-        self._model, self._past = model, past
-        self.logits, self.prompt_len, self.length = logits, prompt_len, prompt_len
+    Each tensor is [1, kv_heads, length, head_dim], contiguous at the start of its buffer row, so a
+    prefix of a row is a valid tensor of any length up to the capacity. Capacity grows by doubling.
+    """
+
+    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int):
+        self.tensors, self.kv_heads, self.head_dim = tensors, kv_heads, head_dim
+        self.length = 0
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.capacity = capacity
+        shape = (self.tensors, self.kv_heads * capacity * self.head_dim)
+        self._read, self._write = np.empty(shape, np.float32), np.empty(shape, np.float32)
+
+    def reserve(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        old, used = self._read, self.kv_heads * self.length * self.head_dim
+        self._alloc(max(length, 2 * self.capacity))
+        self._read[:, :used] = old[:, :used]
+
+    def shape(self, length: int) -> list[int]:
+        return [1, self.kv_heads, length, self.head_dim]
+
+    def read_pointers(self) -> list[int]:
+        return [row.ctypes.data for row in self._read]
+
+    def write_pointers(self) -> list[int]:
+        return [row.ctypes.data for row in self._write]
+
+    def advance(self, new: int) -> None:
+        """The graph has written length + new positions into the write set: it becomes the read set."""
+        self._read, self._write = self._write, self._read
+        self.length += new
+
+
+class OrtDecodeState:
+    """One generation's KV cache and the latest logits."""
+
+    def __init__(self, model: OrtModel, cache: KVCache, logits: np.ndarray):
+        self._model, self.cache, self.logits = model, cache, logits
+        self.prompt_len = cache.length
 
     def step(self, token_id: int) -> np.ndarray:
         ids = np.array([[token_id]], dtype=np.int64)
-        x = self._model.embed(ids) if self._model.embeds else ids
-        self.length += 1
-        self.logits, self._past = self._model.run_decoder(x, self._past, self.length)
+        self.logits = self._model.run_decoder(self._model.embed(ids) if self._model.embeds else ids, self.cache)
         return self.logits
 
 
 class OrtModel:
     """One model of a bundle (the extractor or the reasoner) on ONNX Runtime."""
 
-    def __init__(self, bundle: Bundle, role: str, *, device: str = "cpu", threads: int | None = None):
+    def __init__(self, bundle: Bundle, role: str, *, device: str = "cpu", threads: int | None = None,
+                 prefill_chunk: int = 512):
         if device not in PROVIDERS:
             raise DeviceError(f"unknown device {device!r}; use cpu or cuda")
         if role not in bundle.models:
             raise ModelError(f"the bundle at {bundle.path} has no {role}")
         entry = bundle.models[role]
-        self.entry, self.device = entry, device
+        self.entry, self.device, self.prefill_chunk = entry, device, prefill_chunk
         self.name = entry.get("source", {}).get("model") or f"{bundle.path}:{role}"
         self.module = family_module(entry["family"])
         self.family: Family = self.module.FAMILY
@@ -82,11 +122,9 @@ class OrtModel:
         self.embedder = _session(bundle.file(graphs["embed"]["file"]), device, threads) if self.embeds else None
         self.vision = _session(bundle.file(graphs["vision"]["file"]), device, threads) if "vision" in graphs else None
         self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.get("arrays", {}).items()}
-        kv = entry["kv"]
-        self._empty_past = np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
         names = [i.name for i in self.decoder.get_inputs()]
-        self._past_names = names[3:]
-        self._out_names = [o.name for o in self.decoder.get_outputs()]
+        self._input_name, self._past_names = names[0], names[3:]
+        self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
 
     # ---------------------------------------------------------------- Model protocol
     def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
@@ -112,28 +150,32 @@ class OrtModel:
                 if int(slots.sum()) != len(prepared.image_features):
                     raise ModelError(f"{int(slots.sum())} image tokens but {len(prepared.image_features)} features")
                 x[0, slots] = prepared.image_features
-        past = [self._empty_past] * len(self._past_names)
-        logits, past = self.run_decoder(x, past, len(prepared.input_ids))
-        return OrtDecodeState(self, past, logits, len(prepared.input_ids))
+        # Long prompts (an AnyRes image is thousands of tokens) go in chunks: attention scores for a chunk are
+        # [heads, chunk, total] instead of [heads, total, total], which bounds prefill memory on small devices.
+        kv = self.entry["kv"]
+        cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256)
+        for start in range(0, x.shape[1], self.prefill_chunk):
+            logits = self.run_decoder(x[:, start:start + self.prefill_chunk], cache)
+        return OrtDecodeState(self, cache, logits)
 
     # ---------------------------------------------------------------- graphs
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embedder.run(None, {"input_ids": ids})[0]
 
-    def run_decoder(self, x: np.ndarray, past: list, total: int) -> tuple[np.ndarray, list]:
-        """Feed x (ids or embeddings) after `past`; return last-position logits and the new cache."""
-        seq = x.shape[1]
+    def run_decoder(self, x: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Feed x (ids or embeddings) after the cache's contents; return the last position's logits."""
+        seq, past = x.shape[1], cache.length
+        total = past + seq
+        cache.reserve(total)
         binding = self.decoder.io_binding()
-        binding.bind_cpu_input(self.decoder.get_inputs()[0].name, x)
+        binding.bind_cpu_input(self._input_name, x)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(total - seq, total, dtype=np.int64)[None])
-        for name, value in zip(self._past_names, past, strict=True):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self._out_names:
-            binding.bind_output(name, "cpu")
+        binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
+        for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
+            binding.bind_input(name, "cpu", 0, np.float32, cache.shape(past), pointer)
+        binding.bind_output("logits", "cpu")
+        for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, cache.shape(total), pointer)
         self.decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy()[0, -1], outputs[1:]
+        cache.advance(seq)
+        return binding.get_outputs()[0].numpy()[0, -1]
