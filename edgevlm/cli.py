@@ -51,7 +51,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("question")
 @click.option("--bundle", "bundle_dir", metavar="DIR", help="An exported bundle (ONNX Runtime; no torch needed).")
 @click.option("--extractor", metavar="ID|DIR", help="The VLM that extracts visual details (hub id or directory).")
-@click.option("--reasoner", metavar="ID|DIR", help="The LLM that plans and reasons (hub id or directory).")
+@click.option("--reasoner", metavar="ID|DIR", help="The LLM that plans and reasons (hub id, directory or .gguf).")
+@click.option("--gguf-file", metavar="NAME", help="With --reasoner DIR: the GGUF file in DIR to use.")
+@click.option("--quant", metavar="int8|nf4", help="PyTorch backend only: load weights through bitsandbytes.")
 @click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b.")
 @click.option("--mode", default="extract-think", show_default=True, metavar="MODE",
               help="extract-think, extract (stop after the description) or direct (the VLM answers alone).")
@@ -70,8 +72,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with everything.")
 @click.option("--profile", is_flag=True, help="Print a per-stage timing table (to stderr).")
-def run(image, question, bundle_dir, extractor, reasoner, preset, mode, think, think_budget, max_new_tokens, choices,
-        instruction, temperature, seed, device, stream, as_json, profile):
+def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, preset, mode, think, think_budget,
+        max_new_tokens, choices, instruction, temperature, seed, device, stream, as_json, profile):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.images import load_image
     from edgevlm.pipeline import MODES, Pipeline
@@ -81,8 +83,11 @@ def run(image, question, bundle_dir, extractor, reasoner, preset, mode, think, t
         raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if not question.strip():
         raise UsageError("the question is empty")
-    if bundle_dir and (extractor or reasoner or preset):
-        raise UsageError("--bundle already names the models; drop --extractor/--reasoner/--preset")
+    if bundle_dir and (extractor or reasoner or preset or quant or gguf_file):
+        raise UsageError("--bundle already fixes the models and their precision; drop --extractor/--reasoner/"
+                         "--preset/--quant/--gguf-file")
+    if quant and quant not in ("int8", "nf4"):
+        raise UsageError(f"unknown --quant {quant!r}; choose int8 or nf4 (bundles carry their own precision)")
     if preset:
         get_preset(preset)  # an unknown name is a usage error before anything loads
     # Read the image before loading any model: a bad path should fail in milliseconds, not after a load.
@@ -92,7 +97,7 @@ def run(image, question, bundle_dir, extractor, reasoner, preset, mode, think, t
         pipe = Pipeline.from_bundle(bundle_dir, device=device)
     else:
         pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
-                                        load_reasoner=mode != "direct")
+                                        load_reasoner=mode != "direct", quant=quant, gguf_file=gguf_file)
     events = pipe.stream(pil, question, choices=list(choices) or None, mode=mode, think=think,
                          think_budget=think_budget, max_new_tokens=max_new_tokens, instruction=instruction,
                          temperature=temperature, seed=seed)
@@ -135,29 +140,61 @@ def profile_table(result) -> str:
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle directory to write.")
 @click.option("--extractor", metavar="ID|DIR", help="The VLM to export (default: the preset's).")
-@click.option("--reasoner", metavar="ID|DIR", help="The reasoning LLM to export (default: the preset's).")
+@click.option("--reasoner", metavar="ID|DIR|FILE.gguf", help="The reasoning LLM to export (default: the preset's).")
+@click.option("--gguf-file", metavar="NAME", help="With --reasoner DIR: the GGUF file in DIR to import.")
 @click.option("--no-reasoner", is_flag=True, help="Export the extractor alone (a bundle for --mode direct).")
 @click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b.")
 @click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx",
               help="Graph format (TensorRT engines come later).")
-@click.option("--quant", default="fp32", show_default=True, metavar="fp32|fp16", help="Weight precision.")
-@click.option("--vision-quant", metavar="fp32|fp16", help="Precision of the vision tower (default: --quant).")
+@click.option("--quant", default="fp32", show_default=True, metavar="fp32|fp16|int8|int4",
+              help="Weight precision of both models.")
+@click.option("--extractor-quant", metavar="Q", help="Precision of the extractor (default: --quant).")
+@click.option("--reasoner-quant", metavar="Q", help="Precision of the reasoner (default: --quant).")
+@click.option("--vision-quant", metavar="Q", help="Precision of the vision tower (default: the extractor's; "
+              "int8 when that is int4).")
+@click.option("--embed-quant", default="fp32", show_default=True, metavar="fp32|fp16|int4",
+              help="Precision of the token embedding when the model is int8/int4.")
+@click.option("--int4-method", default="awq", show_default=True, metavar="awq|rtn|hqq|gptq",
+              help="int4 weights: activation-aware scaling + clipping on calibration prompts (awq), round-to-"
+                   "nearest (rtn), HQQ (best fidelity, slow CPU kernel), or GPTQ (slow to compute).")
+@click.option("--int4-keep-int8", default="head,down", show_default=True, metavar="LIST",
+              help="Decoder layers an int4 model keeps in int8: head, down (MLP down projections), or none.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4 quantization block size.")
+@click.option("--calibration", default="scenes", show_default=True, metavar="NAME|DIR",
+              help="Calibration set: a shipped one, or a folder with items.jsonl and images.")
+@click.option("--fidelity-samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Held-out prompts per stage for the fidelity report (0: skip).")
+@click.option("--fidelity-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens per prompt for the fidelity report.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail unless every stage's top-1 agreement "
+              "with fp32 reaches this.")
+@click.option("--max-kl", type=click.FloatRange(min=0), help="Fail if any stage's mean KL from fp32 exceeds this.")
 @click.option("--target", default="cpu", show_default=True, metavar="NAME", help="Where the bundle will run.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export(out, extractor, reasoner, no_reasoner, preset, fmt, quant, vision_quant, target, overwrite):
-    """Export an extractor and a reasoner (HF checkpoints) to a bundle of ONNX graphs."""
+def export(out, extractor, reasoner, gguf_file, no_reasoner, preset, fmt, quant, extractor_quant, reasoner_quant,
+           vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, calibration, fidelity_samples,
+           fidelity_tokens, min_agreement, max_kl, target, overwrite):
+    """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
+
+    Quantized bundles carry a fidelity report: each stage compared with fp32 on held-out prompts.
+    """
     try:
-        from edgevlm.export.exporter import export_bundle
+        from edgevlm.export.exporter import QuantPlan, export_bundle
     except ImportError as e:
         raise EdgeVLMError(f"export needs torch and transformers ({e}); pip install 'edgevlm[export]'") from None
     if preset:
         from edgevlm.presets import get_preset
 
         get_preset(preset)
-    if no_reasoner and reasoner:
-        raise UsageError("--no-reasoner and --reasoner contradict each other")
-    export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset, with_reasoner=not no_reasoner, fmt=fmt,
-                  quant=quant, vision_quant=vision_quant, target=target, overwrite=overwrite)
+    if no_reasoner and (reasoner or reasoner_quant):
+        raise UsageError("--no-reasoner contradicts --reasoner/--reasoner-quant")
+    keep = tuple(x.strip() for x in int4_keep_int8.split(",") if x.strip() and x.strip() != "none")
+    plan = QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant, vision=vision_quant,
+                     embed=embed_quant, int4_method=int4_method, block_size=block_size, keep_int8=keep)
+    export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset, with_reasoner=not no_reasoner,
+                  gguf_file=gguf_file, fmt=fmt, quant=plan, target=target, calibration=calibration,
+                  fidelity_samples=fidelity_samples, fidelity_tokens=fidelity_tokens, min_agreement=min_agreement,
+                  max_kl=max_kl, overwrite=overwrite)
 
 
 @cli.command()
@@ -194,8 +231,9 @@ def describe_bundle(b) -> str:
         for name, g in entry["graphs"].items():
             size = sum(v for rel, v in sizes.items() if rel == g["file"] or rel == g["file"] + ".data")
             lines.append(f"  {name:<8} {g['file']:<28} {size / 1e6:>9.1f} MB  {g['quant']}")
-    fidelity = m.get("fidelity")
-    lines.append("fidelity: " + (json.dumps(fidelity) if fidelity else "not measured (fp32 export is the reference)"))
+    from edgevlm.calibration.metrics import report_table
+
+    lines.append(report_table(m.get("fidelity")))
     return "\n".join(lines)
 
 

@@ -32,13 +32,26 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve(model: str) -> Path:
-    """A local directory for `model` (a directory path or a hub id), or a one-line ModelError."""
+def resolve(model: str, gguf_file: str | None = None) -> Path:
+    """A local directory for `model` (a directory, a hub id, or a .gguf file), or a one-line ModelError.
+
+    A GGUF file (`model` ending in .gguf, or `gguf_file` inside the directory `model`) is imported into
+    a transformers checkpoint on first use and cached.
+    """
     path = Path(model).expanduser()
+    if gguf_file:
+        path = (resolve(model) if not path.is_dir() else path) / gguf_file
+        if not path.is_file():
+            raise ModelError(f"{path}: no such GGUF file")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from edgevlm.export import gguf
+
+        return gguf.converted(path, cache_dir() / "gguf")
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelError(f"{model} is a file; a model is a directory (config.json, weights, tokenizer)")
+        raise ModelError(f"{model} is a file; a model is a directory (config.json, weights, tokenizer) "
+                         "or a .gguf file")
     if not _HUB_ID.match(model):
         raise ModelError(f"{model}: no such model directory, and not a hub id (owner/name)")
     from huggingface_hub import snapshot_download

@@ -90,6 +90,12 @@ class Event:
     result: Result | None = None
 
 
+def render_prompt(model: Model, prompt: str, *, with_image: bool = False, enable_thinking: bool | None = None) -> str:
+    """A stage's prompt as the model sees it: its family's messages through its chat template."""
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return model.tokenizer.apply_chat_template(model.family.messages(prompt, with_image=with_image), **kwargs)
+
+
 class Pipeline:
     """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads serialize."""
 
@@ -100,11 +106,13 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
-                        preset: str | None = None, device: str = "cpu", load_reasoner: bool = True) -> Pipeline:
+                        preset: str | None = None, device: str = "cpu", load_reasoner: bool = True,
+                        quant: str | None = None, gguf_file: str | None = None) -> Pipeline:
         """Load HF checkpoints (hub ids or directories) on the PyTorch reference backend.
 
         A model not given comes from `preset` (default: paper-0.6b). `load_reasoner=False` skips the
-        reasoner (enough for `mode="direct"`).
+        reasoner (enough for `mode="direct"`). `quant` ("int8" or "nf4") loads the language models'
+        weights through bitsandbytes. A GGUF reasoner is a .gguf path, or a directory with `gguf_file`.
         """
         from edgevlm.families import extractor_family, reasoner_family
         from edgevlm.hub import resolve, resolve_extractor
@@ -119,9 +127,9 @@ class Pipeline:
         p = get_preset(preset or DEFAULT_PRESET)
         extractor, reasoner = extractor or p.extractor, reasoner or p.reasoner
         ex_dir = resolve_extractor(extractor)
-        re_dir = resolve(reasoner) if load_reasoner else None
-        ex = TorchModel(ex_dir, extractor_family(ex_dir), name=extractor, device=device)
-        rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device) if re_dir else None
+        re_dir = resolve(reasoner, gguf_file=gguf_file) if load_reasoner else None
+        ex = TorchModel(ex_dir, extractor_family(ex_dir), name=extractor, device=device, quant=quant)
+        rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device, quant=quant) if re_dir else None
         return cls(ex, rs)
 
     @classmethod
@@ -265,9 +273,7 @@ class Pipeline:
                think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
         """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
         yield Event("stage_start", name)
-        template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        rendered = model.tokenizer.apply_chat_template(
-            model.family.messages(prompt, with_image=image is not None), **template_kwargs)
+        rendered = render_prompt(model, prompt, with_image=image is not None, enable_thinking=enable_thinking)
         with prof.span(name, "preprocess"):
             prepared = model.prepare(rendered, image)
         n_prompt = len(prepared.input_ids)

@@ -10,7 +10,7 @@ import torch
 from edgevlm.export import graphs
 
 
-def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Callable) -> dict:
+def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -18,5 +18,4 @@ def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Ca
     out.mkdir(parents=True, exist_ok=True)
     with step("decoder"):
         decoder = graphs.export_decoder(model.model, model.lm_head, text, out / "decoder.onnx", embeds=False)
-        exported = {"decoder": (decoder, graphs.quantize(decoder, quant))}
-    return graphs.model_entry("causal_lm", exported, text, model_dir, out, root)
+    return graphs.model_entry("causal_lm", {"decoder": decoder}, text, model_dir, out, root)

@@ -1,22 +1,78 @@
-"""`edgevlm export`: HF checkpoints -> a bundle (ONNX graphs + manifest), written atomically."""
+"""`edgevlm export`: HF checkpoints -> a bundle (ONNX graphs + manifest), written atomically.
+
+Every model is first exported in fp32 (the reference); each graph is then converted to its precision
+(fp16, int8 or int4), and the quantized models are compared with the fp32 ones stage by stage on
+held-out calibration prompts. The fidelity report goes into the manifest; `min_agreement` / `max_kl`
+turn it into a gate: a bundle that misses them is not written.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edgevlm import bundle
-from edgevlm.errors import UsageError
+import numpy as np
 
-QUANTS = ("fp32", "fp16")
+from edgevlm import bundle
+from edgevlm.calibration.metrics import report_table
+from edgevlm.errors import EdgeVLMError, UsageError
+from edgevlm.export.quantize import INT4_METHODS, QUANTS, SENSITIVE
+
 FORMATS = ("onnx",)
+REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
 # Graphs each family exports (for progress counts).
 _GRAPHS = {"llava_onevision": 3, "idefics3": 3, "causal_lm": 1}
+
+
+@dataclass
+class QuantPlan:
+    """Precision per component. `vision` defaults to int8 when the rest is int4 (never int4 unless asked)."""
+
+    extractor: str = "fp32"
+    reasoner: str = "fp32"
+    vision: str | None = None
+    embed: str = "fp32"
+    int4_method: str = "awq"
+    block_size: int = 32
+    keep_int8: tuple[str, ...] = SENSITIVE  # decoder layers an int4 model keeps in int8
+
+    def for_graph(self, role: str, graph: str) -> str:
+        base = self.extractor if role == "extractor" else self.reasoner
+        if graph == "vision":
+            return self.vision or ("int8" if base == "int4" else base)
+        if graph == "embed":
+            return self.embed if base in ("int8", "int4") else base
+        return base
+
+    def describe(self) -> dict:
+        return {"extractor": self.extractor, "reasoner": self.reasoner, "vision": self.for_graph("extractor", "vision"),
+                "embed": self.embed, "int4_method": self.int4_method, "block_size": self.block_size,
+                "keep_int8": list(self.keep_int8)}
+
+    def validate(self) -> None:
+        for q in (self.extractor, self.reasoner, self.vision or "fp32", self.embed):
+            if q not in QUANTS:
+                raise UsageError(f"unknown precision {q!r}; choose one of: {', '.join(QUANTS)}")
+        if self.embed == "int8":
+            raise UsageError("the token embedding can be fp32, fp16 or int4 (ONNX Runtime has no 8-bit Gather)")
+        if set(self.keep_int8) - set(SENSITIVE):
+            raise UsageError(f"--int4-keep-int8 takes a comma list of: {', '.join(SENSITIVE)} (or none)")
+        if self.int4_method not in INT4_METHODS:
+            raise UsageError(f"unknown int4 method {self.int4_method!r}; choose one of: {', '.join(INT4_METHODS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UsageError("--block-size must be a power of two, at least 16")
+
+    @property
+    def is_reference(self) -> bool:
+        return {self.extractor, self.reasoner, self.vision or "fp32", self.embed} == {"fp32"}
 
 
 def _exporter(family: str):
@@ -43,30 +99,98 @@ def _versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: str | None = None,
-                  preset: str | None = None, with_reasoner: bool = True, fmt: str = "onnx", quant: str = "fp32",
-                  vision_quant: str | None = None, target: str = "cpu", overwrite: bool = False,
-                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
-    """Export an extractor and a reasoner (hub ids or directories; else the preset's) into bundle `out`.
+def _ort_model(root: Path, entry: dict):
+    """An OrtModel on one manifest entry of the bundle being written."""
+    from edgevlm.backends.onnx import OrtModel
 
-    `with_reasoner=False` exports the extractor alone: a bundle for `--mode direct`.
-    """
+    return OrtModel(bundle.Bundle(root, {"models": {"model": entry}}), "model")
+
+
+def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, np.ndarray]]:
+    """Decoder inputs (fresh cache) for rendered prompts: what GPTQ calibrates on."""
+    feeds = []
+    kv = model.entry["kv"]
+    for rendered, image in inputs:
+        prepared = model.prepare(rendered, image)
+        model.encode(prepared)
+        x = model.decoder_input(prepared)[:, :max_tokens]
+        n = x.shape[1]
+        feed = {model.decoder.get_inputs()[0].name: x, "attention_mask": np.ones((1, n), np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None]}
+        empty = np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
+        feed.update({name: empty for name in (i.name for i in model.decoder.get_inputs()[3:])})
+        feeds.append(feed)
+    return feeds
+
+
+def _vision_feeds(model, images) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    for image in images:
+        _, inputs = model.module.prepare_inputs(
+            model.tokenizer.apply_chat_template(model.family.messages("x", with_image=True)), image,
+            model.entry["preprocess"], model.tokenizer)
+        feeds.append({"pixel_values": inputs["pixel_values"]})
+    return feeds
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan, reader_for: Callable) -> None:
+    from edgevlm.export import graphs, quantize
+
+    if quant in ("fp32", "fp16"):
+        for suffix in ("", ".data"):
+            if Path(str(src) + suffix).exists():
+                (_link_or_copy if quant == "fp32" else shutil.copy2)(Path(str(src) + suffix), Path(str(dst) + suffix))
+        if quant == "fp16":
+            graphs.to_fp16(dst)
+    elif kind == "embed":  # int4: the only quantized Gather ONNX Runtime has
+        quantize.int4_embedding(src, dst)
+    elif quant == "int8" and kind == "vision":
+        quantize.int8_static(src, dst, reader_for("vision"))
+    elif quant == "int8":
+        quantize.int8_weight_only(src, dst)
+    else:  # int4
+        reader = reader_for(kind) if plan.int4_method in ("awq", "gptq") else None
+        keep = quantize.sensitive_matmuls(src, plan.keep_int8) if kind == "decoder" else []
+        quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader, keep_int8=keep)
+
+
+def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: str | None = None,
+                  preset: str | None = None, with_reasoner: bool = True, gguf_file: str | None = None,
+                  fmt: str = "onnx", quant: QuantPlan | str = "fp32", target: str = "cpu",
+                  calibration: str | Path = "scenes", fidelity_samples: int = 8, fidelity_tokens: int = 32,
+                  min_agreement: float | None = None, max_kl: float | None = None, overwrite: bool = False,
+                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
+    """Export an extractor and a reasoner (hub ids, directories, or a GGUF reasoner; else the preset's)
+    into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`)."""
+    from edgevlm.calibration import data
     from edgevlm.families import extractor_family, reasoner_family
     from edgevlm.hub import resolve, resolve_extractor
     from edgevlm.presets import DEFAULT_PRESET, get_preset
 
+    plan = QuantPlan(extractor=quant, reasoner=quant) if isinstance(quant, str) else quant
+    plan.validate()
     if fmt not in FORMATS:
         raise UsageError(f"format {fmt!r} is not available yet; this edgevlm exports: {', '.join(FORMATS)}")
-    for q in (quant, vision_quant or quant):
-        if q not in QUANTS:
-            raise UsageError(f"quantization {q!r} is not available yet; choose one of: {', '.join(QUANTS)}")
+    gated = min_agreement is not None or max_kl is not None
+    if gated and (plan.is_reference or fidelity_samples < 1):
+        raise UsageError("--min-agreement/--max-kl need a quantized export with --fidelity-samples >= 1")
+    items = data.load(calibration)
+    calib_items, eval_items = data.split(items)
+    eval_items = eval_items[:fidelity_samples]
     p = get_preset(preset or DEFAULT_PRESET)
     extractor, reasoner = extractor or p.extractor, reasoner or p.reasoner
     ex_dir = resolve_extractor(extractor)
     roles = [("extractor", extractor, ex_dir, extractor_family(ex_dir))]
     stages = {"extract": "extractor", "direct": "extractor"}
     if with_reasoner:
-        re_dir = resolve(reasoner)
+        re_dir = resolve(reasoner, gguf_file=gguf_file)
         roles.append(("reasoner", reasoner, re_dir, reasoner_family(re_dir)))
         stages.update(plan="reasoner", think="reasoner")
     total = sum(_GRAPHS[f.name] for *_, f in roles)
@@ -74,7 +198,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     started = time.perf_counter()
 
     with bundle.atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        models = {}
+        models, references = {}, {}
         for role, name, model_dir, family in roles:
             @contextmanager
             def step(what: str, role=role):
@@ -84,19 +208,125 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
                 yield
                 log(f"[{done[0]}/{total}] {role}: {what} done in {time.perf_counter() - t:.1f} s")
 
-            kwargs = {"vision_quant": vision_quant} if family.vision else {}
-            entry = _exporter(family.name).export_model(model_dir, tmp / role, tmp, quant=quant, step=step, **kwargs)
-            entry["source"] = _source(name, model_dir)
-            models[role] = entry
+            reference = _exporter(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step)
+            references[role] = reference
+            models[role] = _finish_model(tmp, role, reference, plan, calib_items, log)
+            models[role]["source"] = _source(name, model_dir)
+        fidelity = None
+        if not plan.is_reference and fidelity_samples > 0:
+            fidelity = _fidelity(tmp, models, references, eval_items, fidelity_tokens, log)
+            log(report_table(fidelity))
+            _gate(fidelity, min_agreement, max_kl)
+        shutil.rmtree(tmp / REFERENCE)
         manifest = {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "stages": stages,
             "models": models,
             "target": target,
-            "provenance": {"versions": _versions(), "export_seconds": None},
-            "fidelity": None,
+            "quantization": {**plan.describe(), "calibration": str(calibration)},
+            "provenance": {"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
+            "fidelity": fidelity,
         }
-        manifest["provenance"]["export_seconds"] = round(time.perf_counter() - started, 1)
         bundle.write_manifest(tmp, manifest, progress=lambda m: log(f"{m} ..."))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return Path(out)
+
+
+def _finish_model(root: Path, role: str, reference: dict, plan: QuantPlan, calib_items: list, log) -> dict:
+    """Move the non-graph files next to the final graphs and convert each graph to its precision."""
+    ref_dir = root / reference["tokenizer"]
+    out = root / role
+    out.mkdir(parents=True, exist_ok=True)
+    graph_files = {Path(g["file"]).name for g in reference["graphs"].values()}
+    for f in ref_dir.iterdir():
+        if f.name not in graph_files and f.name.removesuffix(".data") not in graph_files:
+            _link_or_copy(f, out / f.name)
+    readers = {}
+
+    def reader_for(kind: str):
+        from edgevlm.calibration.fidelity import stage_inputs
+        from edgevlm.export.quantize import FeedReader
+        from edgevlm.images import load_image
+
+        if kind not in readers:
+            model = readers.get("model") or readers.setdefault("model", _ort_model(root, reference))
+            if kind == "vision":
+                images = [load_image(p) for p in dict.fromkeys(i.image for i in calib_items)][:16]
+                readers[kind] = FeedReader(_vision_feeds(model, images))
+            else:
+                stage_names = ("extract",) if role == "extractor" else ("plan", "think")
+                inputs = [x for s in stage_names for x in stage_inputs(s, model, calib_items[:16])]
+                readers[kind] = FeedReader(decoder_feeds(model, inputs))
+        readers[kind].rewind()
+        return readers[kind]
+
+    entry = {**reference, "graphs": {}, "tokenizer": role,
+             "arrays": {k: f"{role}/{Path(v).name}" for k, v in reference.get("arrays", {}).items()}}
+    if not entry["arrays"]:
+        del entry["arrays"]
+    from edgevlm.export import graphs
+
+    for name, g in reference["graphs"].items():
+        q = plan.for_graph(role, name)
+        src, dst = root / g["file"], out / Path(g["file"]).name
+        if q != "fp32":
+            log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
+        _convert_graph(src, dst, q, name, plan, reader_for)
+        entry["graphs"][name] = graphs.graph_entry(dst, root, q)
+    return entry
+
+
+def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: int, log) -> dict:
+    """Per stage: the exported model against its fp32 reference on held-out prompts."""
+    from edgevlm.calibration.fidelity import STAGES, measure, stage_inputs
+
+    report = {}
+    loaded = {role: (_ort_model(root, references[role]), _ort_model(root, models[role])) for role in models}
+    describe = None
+    if "extractor" in loaded:
+        describe = _describer(loaded["extractor"][0])
+    for stage, role in STAGES.items():
+        if role not in loaded:
+            continue
+        if all(g["quant"] == "fp32" for g in models[role]["graphs"].values()):
+            continue
+        log(f"measuring fidelity: {stage} ({len(items)} prompts x {tokens} tokens) ...")
+        reference, candidate = loaded[role]
+        result = measure(reference, candidate, stage_inputs(stage, reference, items, describe), tokens)
+        ref_bytes = sum(_bytes(root, g["file"]) for g in references[role]["graphs"].values())
+        new_bytes = sum(_bytes(root, g["file"]) for g in models[role]["graphs"].values())
+        report[stage] = {**result.to_dict(), "role": role, "size_ratio": round(new_bytes / ref_bytes, 4)}
+    return report
+
+
+def _describer(extractor):
+    """Descriptions for items that have none, from the fp32 extractor (greedy, 64 tokens)."""
+    from edgevlm import prompts
+    from edgevlm.generation import generate
+    from edgevlm.images import load_image
+    from edgevlm.pipeline import render_prompt
+
+    def describe(item) -> str:
+        prepared = extractor.prepare(render_prompt(extractor, prompts.extract_prompt(item.instruction),
+                                                   with_image=True), load_image(item.image))
+        extractor.encode(prepared)
+        tokens = list(generate(extractor.prefill(prepared), prompts.EXTRACT.with_max_new_tokens(64),
+                               eos_ids=extractor.eos_ids, max_context=extractor.max_context,
+                               rng=np.random.default_rng(0)))
+        return extractor.tokenizer.decode(tokens).strip() or prompts.FALLBACK_INSTRUCTION
+
+    return describe
+
+
+def _bytes(root: Path, rel: str) -> int:
+    return sum(p.stat().st_size for p in (root / rel, root / (rel + ".data")) if p.exists())
+
+
+def _gate(report: dict, min_agreement: float | None, max_kl: float | None) -> None:
+    for stage, r in report.items():
+        if min_agreement is not None and r["top1_agreement"] < min_agreement:
+            raise EdgeVLMError(f"fidelity gate failed: {stage} top-1 agreement {r['top1_agreement']:.4f} < "
+                               f"{min_agreement}; no bundle written (try a higher precision or --int4-method)")
+        if max_kl is not None and r["mean_kl"] > max_kl:
+            raise EdgeVLMError(f"fidelity gate failed: {stage} mean KL {r['mean_kl']:.4g} > {max_kl}; "
+                               "no bundle written (try a higher precision or --int4-method)")

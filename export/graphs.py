@@ -151,7 +151,17 @@ def to_fp16(path: str | Path) -> None:
 
 
 def export_decoder(body: nn.Module, lm_head: nn.Module, text_config, path: Path, *, embeds: bool) -> Path:
-    """Export a decoder with explicit KV (see module docstring)."""
+    """Export a decoder with explicit KV (see module docstring).
+
+    A head tied to the input embedding gets its own copy of the weight: exported tied, the graph would
+    transpose the embedding at run time (ONNX Runtime folds it into a second fp32 copy anyway), and the
+    head could never be quantized, since quantizers only touch MatMuls with constant weights.
+    """
+    embedding = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None
+    if embedding is not None and lm_head.weight is embedding.weight:
+        head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
+        head.load_state_dict({k: v.detach().clone() for k, v in lm_head.state_dict().items()})
+        lm_head = head
     wrapper = DecoderWithPast(body, lm_head, text_config.num_hidden_layers, embeds)
     inputs, outputs, axes = decoder_io(text_config.num_hidden_layers, embeds)
     return export(wrapper, sample_decoder_inputs(text_config, embeds), path, inputs, outputs, axes, varargs_from=3)
@@ -183,44 +193,32 @@ def copy_tokenizer(model_dir: Path, out: Path) -> None:
             shutil.copy(Path(model_dir) / name, out / name)
 
 
-def quantize(path: Path, quant: str) -> str:
-    """Apply `quant` to a saved fp32 graph; returns what the manifest records."""
-    if quant == "fp16":
-        to_fp16(path)
-    elif quant != "fp32":
-        raise ValueError(f"unsupported quantization {quant!r}")
-    return quant
-
-
 def graph_entry(path: Path, root: Path, quant: str) -> dict:
     return {"file": path.relative_to(root).as_posix(), "quant": quant, **graph_io(path)}
 
 
 def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body: nn.Module, out: Path, *,
-                      quant: str, vision_quant: str | None, step, vision_label: str) -> dict[str, tuple[Path, str]]:
-    """A VLM's three graphs: vision (pixel_values [crops, 3, h, w] -> image_features), embedding, decoder."""
+                      step, vision_label: str) -> dict[str, Path]:
+    """A VLM's three fp32 graphs: vision (pixel_values [crops, 3, h, w] -> image_features), embedding, decoder."""
     text = model.config.text_config
     with step(vision_label):
-        path = export(vision, (torch.randn(2, 3, *crop),), out / "vision.onnx", ["pixel_values"], ["image_features"],
-                      {"pixel_values": {0: "crops"}})
-        graphs = {"vision": (path, quantize(path, vision_quant or quant))}
+        graphs = {"vision": export(vision, (torch.randn(2, 3, *crop),), out / "vision.onnx", ["pixel_values"],
+                                   ["image_features"], {"pixel_values": {0: "crops"}})}
     with step("token embedding"):
-        path = export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
-        graphs["embed"] = (path, quantize(path, quant))
+        graphs["embed"] = export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
     with step("decoder"):
-        path = export_decoder(text_body, model.lm_head, text, out / "decoder.onnx", embeds=True)
-        graphs["decoder"] = (path, quantize(path, quant))
+        graphs["decoder"] = export_decoder(text_body, model.lm_head, text, out / "decoder.onnx", embeds=True)
     return graphs
 
 
-def model_entry(family: str, graphs: dict[str, tuple[Path, str]], text_config, model_dir: Path, out: Path,
-                root: Path, **extra) -> dict:
-    """The manifest entry of one exported model; copies its tokenizer files beside the graphs."""
+def model_entry(family: str, graphs: dict[str, Path], text_config, model_dir: Path, out: Path, root: Path,
+                **extra) -> dict:
+    """The manifest entry of one exported fp32 model; copies its tokenizer files beside the graphs."""
     copy_tokenizer(model_dir, out)
     max_context = int(text_config.max_position_embeddings)
     return {
         "family": family,
-        "graphs": {name: graph_entry(path, root, q) for name, (path, q) in graphs.items()},
+        "graphs": {name: graph_entry(path, root, "fp32") for name, path in graphs.items()},
         "kv": kv_layout(text_config, max_context),
         "max_context": max_context,
         "tokenizer": out.relative_to(root).as_posix(),

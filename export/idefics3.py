@@ -36,8 +36,7 @@ class VisionFeatures(nn.Module):
         return self.connector(self.post_layernorm(hidden))
 
 
-def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Callable,
-                 vision_quant: str | None = None) -> dict:
+def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> dict:
     from transformers import Idefics3ForConditionalGeneration
 
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -45,6 +44,5 @@ def export_model(model_dir: Path, out: Path, root: Path, *, quant: str, step: Ca
     out.mkdir(parents=True, exist_ok=True)
     m = pre["max_image_size"]
     exported = graphs.export_vlm_graphs(model, VisionFeatures(model), (m, m), model.model.text_model, out,
-                                        quant=quant, vision_quant=vision_quant, step=step,
-                                        vision_label="vision tower + connector")
+                                        step=step, vision_label="vision tower + connector")
     return graphs.model_entry("idefics3", exported, model.config.text_config, model_dir, out, root, preprocess=pre)

@@ -37,3 +37,18 @@ def test_readme_quickstart_is_install_run_test_and_ci_runs_it():
     assert "edgevlm run" in lines[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "/^## Quickstart/{q=1} q&&/^```bash/{f=1;next} f&&/^```/{exit} f" in ci  # the same extraction
+
+
+def test_every_source_package_is_listed_for_installation():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = set()
+    roots = {"edgevlm": "edgevlm", "export": "edgevlm.export", "calibration": "edgevlm.calibration"}
+    for folder, prefix in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((prefix, *rel)))
+    assert found == listed

@@ -140,16 +140,21 @@ class OrtModel:
         prepared.image_features = self.module.image_features(out, prepared.image_inputs, self.entry["preprocess"],
                                                              self.arrays)
 
-    def prefill(self, prepared: Prepared) -> OrtDecodeState:
+    def decoder_input(self, prepared: Prepared) -> np.ndarray:
+        """The decoder's first input for a prompt: token ids, or embeddings with the image features placed."""
         ids = np.array([prepared.input_ids], dtype=np.int64)
-        x = ids
-        if self.embeds:
-            x = self.embed(ids)
-            if prepared.image_features is not None:
-                slots = ids[0] == self.entry["preprocess"]["image_token_id"]
-                if int(slots.sum()) != len(prepared.image_features):
-                    raise ModelError(f"{int(slots.sum())} image tokens but {len(prepared.image_features)} features")
-                x[0, slots] = prepared.image_features
+        if not self.embeds:
+            return ids
+        x = self.embed(ids)
+        if prepared.image_features is not None:
+            slots = ids[0] == self.entry["preprocess"]["image_token_id"]
+            if int(slots.sum()) != len(prepared.image_features):
+                raise ModelError(f"{int(slots.sum())} image tokens but {len(prepared.image_features)} features")
+            x[0, slots] = prepared.image_features
+        return x
+
+    def prefill(self, prepared: Prepared) -> OrtDecodeState:
+        x = self.decoder_input(prepared)
         # Long prompts (an AnyRes image is thousands of tokens) go in chunks: attention scores for a chunk are
         # [heads, chunk, total] instead of [heads, total, total], which bounds prefill memory on small devices.
         kv = self.entry["kv"]

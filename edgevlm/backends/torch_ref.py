@@ -36,6 +36,25 @@ def torch_device(device: str):
     raise DeviceError(f"unknown device {device!r}; use cpu or cuda")
 
 
+BNB_QUANTS = ("int8", "nf4")
+# Kept in full precision: the vision side (never 4-bit by default, as in export) and the LM head.
+BNB_SKIP = ["vision_tower", "vision_model", "multi_modal_projector", "connector", "lm_head"]
+
+
+def bnb_config(quant: str, compute_dtype):
+    """bitsandbytes weight quantization for the reference backend (CUDA; also runs, slowly, on CPU)."""
+    from transformers import BitsAndBytesConfig
+
+    # transformers matches these as regexes from the start of the module path (model.vision_tower.…)
+    skip = [rf"(?:.*\.)?{name}" for name in BNB_SKIP]
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if quant == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                  llm_int8_skip_modules=skip)
+    raise ModelError(f"unknown --quant {quant!r} for the PyTorch backend; choose one of: {', '.join(BNB_QUANTS)}")
+
+
 class TorchDecodeState:
     def __init__(self, model, cache, logits: np.ndarray, prompt_len: int, device):
         self._model, self._cache, self._device = model, cache, device
@@ -54,7 +73,8 @@ class TorchDecodeState:
 class TorchModel:
     """A HF checkpoint directory loaded for the reference backend."""
 
-    def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu"):
+    def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu",
+                 quant: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -69,7 +89,13 @@ class TorchModel:
             dtype = torch.float32
         auto = AutoModelForImageTextToText if family.vision else AutoModelForCausalLM
         try:
-            self.model = auto.from_pretrained(self.dir, dtype=dtype).to(self.device).eval()
+            if quant:
+                self.model = auto.from_pretrained(self.dir, dtype=dtype, quantization_config=bnb_config(quant, dtype),
+                                                  device_map={"": self.device}).eval()
+            else:
+                self.model = auto.from_pretrained(self.dir, dtype=dtype).to(self.device).eval()
+        except ImportError as e:
+            raise ModelError(f"--quant {quant} needs bitsandbytes ({e}); pip install bitsandbytes==0.50.2") from None
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {self.name}: {first}") from None

@@ -1,0 +1,64 @@
+"""Fidelity metrics: how close a quantized model's next-token distributions are to the reference's."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(ref || test) in nats per position, for logits [..., vocab]."""
+    p_log, q_log = log_softmax(ref_logits), log_softmax(logits)
+    return (np.exp(p_log) * (p_log - q_log)).sum(axis=-1)
+
+
+def top1_agreement(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    return float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
+
+
+@dataclass
+class Fidelity:
+    """One stage's agreement with the reference, over `positions` teacher-forced next-token predictions
+    and `sequences` free-running greedy continuations of `tokens` tokens."""
+
+    top1_agreement: float
+    mean_kl: float
+    exact_match: float
+    positions: int
+    sequences: int
+    tokens: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean_kl"] = round(d["mean_kl"], 6)
+        d["top1_agreement"] = round(d["top1_agreement"], 4)
+        d["exact_match"] = round(d["exact_match"], 4)
+        return d
+
+
+def summarize(ref_logits: list[np.ndarray], test_logits: list[np.ndarray], matches: list[bool],
+              tokens: int) -> Fidelity:
+    """Pool per-sequence logits [positions, vocab] and greedy exact-match flags into one Fidelity."""
+    ref, test = np.concatenate(ref_logits), np.concatenate(test_logits)
+    return Fidelity(top1_agreement=top1_agreement(ref, test), mean_kl=float(kl_divergence(ref, test).mean()),
+                    exact_match=float(np.mean(matches)) if matches else 0.0, positions=len(ref),
+                    sequences=len(matches), tokens=tokens)
+
+
+def report_table(report: dict | None) -> str:
+    """A bundle's fidelity report (manifest "fidelity": stage -> Fidelity fields + role, size_ratio) as a table."""
+    if not report:
+        return "fidelity: not measured (an fp32 bundle is the reference)"
+    lines = [f"{'stage':<9}{'model':<11}{'top-1 agree':>12}{'mean KL':>10}{'exact match':>13}{'positions':>11}"
+             f"{'size':>8}"]
+    for stage, r in report.items():
+        lines.append(f"{stage:<9}{r['role']:<11}{r['top1_agreement']:>12.4f}{r['mean_kl']:>10.4g}"
+                     f"{r['exact_match']:>13.2f}{r['positions']:>11}{r['size_ratio']:>7.2f}x")
+    return "fidelity vs fp32:\n" + "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Weight quantization of exported fp32 graphs with ONNX Runtime's quantizers.
+
+- int8: weight-only MatMulNBits with 8-bit blocks for decoders (run with int8 activations,
+  accuracy_level 4); static QDQ with calibration images for the vision tower. (ORT's dynamic int8,
+  MatMulInteger with per-tensor activations, kept SmolLM2-135M at 0.78 top-1 agreement with fp32, and
+  per-channel weights broke it entirely: measured in benchmarks/quant_fidelity.py.)
+- int4: weight-only MatMulNBits (block-wise), by round-to-nearest (`rtn`), activation-aware channel
+  scaling searched on calibration prompts then round-to-nearest (`awq`), half-quadratic optimisation
+  of scales and zero points (`hqq`, no data needed), or GPTQ with calibration prompts (`gptq`; slow
+  on CPU and limited to graphs under 2 GB). CPU kernels run them with accuracy_level 4.
+
+Graphs keep their inputs and outputs; only weights and MatMul nodes change. Each function reads an fp32
+graph at `src` and writes the quantized one at `dst` (weights in `dst`.data); `src` is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+INT4_METHODS = ("awq", "rtn", "hqq", "gptq")
+SENSITIVE = ("head", "down")  # layers an int4 model keeps in int8 by default
+QUANTS = ("fp32", "fp16", "int8", "int4")
+
+
+@contextmanager
+def _quiet():
+    """ORT's quantizers log advice to the root logger; an export's progress lines are what matter."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+class FeedReader:
+    """An onnxruntime CalibrationDataReader over a list of input feeds (re-iterable, as GPTQ copies it)."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def logits_matmul(path: Path) -> str | None:
+    """The name of the MatMul that produces the graph's `logits` output (the LM head), if any."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    name = "logits"
+    for _ in range(8):  # walk back through casts/reshapes to the MatMul
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type in ("MatMul", "Gemm"):
+            return node.name
+        name = node.input[0]
+    return None
+
+
+def sensitive_matmuls(path: Path, which: Iterable[str] = SENSITIVE) -> list[str]:
+    """Node names of a decoder's quantization-sensitive MatMuls: the LM head ("head") and the MLP down
+    projections ("down": the constant weights with the largest input dimension, the MLP's)."""
+    import onnx
+
+    names = []
+    which = set(which)
+    if "head" in which and (head := logits_matmul(path)):
+        names.append(head)
+    if "down" in which:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        dims = {i.name: list(i.dims) for i in graph.initializer}
+        consts = [n for n in graph.node if n.op_type == "MatMul" and len(dims.get(n.input[1], [])) == 2]
+        if consts:
+            widest = max(dims[n.input[1]][0] for n in consts)
+            names += [n.name for n in consts if dims[n.input[1]][0] == widest and n.name not in names]
+    return names
+
+
+def _nbits(src: Path, dst: Path, bits: int, *, include: list[str] | None = None,
+           exclude: list[str] | None = None, block_size: int = 32, accuracy_level: int = 4) -> None:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                              bits=bits)
+    with _quiet():
+        quantizer = mnb.MatMulNBitsQuantizer(str(src), bits=bits, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level,
+                                             nodes_to_include=include, nodes_to_exclude=exclude or [],
+                                             algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+
+def int4_embedding(src: Path, dst: Path) -> None:
+    """A token-embedding graph's Gather as GatherBlockQuantized with 4-bit blocks (ORT has no 8-bit Gather)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    axes = (("Gather", 1),)
+    config = mnb.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4,
+                                              op_types_to_quantize=("Gather",), quant_axes=axes)
+    with _quiet():
+        quantizer = mnb.MatMulNBitsQuantizer(str(src), bits=4, block_size=32, is_symmetric=True, algo_config=config,
+                                             op_types_to_quantize=("Gather",), quant_axes=axes)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+
+def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, block_size: int = 32,
+                     accuracy_level: int = 4) -> None:
+    """Every constant-weight MatMul as 8-bit MatMulNBits (symmetric blocks)."""
+    _nbits(src, dst, 8, exclude=exclude, block_size=block_size, accuracy_level=accuracy_level)
+
+
+def int8_static(src: Path, dst: Path, reader: FeedReader) -> None:
+    """QDQ int8 with activation ranges measured on `reader`'s inputs (per-channel weights)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with _quiet():
+        quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Conv"],
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                        extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True})
+
+
+def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
+         exclude: list[str] | None = None, keep_int8: list[str] | None = None) -> None:
+    """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights instead, `exclude` stay fp32."""
+    if keep_int8:
+        half = Path(str(dst) + ".int4.onnx")
+        try:
+            int4(src, half, method=method, block_size=block_size, reader=reader, exclude=[*(exclude or []), *keep_int8])
+            _nbits(half, dst, 8, include=keep_int8)
+        finally:
+            for f in (half, Path(str(half) + ".data")):
+                f.unlink(missing_ok=True)
+        return
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    if method == "awq":
+        if reader is None:
+            raise ValueError("awq needs calibration data")
+        scaled = Path(str(dst) + ".awq.onnx")
+        try:
+            awq_scale(src, scaled, reader, block_size=block_size, exclude=exclude or [])
+            int4(scaled, dst, method="rtn", block_size=block_size, exclude=exclude)
+        finally:
+            for f in (scaled, Path(str(scaled) + ".data")):
+                f.unlink(missing_ok=True)
+        return
+    if method == "rtn":
+        config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
+    elif method == "hqq":
+        config = mnb.HQQWeightOnlyQuantConfig(block_size=block_size)
+    elif method == "gptq":
+        if reader is None:
+            raise ValueError("gptq needs calibration data")
+        config = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=block_size)
+    else:
+        raise ValueError(f"unknown int4 method {method!r}; choose one of {', '.join(INT4_METHODS)}")
+    model = str(src)
+    if method == "gptq":
+        # ORT's GPTQ serializes the model to bytes for its calibration session, which cannot carry external
+        # data files: inline the weights, which protobuf limits to 2 GB
+        import onnx
+
+        if sum(p.stat().st_size for p in (src, Path(str(src) + ".data")) if p.exists()) > 2_000_000_000:
+            raise ValueError("gptq works on graphs under 2 GB here; use --int4-method hqq or rtn for this model")
+        model = onnx.load(str(src))
+    with _quiet():
+        quantizer = mnb.MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                             nodes_to_exclude=exclude or [], algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+
+def _rtn_int4(w: np.ndarray, block: int) -> np.ndarray:
+    """Symmetric block-wise int4 round-to-nearest of W [K, N] along K, dequantized, as ONNX Runtime's
+    MatMulNBits quantizer does it (the largest-magnitude value of a block maps exactly to -8)."""
+    k, n = w.shape
+    blocks = np.pad(w, ((0, (-k) % block), (0, 0))).reshape(-1, block, n)
+    hi, lo = blocks.max(axis=1, keepdims=True), blocks.min(axis=1, keepdims=True)
+    scale = np.where(np.abs(hi) > np.abs(lo), hi, lo) / -8.0
+    scale[scale == 0] = 1.0
+    return (np.clip(np.round(blocks / scale), -8, 7) * scale).reshape(-1, n)[:k]
+
+
+CLIP_RATIOS = np.linspace(1.0, 0.6, 9)
+
+
+def _clip_search(w: np.ndarray, x: np.ndarray, block: int, ratios: np.ndarray = CLIP_RATIOS) -> np.ndarray:
+    """Per block and output column, the clipping of the weight range that minimises int4 output error on x
+    (AWQ's second step). Returns W with each block clamped to its best ratio of its largest magnitude."""
+    k, n = w.shape
+    blocks = w.reshape(-1, block, n)
+    xb = x.reshape(len(x), -1, block)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    best = np.full((blocks.shape[0], 1, n), np.inf, np.float32)
+    out = blocks.copy()
+    for ratio in ratios:
+        limit = absmax * ratio
+        clipped = np.clip(blocks, -limit, limit)
+        delta = _rtn_int4(clipped.reshape(k, n), block).reshape(blocks.shape) - blocks
+        err = np.square(np.einsum("sbk,bkn->sbn", xb, delta)).mean(axis=0)[:, None, :]
+        better = err < best
+        best = np.where(better, err, best)
+        out = np.where(better, clipped, out)
+    return out.reshape(k, n)
+
+
+def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32, exclude: list[str] = (),
+              grid: int = 20, sample_rows: int = 512) -> int:
+    """Activation-aware weight scaling (the idea of AWQ): for each MatMul with a constant weight W [K, N], find
+    per-input-channel scales s = mean|x|^alpha (alpha searched on calibration activations) that minimise the
+    output error of int4 round-to-nearest, then store W * s and feed the MatMul x / s (a Mul node).
+    Salient input channels so keep more precision; each block's range is then clipped where that lowers the
+    error. Writes the fp32 graph to `dst` (function unchanged up to the clipping); returns how many changed."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    targets = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude
+               and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].dims[0] % block_size == 0]
+    activations = sorted({n.input[0] for n in targets})
+    # 1. activation statistics: run the calibration prompts with every target input exposed as an output
+    probe = onnx.load(str(src), load_external_data=False)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in activations if a not in known)
+    probe_path = src.with_name(src.stem + ".awq-probe.onnx")  # beside src: its external data resolves
+    onnx.save(probe, str(probe_path))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+        sums = {a: 0.0 for a in activations}
+        counts = dict.fromkeys(activations, 0)
+        samples: dict[str, list[np.ndarray]] = {a: [] for a in activations}
+        rng = np.random.default_rng(0)
+        reader.rewind()
+        for feed in reader:
+            outputs = session.run(activations, feed)
+            for name, x in zip(activations, outputs, strict=True):
+                rows = x.reshape(-1, x.shape[-1]).astype(np.float32)
+                sums[name] = sums[name] + np.abs(rows).sum(0)
+                counts[name] += len(rows)
+                samples[name].append(rows[rng.choice(len(rows), size=min(len(rows), 64), replace=False)])
+    finally:
+        probe_path.unlink(missing_ok=True)
+    # 2. per MatMul, the alpha whose scaled int4 weights reproduce x @ W best on sampled rows; then the
+    #    per-block clipping of the scaled weights that does best
+    changed = 0
+    for node in targets:
+        name = node.input[0]
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        mean_abs = np.maximum(sums[name] / max(counts[name], 1), 1e-5)
+        x = np.concatenate(samples[name])[:sample_rows]
+        reference = x @ w
+        best_alpha, best_err = 0.0, np.inf
+        for alpha in np.linspace(0, 1, grid, endpoint=False):
+            scale = mean_abs**alpha
+            scale = scale / np.sqrt(scale.max() * scale.min())
+            err = np.square((x / scale) @ _rtn_int4(w * scale[:, None], block_size) - reference).mean()
+            if err < best_err:
+                best_alpha, best_err = alpha, err
+        scale = mean_abs**best_alpha
+        scale = (scale / np.sqrt(scale.max() * scale.min())).astype(np.float32)
+        scaled_w = _clip_search(w * scale[:, None], (x / scale)[:128], block_size).astype(np.float32)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(scaled_w, node.input[1]))
+        changed += 1
+        if best_alpha == 0.0:
+            continue  # no channel scaling: the clipped weights are all that changes
+        inv = numpy_helper.from_array((1.0 / scale).astype(np.float32), f"{node.name}.awq_inv_scale")
+        graph.initializer.append(inv)
+        scaled = f"{node.name}.awq_input"
+        graph.node.append(helper.make_node("Mul", [name, inv.name], [scaled], name=f"{node.name}.awq_mul"))
+        node.input[0] = scaled
+    _topological_save(model, dst)
+    return changed
+
+
+def _topological_save(model, dst: Path) -> None:
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    wrapped = ONNXModel(model)
+    wrapped.topological_sort()
+    wrapped.save_model_to_file(str(dst), use_external_data_format=True)

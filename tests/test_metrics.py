@@ -1,0 +1,37 @@
+"""The fidelity metrics themselves."""
+
+import numpy as np
+import pytest
+
+from edgevlm.calibration.metrics import kl_divergence, log_softmax, summarize, top1_agreement
+
+
+def test_kl_of_identical_distributions_is_zero_and_shift_invariant():
+    logits = np.random.default_rng(0).normal(size=(7, 50)).astype(np.float32) * 4
+    np.testing.assert_allclose(kl_divergence(logits, logits), 0, atol=1e-12)
+    np.testing.assert_allclose(kl_divergence(logits, logits + 3.0), 0, atol=1e-9)  # softmax ignores a shift
+
+
+def test_kl_matches_the_definition_and_is_positive_and_asymmetric():
+    p = np.array([0.7, 0.2, 0.1])
+    q = np.array([0.1, 0.3, 0.6])
+    expected = float((p * np.log(p / q)).sum())
+    assert kl_divergence(np.log(p), np.log(q)) == pytest.approx(expected)
+    assert kl_divergence(np.log(q), np.log(p)) != pytest.approx(expected)
+    rng = np.random.default_rng(1)
+    assert (kl_divergence(rng.normal(size=(100, 20)), rng.normal(size=(100, 20))) > 0).all()
+
+
+def test_log_softmax_is_stable_for_huge_logits():
+    out = log_softmax(np.array([[1e4, 0.0, -1e4]]))
+    assert np.isfinite(out).all() and out[0, 0] == pytest.approx(0.0)
+
+
+def test_top1_agreement_and_summary():
+    ref = np.eye(4)[[0, 1, 2, 3]] * 5
+    test = np.eye(4)[[0, 1, 3, 3]] * 5
+    assert top1_agreement(ref, test) == 0.75
+    f = summarize([ref[:2], ref[2:]], [test[:2], test[2:]], [True, False], tokens=2)
+    assert (f.positions, f.sequences, f.exact_match, f.top1_agreement) == (4, 2, 0.5, 0.75)
+    assert f.mean_kl > 0
+    assert set(f.to_dict()) == {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens"}

