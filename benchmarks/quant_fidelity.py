@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=10, help="held-out prompts per stage")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--methods", default="int8,int8-head32,rtn,rtn-keep8,rtn-bs128,awq,awq-keep8,hqq,hqq-keep8",
+    parser.add_argument("--methods", default="int8,int8-bs32,rtn,rtn-keep8,awq,awq-keep8,hqq,hqq-keep8",
                         help="comma list of METHOD[-OPTION...]: int8 (weight-only) or an int4 method (rtn, awq, hqq, "
                              "gptq: slow); options: head32 (LM head stays fp32), keep8 (head and MLP down "
                              "projections in int8: the export default), down32 (MLP down projections stay fp32), bsN "
@@ -88,7 +88,7 @@ def main() -> None:
             exclude += [n for n in quantize.sensitive_matmuls(ref_dir / "decoder.onnx", ["down"])]
         acc = int(next((o[3:] for o in opts if o.startswith("acc")), 4))
         keep = quantize.sensitive_matmuls(ref_dir / "decoder.onnx") if "keep8" in opts else []
-        block = int(next((o[2:] for o in opts if o.startswith("bs")), 32))
+        block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
         t = time.perf_counter()
         if name == "int8":
             quantize.int8_weight_only(ref_dir / "decoder.onnx", out, exclude=exclude, block_size=block,

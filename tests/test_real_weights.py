@@ -66,4 +66,6 @@ def test_int8_bundle_of_real_weights_keeps_top1_agreement_above_097(smollm2, tin
     assert sum(r["positions"] for r in report.values()) >= 200
     for stage, r in report.items():
         assert r["top1_agreement"] >= 0.97, (stage, r)
-        assert r["size_ratio"] < 0.35, (stage, r)
+        # 8-bit matmuls (about 0.28 of their fp32 bytes) and the token embedding's Gather, which stays fp32
+        # (113 of SmolLM2's 655 MB): 0.44 measured
+        assert r["size_ratio"] < 0.46, (stage, r)
