@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -72,8 +73,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with everything.")
 @click.option("--profile", is_flag=True, help="Print a per-stage timing table (to stderr).")
+@click.option("--trace", "trace_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write a Chrome/Perfetto trace (JSON; every decode step) to FILE: open it in ui.perfetto.dev.")
 def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, preset, mode, think, think_budget,
-        max_new_tokens, choices, instruction, temperature, seed, device, stream, as_json, profile):
+        max_new_tokens, choices, instruction, temperature, seed, device, stream, as_json, profile, trace_file):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.images import load_image
     from edgevlm.pipeline import MODES, Pipeline
@@ -100,7 +103,7 @@ def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, pres
                                         load_reasoner=mode != "direct", quant=quant, gguf_file=gguf_file)
     events = pipe.stream(pil, question, choices=list(choices) or None, mode=mode, think=think,
                          think_budget=think_budget, max_new_tokens=max_new_tokens, instruction=instruction,
-                         temperature=temperature, seed=seed)
+                         temperature=temperature, seed=seed, trace=bool(trace_file))
     out = sys.stderr if as_json else sys.stdout
     result = None
     for event in events:
@@ -118,23 +121,131 @@ def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, pres
         click.echo(f"Answer: {result.answer}" if stream else result.answer)
     if profile:
         click.echo(profile_table(result), err=True)
+    if trace_file:
+        from edgevlm.profiler import write_trace
+
+        write_trace(trace_file, result.profile, {"question": question, "models": result.models, "mode": mode})
+        _note(f"trace written to {trace_file} (open it in ui.perfetto.dev)")
 
 
 def profile_table(result) -> str:
     """A compact per-stage table: where the milliseconds went and how fast tokens came."""
-    head = ("stage", "prompt", "new", "preproc ms", "vision ms", "prefill ms", "decode ms", "TTFT ms", "total ms",
-            "prefill tok/s", "decode tok/s")
+    head = ("stage", "prompt", "new", "preproc ms", "vision ms", "embed ms", "prefill ms", "decode ms", "TTFT ms",
+            "total ms", "prefill tok/s", "decode tok/s", "KV MB")
     rows = []
     for name, s in result.stages.items():
         t = s.timings
-        rows.append((name, s.prompt_tokens, s.new_tokens, t.preprocess_ms, t.vision_ms, t.prefill_ms, t.decode_ms,
-                     t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s))
+        rows.append((name, s.prompt_tokens, s.new_tokens, t.preprocess_ms, t.vision_ms, t.embed_ms, t.prefill_ms,
+                     t.decode_ms, t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s,
+                     s.memory.get("kv_used", 0) / 1e6))
     cells = [[c if isinstance(c, str) else f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head)] + [fmt.format(*r) for r in cells]
-    lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms)")
+    lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms), "
+                 f"peak RSS {result.peak_rss_bytes / 1e6:.0f} MB")
     return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--bundle", "bundles", multiple=True, metavar="DIR", help="A bundle to time (repeat to compare).")
+@click.option("--extractor", metavar="ID|DIR", help="Time an HF pair on the PyTorch backend instead.")
+@click.option("--reasoner", metavar="ID|DIR")
+@click.option("--preset", metavar="NAME", help="A named HF model pair (PyTorch backend).")
+@click.option("--image", "images", multiple=True, metavar="IMG", help="An image (repeat for several).")
+@click.option("--question", "questions", multiple=True, metavar="TEXT", help="A question (repeat for several).")
+@click.option("--data", metavar="FILE.jsonl", help='Items to cycle through: {"image", "question", "choices"?}.')
+@click.option("--mode", default="extract-think", show_default=True, metavar="MODE")
+@click.option("--think/--no-think", default=True, show_default=True)
+@click.option("--think-budget", type=click.IntRange(min=1), default=prompts.THINK_BUDGET, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs.")
+@click.option("--fixed-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Every stage generates exactly N tokens (EOS ignored), so runs and bundles compare.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
+@click.option("--target", metavar="NAME", help="Roofline against this target's bandwidth (e.g. jetson-orin-nano) "
+              "instead of a copy test on this machine.")
+@click.option("--json", "json_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write the results as JSON (schema: edgevlm/bench.schema.json).")
+@click.option("--plot", "plot_file", metavar="FILE.png", type=click.Path(dir_okay=False),
+              help="Write stacked per-stage latency bars (one per bundle) as PNG.")
+@click.option("--compare", nargs=2, metavar="A.json B.json", help="Print B's ratios to A from two saved runs.")
+def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, think, think_budget, warmup, runs,
+          fixed_tokens, device, target, json_file, plot_file, compare):
+    """Time the pipeline: warmup, N runs, p50/p90/max per stage, TTFT, decode tokens/s, memory, roofline."""
+    from edgevlm import bench as benchmod
+    from edgevlm.pipeline import MODES
+
+    if compare:
+        a, b = (benchmod.read(f) for f in compare)
+        click.echo(benchmod.compare_lines(a["results"][0], b["results"]))
+        return
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if bundles and (extractor or reasoner or preset):
+        raise UsageError("time either bundles (--bundle) or an HF pair (--extractor/--reasoner/--preset)")
+    for path in (json_file, plot_file):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"cannot write {path}: its folder does not exist")
+    items = benchmod.load_items(list(images), list(questions), data)
+    bandwidth = _bandwidth(target)
+    options = {"mode": mode, "think": think, "think_budget": think_budget, "fixed_tokens": fixed_tokens}
+    results = []
+    targets = [("bundle", b) for b in bundles] or [("hf", None)]
+    for kind, path in targets:
+        from edgevlm.pipeline import Pipeline
+
+        click.echo(f"edgevlm: loading {path or preset or 'the HF pair'}", err=True)
+        if kind == "bundle":
+            pipe, label, source = Pipeline.from_bundle(path, device=device), _bundle_label(path), {"bundle": path}
+        else:
+            pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
+                                            load_reasoner=mode != "direct")
+            label = "torch " + (preset or os.path.basename(str(extractor).rstrip("/")))
+            source = {"extractor": pipe.extractor.name, "reasoner": pipe.reasoner.name if pipe.reasoner else None}
+        results.append(benchmod.bench(pipe, items, label=label, source=source, warmup=warmup, runs=runs,
+                                      options=options, bandwidth_gb_s=bandwidth["bandwidth_gb_s"],
+                                      progress=lambda m: click.echo(f"edgevlm: {m}", err=True)))
+        del pipe
+    settings = {"warmup": warmup, "runs": runs, "fixed_tokens": fixed_tokens, "mode": mode, "think": think,
+                "think_budget": think_budget, "items": len(items), "device": device}
+    doc = benchmod.document(results, settings=settings, bandwidth=bandwidth)
+    click.echo(benchmod.report(doc))
+    if json_file:
+        _write_atomic(json_file, json.dumps(doc, indent=2))
+    if plot_file:
+        benchmod.plot(doc, plot_file)
+
+
+def _bandwidth(target: str | None) -> dict:
+    from edgevlm.targets import get_target
+
+    t = get_target(target) if target else None
+    if t is not None and t.bandwidth_gb_s:
+        return {"bandwidth_gb_s": t.bandwidth_gb_s, "bandwidth_source": t.name}
+    from edgevlm.profiler import measure_bandwidth
+
+    return {"bandwidth_gb_s": round(measure_bandwidth(), 3), "bandwidth_source": "copy test"}
+
+
+def _bundle_label(path: str) -> str:
+    """A bundle's name for tables and plots: its folder and the precision of its decoders."""
+    import json as _json
+
+    name = os.path.basename(os.path.abspath(path))
+    try:
+        quant = _json.loads(open(os.path.join(path, "manifest.json")).read()).get("quantization", {})
+    except (OSError, ValueError):
+        return name
+    precisions = sorted({quant.get(k) for k in ("extractor", "reasoner") if quant.get(k)})
+    return f"{name} ({'/'.join(precisions)})" if precisions and "/".join(precisions) not in name else name
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 @cli.command()

@@ -21,7 +21,7 @@ from edgevlm.backends.base import Model
 from edgevlm.errors import EdgeVLMError, InputTooLongError, UsageError
 from edgevlm.generation import ThinkControl, generate
 from edgevlm.images import ImageInput, load_image
-from edgevlm.profiler import Profiler, StageTimings
+from edgevlm.profiler import Profiler, StageTimings, peak_rss_bytes
 from edgevlm.prompts import Decoding
 from edgevlm.tokenizer import StreamDecoder
 
@@ -42,6 +42,8 @@ class StageResult:
     new_tokens: int
     stop_reason: str  # eos, length or context
     timings: StageTimings
+    # backend, weights (bytes per graph/part of the model), kv_allocated and kv_used (bytes, at the stage's end)
+    memory: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Result:
     models: dict[str, str] = field(default_factory=dict)
     image_ms: float = 0.0  # reading and normalising the image, before any stage
     total_ms: float = 0.0
+    peak_rss_bytes: int = 0  # of the process, so far
+    profile: Profiler | None = field(default=None, repr=False)  # the spans (write_trace turns them into a trace)
 
     def to_dict(self) -> dict:
         """The `edgevlm run --json` object."""
@@ -76,6 +80,10 @@ class Result:
                         **{name: s.timings.to_dict() for name, s in self.stages.items()}},
             "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
                        for name, s in self.stages.items()},
+            "memory": {"peak_rss_mb": round(self.peak_rss_bytes / 1e6, 1),
+                       **{name: {"kv_allocated_mb": round(s.memory.get("kv_allocated", 0) / 1e6, 3),
+                                 "kv_used_mb": round(s.memory.get("kv_used", 0) / 1e6, 3)}
+                          for name, s in self.stages.items()}},
             "models": self.models,
         }
 
@@ -103,6 +111,7 @@ class Pipeline:
         self.extractor, self.reasoner = extractor, reasoner
         self._lock = threading.Lock()
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
+        self._fixed: int | None = None  # fixed_tokens of the call in progress
 
     @classmethod
     def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
@@ -164,6 +173,8 @@ class Pipeline:
         temperature: float | None = None,
         seed: int = 0,
         bgr: bool = False,
+        fixed_tokens: int | None = None,
+        trace: bool = False,
     ) -> Iterator[Event]:
         """Run the pipeline, yielding events as it goes; the last one carries the Result.
 
@@ -172,6 +183,8 @@ class Pipeline:
         max_new_tokens: cap on each stage's visible output (thinking excluded); default per stage.
         instruction: skip the planner and use this "contents to observe" instruction.
         temperature: override the reasoner's sampling temperature in the think stage (0 = greedy).
+        fixed_tokens: every stage generates exactly this many tokens, end-of-sequence ignored (benchmarks).
+        trace: also record each decode step and the sampling between steps (Result.profile; `--trace`).
         """
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -185,21 +198,24 @@ class Pipeline:
             raise UsageError("the thinking budget must be at least 1 token")
         if temperature is not None and temperature < 0:
             raise UsageError("the temperature must be 0 (greedy) or more")
+        if fixed_tokens is not None and fixed_tokens < 1:
+            raise UsageError("fixed_tokens must be at least 1")
         if mode != "direct" and self.reasoner is None:
             raise UsageError(f"mode {mode!r} needs a reasoner; this pipeline was loaded without one")
         question = prompts.format_question(question, choices)
         multiple_choice = bool(choices) or prompts.is_multiple_choice(question)
         with self._lock:
             yield from self._run(image, question, multiple_choice, mode, think, think_budget, max_new_tokens,
-                                 instruction, temperature, np.random.default_rng(seed), bgr)
+                                 instruction, temperature, np.random.default_rng(seed), bgr,
+                                 Profiler(detail=trace), fixed_tokens)
 
     # ------------------------------------------------------------------ stages
     def _run(self, image, question, multiple_choice, mode, think, think_budget, max_new_tokens, instruction,
-             temperature, rng, bgr) -> Iterator[Event]:
+             temperature, rng, bgr, prof, fixed_tokens) -> Iterator[Event]:
         t0 = time.perf_counter()
-        prof = Profiler()
+        self._fixed = fixed_tokens
         result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
-                        models={"extractor": self.extractor.name})
+                        models={"extractor": self.extractor.name}, profile=prof)
         # Decoded up front so a bad image fails before any model runs; timed apart from the stages.
         start = time.perf_counter()
         pil = load_image(image, bgr=bgr)
@@ -230,6 +246,7 @@ class Pipeline:
                 yield from self._think(result, prof, rng, question, multiple_choice, think, think_budget,
                                        max_new_tokens, temperature)
         result.total_ms = (time.perf_counter() - t0) * 1e3
+        result.peak_rss_bytes = peak_rss_bytes()
         yield Event("done", result=result)
 
     def _think(self, result, prof, rng, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
@@ -273,6 +290,9 @@ class Pipeline:
                think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
         """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
         yield Event("stage_start", name)
+        eos_ids = model.eos_ids
+        if self._fixed:  # benchmarks: the same length every run, whatever the model says
+            decoding, eos_ids = replace(decoding, max_new_tokens=self._fixed), set()
         rendered = render_prompt(model, prompt, with_image=image is not None, enable_thinking=enable_thinking)
         with prof.span(name, "preprocess"):
             prepared = model.prepare(rendered, image)
@@ -283,10 +303,12 @@ class Pipeline:
                 "shorten the question")
         with prof.span(name, "vision"):
             model.encode(prepared)
+        with prof.span(name, "embed"):
+            model.embed(prepared)
         with prof.span(name, "prefill"):
             state = model.prefill(prepared)
-        tokens = generate(state, decoding, eos_ids=model.eos_ids, max_context=model.max_context, rng=rng,
-                          think=think)
+        tokens = generate(prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
+                          rng=rng, think=think)
         detok = StreamDecoder(model.tokenizer)
         first_token_at = None
         while True:
@@ -303,11 +325,14 @@ class Pipeline:
         if first_token_at is not None:
             prof.add(name, "decode", first_token_at, time.perf_counter())
         n_new = len(generation.token_ids)
+        kv_allocated, kv_used = state.kv_bytes()
         stage = StageResult(
             name=name, model=model.name, prompt=rendered, text=model.tokenizer.decode(generation.token_ids),
             token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=n_new,
             stop_reason=generation.stop_reason,
             timings=prof.stage(name, prompt_tokens=n_prompt, new_tokens=n_new, first_token_at=first_token_at),
+            memory={"backend": model.backend, "weights": dict(model.weight_bytes), "kv_allocated": kv_allocated,
+                    "kv_used": kv_used},
         )
         result.stages[name] = stage
         yield Event("stage_end", name, stage.text)

@@ -1,15 +1,23 @@
-"""Where the time goes: spans per stage (preprocess, vision, prefill, decode) and their summary.
+"""Where the time and memory go: spans per stage, their summary, traces, and the machine's bandwidth.
 
-The pipeline records a handful of spans per stage (not one per token), so profiling is always on.
+Every run records a handful of spans per stage (preprocess, vision, embed, prefill, decode), not one
+per token, so this much is always on. `Profiler(detail=True)` also records each decode step and the
+sampling between steps (for `--trace`); its cost is measured by benchmarks/profile_overhead.py.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-STEPS = ("preprocess", "vision", "prefill", "decode")
+import numpy as np
+
+STEPS = ("preprocess", "vision", "embed", "prefill", "decode")
 
 
 @dataclass
@@ -30,6 +38,7 @@ class StageTimings:
 
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
+    embed_ms: float = 0.0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     ttft_ms: float = 0.0  # stage start to the first generated token
@@ -42,7 +51,8 @@ class StageTimings:
 
 
 class Profiler:
-    def __init__(self) -> None:
+    def __init__(self, detail: bool = False) -> None:
+        self.detail = detail
         self.spans: list[Span] = []
 
     @contextmanager
@@ -56,18 +66,94 @@ class Profiler:
     def add(self, stage: str, name: str, start: float, end: float) -> None:
         self.spans.append(Span(stage, name, start, end))
 
+    def timed(self, state, stage: str):
+        """`state` with each decode step (and the sampling before it) recorded, when detail is on."""
+        return _TimedState(state, self, stage) if self.detail else state
+
     def stage(self, stage: str, *, prompt_tokens: int, new_tokens: int, first_token_at: float | None) -> StageTimings:
         spans = [s for s in self.spans if s.stage == stage]
         ms = {name: sum(s.ms for s in spans if s.name == name) for name in STEPS}
         start = min((s.start for s in spans), default=0.0)
         end = max((s.end for s in spans), default=0.0)
         t = StageTimings(
-            preprocess_ms=ms["preprocess"], vision_ms=ms["vision"], prefill_ms=ms["prefill"], decode_ms=ms["decode"],
-            ttft_ms=(first_token_at - start) * 1e3 if first_token_at else 0.0, total_ms=(end - start) * 1e3,
+            preprocess_ms=ms["preprocess"], vision_ms=ms["vision"], embed_ms=ms["embed"], prefill_ms=ms["prefill"],
+            decode_ms=ms["decode"], ttft_ms=(first_token_at - start) * 1e3 if first_token_at else 0.0,
+            total_ms=(end - start) * 1e3,
         )
-        if t.prefill_ms > 0:
-            t.prefill_tok_s = prompt_tokens / (t.prefill_ms / 1e3)
+        if t.prefill_ms + t.embed_ms > 0:
+            t.prefill_tok_s = prompt_tokens / ((t.prefill_ms + t.embed_ms) / 1e3)
         # the first token comes from the prefill's logits; each later one costs a decode step
         if new_tokens > 1 and t.decode_ms > 0:
             t.decode_tok_s = (new_tokens - 1) / (t.decode_ms / 1e3)
         return t
+
+    def trace_events(self, origin: float | None = None) -> list[dict]:
+        """Chrome trace events ("X" complete events, microseconds): a track per stage for its steps
+        (preprocess, vision, embed, prefill, decode) and, with detail, one for its tokens (step, sample)."""
+        origin = min((s.start for s in self.spans), default=0.0) if origin is None else origin
+        tracks: dict[str, int] = {}
+        events = []
+        for s in sorted(self.spans, key=lambda s: (s.start, -s.end)):
+            track = s.stage if s.name in STEPS else f"{s.stage} tokens"
+            tid = tracks.setdefault(track, len(tracks) + 1)
+            events.append({"name": s.name, "cat": s.stage, "ph": "X", "pid": 1, "tid": tid,
+                           "ts": round((s.start - origin) * 1e6, 3), "dur": round((s.end - s.start) * 1e6, 3)})
+        events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": stage}}
+                   for stage, tid in tracks.items()]
+        events.append({"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "edgevlm"}})
+        return events
+
+
+class _TimedState:
+    """A DecodeState whose steps are recorded as spans: `step`, and `sample` for the time between steps
+    (logits processing, sampling, detokenizing, the caller's own work)."""
+
+    def __init__(self, state, prof: Profiler, stage: str):
+        self._state, self._prof, self._stage = state, prof, stage
+        self._last = time.perf_counter()
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+    @property
+    def logits(self):
+        return self._state.logits
+
+    def step(self, token_id: int):
+        start = time.perf_counter()
+        self._prof.add(self._stage, "sample", self._last, start)
+        logits = self._state.step(token_id)
+        self._last = time.perf_counter()
+        self._prof.add(self._stage, "step", start, self._last)
+        return logits
+
+
+def write_trace(path: str | Path, prof: Profiler, metadata: dict | None = None) -> None:
+    """Chrome/Perfetto trace-event JSON (opens in ui.perfetto.dev and chrome://tracing)."""
+    doc = {"traceEvents": prof.trace_events(), "displayTimeUnit": "ms", "otherData": metadata or {}}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s by a numpy copy (bytes read + bytes written), best of `repeats`."""
+    src = np.ones(megabytes * 2**20 // 8, np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9

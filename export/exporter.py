@@ -173,9 +173,11 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     from edgevlm.families import extractor_family, reasoner_family
     from edgevlm.hub import resolve, resolve_extractor
     from edgevlm.presets import DEFAULT_PRESET, get_preset
+    from edgevlm.targets import get_target
 
     plan = QuantPlan(extractor=quant, reasoner=quant) if isinstance(quant, str) else quant
     plan.validate()
+    get_target(target)
     if fmt not in FORMATS:
         raise UsageError(f"format {fmt!r} is not available yet; this edgevlm exports: {', '.join(FORMATS)}")
     gated = min_agreement is not None or max_kl is not None

@@ -27,6 +27,16 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_dir, tmp_path_factory):
+    """An fp32 bundle of the tiny LLaVA-OneVision(Qwen3) extractor and the tiny Qwen3 reasoner."""
+    from edgevlm.export.exporter import export_bundle
+
+    path = tmp_path_factory.mktemp("bundle") / "llava"
+    return export_bundle(path, extractor=str(tiny_dir("llava_onevision")), reasoner=str(tiny_dir("qwen3")),
+                         log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def torch_models(tiny_dir):
     """torch_models(family) -> TorchModel on the tiny model, loaded once."""
     from edgevlm.backends.torch_ref import TorchModel

@@ -142,7 +142,7 @@ def test_unavailable_device(image, models):
     assert_one_line_error(edgevlm("run", image, "q", *models, "--device", "cuda"), 1, "no CUDA GPU")
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["make-tiny"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["make-tiny"], ["export"], ["info"], ["bench"]])
 def test_every_command_has_help(command):
     proc = edgevlm(*command, "--help")
     assert proc.returncode == 0 and "Usage:" in proc.stdout.decode()

@@ -19,6 +19,7 @@ class Prepared:
     input_ids: list[int]
     image_inputs: dict[str, Any] = field(default_factory=dict)
     image_features: Any = None  # set by Model.encode
+    inputs_embeds: Any = None  # set by Model.embed, for backends that embed the prompt apart from the decoder
 
 
 class Model(Protocol):
@@ -27,6 +28,8 @@ class Model(Protocol):
     tokenizer: Tokenizer
     max_context: int
     eos_ids: set[int]
+    backend: str  # "onnxruntime" or "torch"
+    weight_bytes: dict[str, int]  # per graph or part: vision, embed, decoder
 
     def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
         """Tokenize a rendered prompt; with an image, preprocess it and expand its placeholder."""
@@ -34,6 +37,10 @@ class Model(Protocol):
 
     def encode(self, prepared: Prepared) -> None:
         """Run the vision tower (and projector) on the prepared image, if any."""
+        ...
+
+    def embed(self, prepared: Prepared) -> None:
+        """Compute the prompt's input embeddings (image features placed), where the backend does that apart."""
         ...
 
     def prefill(self, prepared: Prepared) -> DecodeState:

@@ -44,6 +44,11 @@ def _session(path, device: str, threads: int | None):
     return session
 
 
+def _file_bytes(path) -> int:
+    """A graph's size on disk, its external weights included."""
+    return sum(os.path.getsize(p) for p in (path, f"{path}.data") if os.path.exists(p))
+
+
 class KVCache:
     """Past/present KV tensors of one generation in two preallocated buffer sets used in turn.
 
@@ -77,6 +82,11 @@ class KVCache:
     def write_pointers(self) -> list[int]:
         return [row.ctypes.data for row in self._write]
 
+    def nbytes(self) -> tuple[int, int]:
+        """(allocated, used): both buffer sets, and the cache's contents."""
+        per_position = self.tensors * self.kv_heads * self.head_dim * 4
+        return 2 * per_position * self.capacity, per_position * self.length
+
     def advance(self, new: int) -> None:
         """The graph has written length + new positions into the write set: it becomes the read set."""
         self._read, self._write = self._write, self._read
@@ -92,12 +102,17 @@ class OrtDecodeState:
 
     def step(self, token_id: int) -> np.ndarray:
         ids = np.array([[token_id]], dtype=np.int64)
-        self.logits = self._model.run_decoder(self._model.embed(ids) if self._model.embeds else ids, self.cache)
+        self.logits = self._model.run_decoder(self._model.embed_ids(ids) if self._model.embeds else ids, self.cache)
         return self.logits
+
+    def kv_bytes(self) -> tuple[int, int]:
+        return self.cache.nbytes()
 
 
 class OrtModel:
     """One model of a bundle (the extractor or the reasoner) on ONNX Runtime."""
+
+    backend = "onnxruntime"
 
     def __init__(self, bundle: Bundle, role: str, *, device: str = "cpu", threads: int | None = None,
                  prefill_chunk: int = 512):
@@ -122,6 +137,7 @@ class OrtModel:
         self.embedder = _session(bundle.file(graphs["embed"]["file"]), device, threads) if self.embeds else None
         self.vision = _session(bundle.file(graphs["vision"]["file"]), device, threads) if "vision" in graphs else None
         self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.get("arrays", {}).items()}
+        self.weight_bytes = {name: _file_bytes(bundle.file(g["file"])) for name, g in graphs.items()}
         names = [i.name for i in self.decoder.get_inputs()]
         self._input_name, self._past_names = names[0], names[3:]
         self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
@@ -140,18 +156,26 @@ class OrtModel:
         prepared.image_features = self.module.image_features(out, prepared.image_inputs, self.entry["preprocess"],
                                                              self.arrays)
 
-    def decoder_input(self, prepared: Prepared) -> np.ndarray:
-        """The decoder's first input for a prompt: token ids, or embeddings with the image features placed."""
-        ids = np.array([prepared.input_ids], dtype=np.int64)
+    def embed(self, prepared: Prepared) -> None:
+        """A VLM's prompt embeddings with the image features placed (decoders on token ids need none)."""
         if not self.embeds:
-            return ids
-        x = self.embed(ids)
+            return
+        ids = np.array([prepared.input_ids], dtype=np.int64)
+        x = self.embed_ids(ids)
         if prepared.image_features is not None:
             slots = ids[0] == self.entry["preprocess"]["image_token_id"]
             if int(slots.sum()) != len(prepared.image_features):
                 raise ModelError(f"{int(slots.sum())} image tokens but {len(prepared.image_features)} features")
             x[0, slots] = prepared.image_features
-        return x
+        prepared.inputs_embeds = x
+
+    def decoder_input(self, prepared: Prepared) -> np.ndarray:
+        """The decoder's first input for a prompt: token ids, or embeddings with the image features placed."""
+        if not self.embeds:
+            return np.array([prepared.input_ids], dtype=np.int64)
+        if prepared.inputs_embeds is None:
+            self.embed(prepared)
+        return prepared.inputs_embeds
 
     def prefill(self, prepared: Prepared) -> OrtDecodeState:
         x = self.decoder_input(prepared)
@@ -164,7 +188,7 @@ class OrtModel:
         return OrtDecodeState(self, cache, logits)
 
     # ---------------------------------------------------------------- graphs
-    def embed(self, ids: np.ndarray) -> np.ndarray:
+    def embed_ids(self, ids: np.ndarray) -> np.ndarray:
         return self.embedder.run(None, {"input_ids": ids})[0]
 
     def run_decoder(self, x: np.ndarray, cache: KVCache) -> np.ndarray:

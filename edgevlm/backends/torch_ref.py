@@ -55,6 +55,15 @@ def bnb_config(quant: str, compute_dtype):
     raise ModelError(f"unknown --quant {quant!r} for the PyTorch backend; choose one of: {', '.join(BNB_QUANTS)}")
 
 
+def _weight_bytes(model) -> dict[str, int]:
+    """Parameter bytes per part: the vision side (tower + projector) and the decoder (the rest)."""
+    parts = {"vision": 0, "decoder": 0}
+    for name, p in model.named_parameters():
+        vision = any(f"{skip}." in f"{name}." for skip in BNB_SKIP[:-1])
+        parts["vision" if vision else "decoder"] += p.numel() * p.element_size()
+    return {k: v for k, v in parts.items() if v}
+
+
 class TorchDecodeState:
     def __init__(self, model, cache, logits: np.ndarray, prompt_len: int, device):
         self._model, self._cache, self._device = model, cache, device
@@ -69,9 +78,17 @@ class TorchDecodeState:
         self.logits = out.logits[0, -1].float().cpu().numpy()
         return self.logits
 
+    def kv_bytes(self) -> tuple[int, int]:
+        """(allocated, used); a DynamicCache grows by concatenation, so both are its contents."""
+        used = sum(t.numel() * t.element_size() for layer in self._cache.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+        return used, used
+
 
 class TorchModel:
     """A HF checkpoint directory loaded for the reference backend."""
+
+    backend = "torch"
 
     def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu",
                  quant: str | None = None):
@@ -100,6 +117,7 @@ class TorchModel:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {self.name}: {first}") from None
         self.processor = _PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
+        self.weight_bytes = _weight_bytes(self.model)
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
@@ -131,6 +149,9 @@ class TorchModel:
 
         with torch.inference_mode():
             prepared.image_features = self.model.get_image_features(**prepared.image_inputs, return_dict=True)
+
+    def embed(self, prepared: Prepared) -> None:
+        """transformers embeds the prompt inside the model's forward."""
 
     def prefill(self, prepared: Prepared) -> TorchDecodeState:
         import torch

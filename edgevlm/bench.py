@@ -1,0 +1,296 @@
+"""`edgevlm bench`: warmup, then N timed runs of the pipeline; per-stage percentiles, TTFT, decode rate,
+memory and the decode roofline, as a table, as JSON (schema: edgevlm/bench.schema.json) and as a plot.
+
+A run's stages are timed by the pipeline's profiler; this module only repeats, aggregates and reports.
+The roofline: each decoded token reads the decoder's weights and the KV cache once, so
+bytes/token x tokens/s is the memory traffic decoding achieved, next to what the memory can give.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm import __version__
+from edgevlm.errors import UsageError
+from edgevlm.images import load_image
+
+SCHEMA = "edgevlm.bench/1"
+SCHEMA_FILE = Path(__file__).with_name("bench.schema.json")
+STAGE_ORDER = ("plan", "extract", "think", "direct")
+PHASES = ("preprocess", "vision", "embed", "prefill", "decode")
+
+
+def load_items(images: list[str], questions: list[str], data: str | None) -> list[tuple]:
+    """(PIL image, question, choices) to cycle through: every image with every question, or a JSONL file's
+    lines ({"image": path relative to the file, "question": ..., "choices": [...] optional})."""
+    items = []
+    if data:
+        path = Path(data)
+        if not path.is_file():
+            raise UsageError(f"--data {data}: no such file")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                image, question = path.parent / raw["image"], str(raw["question"])
+                choices = [str(c) for c in raw["choices"]] if raw.get("choices") else None
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"{path}:{n}: not a bench item ({type(e).__name__}: {e}); each line needs "
+                                 '{"image": ..., "question": ...}') from None
+            items.append((load_image(image), question, choices))
+    else:
+        if not images or not questions:
+            raise UsageError("give --image and --question (each may repeat), or --data FILE.jsonl")
+        pils = [load_image(i) for i in images]
+        items = [(pil, q, None) for pil in pils for q in questions]
+    if not items:
+        raise UsageError(f"{data} holds no items")
+    return items
+
+
+def stats(values) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+            "max": round(float(a.max()), 3), "mean": round(float(a.mean()), 3)}
+
+
+def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1, runs: int = 5,
+          options: dict | None = None, bandwidth_gb_s: float | None = None,
+          progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Warm up, time `runs` runs cycling through `items`, and aggregate them into one result entry."""
+    from edgevlm.profiler import peak_rss_bytes
+
+    options = options or {}
+    for i in range(warmup):
+        image, question, choices = items[i % len(items)]
+        pipe(image, question, choices=choices, **options)
+        progress(f"{label}: warmup {i + 1}/{warmup}")
+    results = []
+    for i in range(runs):
+        image, question, choices = items[i % len(items)]
+        results.append(pipe(image, question, choices=choices, **options))
+        progress(f"{label}: run {i + 1}/{runs}  {results[-1].total_ms:.0f} ms")
+    names = [s for s in STAGE_ORDER if s in results[0].stages]
+    stages = {}
+    for name in names:
+        runs_of = [r.stages[name] for r in results if name in r.stages]
+        t = [s.timings for s in runs_of]
+        decode_tok_s = [x.decode_tok_s for x in t if x.decode_tok_s > 0]
+        entry = {
+            "latency_ms": stats([x.total_ms for x in t]),
+            "ttft_ms": stats([x.ttft_ms for x in t]),
+            **{f"{p}_ms": stats([getattr(x, f"{p}_ms") for x in t]) for p in PHASES},
+            "prefill_tok_s": round(float(np.median([x.prefill_tok_s for x in t])), 3),
+            "decode_tok_s": round(float(np.median(decode_tok_s)), 3) if decode_tok_s else None,
+            "prompt_tokens": round(float(np.mean([s.prompt_tokens for s in runs_of])), 1),
+            "new_tokens": round(float(np.mean([s.new_tokens for s in runs_of])), 1),
+            "kv_allocated_mb": round(max(s.memory.get("kv_allocated", 0) for s in runs_of) / 1e6, 3),
+            "kv_used_mb": round(max(s.memory.get("kv_used", 0) for s in runs_of) / 1e6, 3),
+        }
+        entry["roofline"] = roofline(runs_of, entry["decode_tok_s"], bandwidth_gb_s)
+        stages[name] = entry
+    weights = {}
+    for r in results[:1]:
+        for s in r.stages.values():
+            weights[s.model] = sum(s.memory.get("weights", {}).values())
+    return {
+        "label": label,
+        "source": source,
+        "backend": results[0].stages[names[0]].memory.get("backend", "unknown"),
+        "runs": runs,
+        "total_ms": stats([r.total_ms for r in results]),
+        "stages": stages,
+        "memory": {
+            "weights_mb": round(sum(weights.values()) / 1e6, 3),
+            "kv_allocated_mb": round(max(e["kv_allocated_mb"] for e in stages.values()), 3),
+            "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),
+            "peak_gpu_mb": _peak_gpu_mb(),
+        },
+    }
+
+
+def roofline(stage_runs, decode_tok_s: float | None, bandwidth_gb_s: float | None) -> dict:
+    """Bytes each decoded token reads (decoder weights + the KV cache at the mean decode length) and the
+    traffic that amounts to at the measured rate, against the memory bandwidth."""
+    s = stage_runs[0]
+    weights = s.memory.get("weights", {}).get("decoder", 0)
+    total = s.prompt_tokens + s.new_tokens
+    kv_per_position = s.memory.get("kv_used", 0) / total if total else 0.0
+    kv_read = kv_per_position * (s.prompt_tokens + s.new_tokens / 2)
+    per_token = weights + kv_read
+    achieved = per_token * decode_tok_s / 1e9 if decode_tok_s else None
+    return {
+        "bytes_per_token": int(per_token),
+        "achieved_gb_s": round(achieved, 3) if achieved is not None else None,
+        "bandwidth_gb_s": round(bandwidth_gb_s, 3) if bandwidth_gb_s else None,
+        "fraction": round(achieved / bandwidth_gb_s, 4) if achieved and bandwidth_gb_s else None,
+    }
+
+
+def _peak_gpu_mb() -> float | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only a torch run can have used the GPU through torch
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1e6, 1)
+
+
+def document(results: list[dict], *, settings: dict, bandwidth: dict) -> dict:
+    return {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "edgevlm": __version__,
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                    **bandwidth},
+        "settings": settings,
+        "results": results,
+    }
+
+
+def validate(doc: dict) -> None:
+    """Check `doc` against the JSON schema (needs the jsonschema package; the dev extra has it)."""
+    import jsonschema
+
+    jsonschema.validate(doc, json.loads(SCHEMA_FILE.read_text()))
+
+
+def read(path: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a bench JSON file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise UsageError(f"{path}: not an edgevlm bench file (expected schema {SCHEMA!r})")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _table(head: tuple, rows: list[tuple]) -> list[str]:
+    cells = [[c if isinstance(c, str) else "-" if c is None else f"{c:.1f}" if isinstance(c, float) else str(c)
+              for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*head)] + [fmt.format(*r) for r in cells]
+
+
+def report(doc: dict) -> str:
+    """Per result: a per-stage table (p50/p90/max latency, TTFT, rates, roofline) and the memory line."""
+    s = doc["settings"]
+    lines = [f"{s['runs']} timed runs after {s['warmup']} warmup; "
+             f"{'fixed ' + str(s['fixed_tokens']) + ' tokens per stage' if s.get('fixed_tokens') else 'EOS ends'};"
+             f" bandwidth {doc['machine']['bandwidth_gb_s']:.1f} GB/s ({doc['machine']['bandwidth_source']})"]
+    head = ("stage", "p50 ms", "p90 ms", "max ms", "TTFT ms", "vision ms", "prefill tok/s", "decode tok/s",
+            "new tok", "GB/s", "% peak")
+    for r in doc["results"]:
+        lines += ["", f"{r['label']}  ({r['backend']})"]
+        rows = []
+        for name, st in r["stages"].items():
+            roof = st["roofline"]
+            rows.append((name, st["latency_ms"]["p50"], st["latency_ms"]["p90"], st["latency_ms"]["max"],
+                         st["ttft_ms"]["p50"], st["vision_ms"]["p50"], st["prefill_tok_s"], st["decode_tok_s"],
+                         st["new_tokens"], roof["achieved_gb_s"],
+                         100 * roof["fraction"] if roof["fraction"] is not None else None))
+        t = r["total_ms"]
+        rows.append(("total", t["p50"], t["p90"], t["max"], None, None, None, None, None, None, None))
+        lines += _table(head, rows)
+        m = r["memory"]
+        gpu = f", peak GPU {m['peak_gpu_mb']:.0f} MB" if m.get("peak_gpu_mb") else ""
+        lines.append(f"memory: weights {m['weights_mb']:.1f} MB, KV allocated {m['kv_allocated_mb']:.1f} MB, "
+                     f"peak RSS {m['peak_rss_mb']:.0f} MB{gpu}")
+    if len(doc["results"]) > 1:
+        lines += ["", compare_lines(doc["results"][0], doc["results"][1:])]
+    return "\n".join(lines)
+
+
+def compare_lines(base: dict, others: list[dict]) -> str:
+    """Ratios of each result to `base`: latency (lower is better) and decode rate (higher is better)."""
+    head = ("vs " + base["label"], "stage", "p50 ms", "x latency", "decode tok/s", "x decode")
+    rows = []
+    for other in others:
+        for name in [*other["stages"], "total"]:
+            if name == "total":
+                a, b = base["total_ms"]["p50"], other["total_ms"]["p50"]
+                rows.append((other["label"], name, b, _ratio(b, a), None, None))
+            elif name in base["stages"]:
+                sa, sb = base["stages"][name], other["stages"][name]
+                a, b = sa["latency_ms"]["p50"], sb["latency_ms"]["p50"]
+                rows.append((other["label"], name, b, _ratio(b, a), sb["decode_tok_s"],
+                             _ratio(sb["decode_tok_s"], sa["decode_tok_s"])))
+    return "\n".join(_table(head, [tuple(f"{c:.2f}x" if i in (3, 5) and c is not None else c
+                                         for i, c in enumerate(r)) for r in rows]))
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+# ---------------------------------------------------------------------------------------------- plot
+COLORS = {"plan": (76, 114, 176), "extract": (221, 132, 82), "think": (85, 168, 104), "direct": (196, 78, 82)}
+SHADES = {"encode": 0.55, "prefill": 0.8, "decode": 1.0}  # lighter = earlier phase
+
+
+def plot(doc: dict, path: str | Path) -> None:
+    """Stacked per-stage latency bars (p50), one bar per result, side by side; written as PNG (Pillow)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    results = doc["results"]
+    font = ImageFont.load_default()
+    bar_w, gap, left, top, bottom, height = 90, 50, 80, 50, 70, 360
+    width = left + len(results) * (bar_w + gap) + 220
+    img = Image.new("RGB", (width, top + height + bottom), "white")
+    d = ImageDraw.Draw(img)
+    segments = []  # per result: [(stage, phase, ms)]
+    for r in results:
+        segs = []
+        for name, st in r["stages"].items():
+            encode = st["preprocess_ms"]["p50"] + st["vision_ms"]["p50"] + st["embed_ms"]["p50"]
+            prefill, decode = st["prefill_ms"]["p50"], st["decode_ms"]["p50"]
+            other = max(0.0, st["latency_ms"]["p50"] - encode - prefill - decode)
+            segs += [(name, "encode", encode), (name, "prefill", prefill), (name, "decode", decode + other)]
+        segments.append(segs)
+    peak = max((sum(ms for *_, ms in segs) for segs in segments), default=1.0) or 1.0
+    scale = height / (peak * 1.1)
+    d.line([(left, top), (left, top + height)], fill="black")
+    for k in range(6):  # y axis ticks
+        ms = peak * 1.1 * k / 5
+        y = top + height - ms * scale
+        d.line([(left - 4, y), (left, y)], fill="black")
+        d.text((left - 8, y), f"{ms / 1e3:.2f} s" if peak > 2000 else f"{ms:.0f} ms", fill="black", font=font,
+               anchor="rm")
+    for i, (r, segs) in enumerate(zip(results, segments, strict=True)):
+        x0 = left + gap // 2 + i * (bar_w + gap)
+        y = top + height
+        for name, phase, ms in segs:
+            h = ms * scale
+            color = tuple(int(255 - (255 - c) * SHADES[phase]) for c in COLORS.get(name, (128, 128, 128)))
+            if h > 0:
+                d.rectangle([x0, y - h, x0 + bar_w, y], fill=color, outline="white")
+            y -= h
+        d.text((x0 + bar_w / 2, y - 6), f"{r['total_ms']['p50'] / 1e3:.2f} s", fill="black", font=font,
+               anchor="md")
+        d.text((x0 + bar_w / 2, top + height + 8), r["label"][:18], fill="black", font=font, anchor="ma")
+    lx = left + len(results) * (bar_w + gap) + 10
+    ly = top
+    for name in [n for n in STAGE_ORDER if any(n in r["stages"] for r in results)]:
+        for phase in SHADES:
+            color = tuple(int(255 - (255 - c) * SHADES[phase]) for c in COLORS[name])
+            d.rectangle([lx, ly, lx + 14, ly + 10], fill=color)
+            d.text((lx + 20, ly), f"{name} {phase}", fill="black", font=font)
+            ly += 16
+    d.text((left, 15), f"edgevlm bench: p50 latency per stage over {doc['settings']['runs']} runs", fill="black",
+           font=font)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)

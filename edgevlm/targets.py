@@ -1,0 +1,39 @@
+"""Target devices: what a bundle is built for and what bench compares against.
+
+Memory bandwidth is the roofline of decoding (every generated token reads all decoder weights and the
+KV cache once), so `edgevlm bench` reports achieved bytes/s against it: the number below for a named
+target, or a copy test on the machine it runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgevlm.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    memory_gb: float | None  # device memory shared by CPU and GPU on Jetson; None: this machine's
+    bandwidth_gb_s: float | None  # peak DRAM bandwidth; None: measure it
+    description: str
+
+
+TARGETS = {
+    t.name: t
+    for t in (
+        Target("cpu", None, None, "this machine's CPU (bandwidth measured by a copy test)"),
+        Target("cuda", None, None, "an NVIDIA GPU through ONNX Runtime's CUDA provider"),
+        Target("jetson-orin-nano", 8, 68.0, "Jetson Orin Nano 8GB (LPDDR5, 128-bit)"),
+        Target("jetson-orin-nx", 16, 102.4, "Jetson Orin NX 16GB (LPDDR5, 128-bit)"),
+        Target("jetson-orin-agx", 64, 204.8, "Jetson AGX Orin 64GB (LPDDR5, 256-bit)"),
+    )
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}") from None

@@ -1,0 +1,133 @@
+"""`edgevlm bench`, `run --trace` and the memory accounting, on a tiny bundle. The numbers themselves are
+timings (not asserted); their structure, token counts, byte counts and ratios are."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest import random_image
+from PIL import Image
+
+from edgevlm import bench as benchmod
+from edgevlm import bundle as bundle_mod
+from edgevlm.pipeline import Pipeline
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+FIXED = 6
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgevlm", *map(str, args)], capture_output=True, env=ENV,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "frame.png"
+    random_image(60, 80).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def benched(tiny_bundle, image, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _cli("bench", "--bundle", tiny_bundle, "--image", image, "--question", "What is shown?",
+                "--question", "How many shapes?", "--warmup", 1, "--runs", 3, "--fixed-tokens", FIXED,
+                "--json", out / "b.json", "--plot", out / "b.png")
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return proc, out
+
+
+def test_bench_json_validates_against_the_documented_schema(benched):
+    proc, out = benched
+    schema = json.loads(benchmod.SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    doc = json.loads((out / "b.json").read_text())
+    jsonschema.validate(doc, schema)
+    (result,) = doc["results"]
+    assert list(result["stages"]) == ["plan", "extract", "think"]
+    for stage in result["stages"].values():
+        assert stage["new_tokens"] == FIXED  # --fixed-tokens: EOS ignored, every run the same length
+        assert stage["latency_ms"]["p50"] <= stage["latency_ms"]["p90"] <= stage["latency_ms"]["max"]
+        assert 0 < stage["kv_used_mb"] <= stage["kv_allocated_mb"]
+        assert stage["roofline"]["bytes_per_token"] > 0 and stage["roofline"]["fraction"] > 0
+    assert result["stages"]["extract"]["vision_ms"]["p50"] > 0
+    assert "p50 ms" in proc.stdout.decode() and "peak RSS" in proc.stdout.decode()
+    assert "run 3/3" in proc.stderr.decode()  # progress
+
+
+def test_bench_plot_is_a_png_with_a_bar_per_stage(benched):
+    _, out = benched
+    with Image.open(out / "b.png") as img:
+        img.verify()
+    pixels = np.asarray(Image.open(out / "b.png").convert("RGB")).reshape(-1, 3)
+    for color in benchmod.COLORS["plan"], benchmod.COLORS["extract"], benchmod.COLORS["think"]:
+        assert (pixels == color).all(-1).sum() > 100  # each stage's decode segment is drawn
+
+
+def test_compare_prints_ratios_of_two_saved_runs(benched, tmp_path):
+    _, out = benched
+    doc = json.loads((out / "b.json").read_text())
+    slower = copy.deepcopy(doc)
+    slower["results"][0]["total_ms"]["p50"] *= 2
+    slower["results"][0]["stages"]["think"]["decode_tok_s"] /= 4
+    (tmp_path / "slow.json").write_text(json.dumps(slower))
+    proc = _cli("bench", "--compare", out / "b.json", tmp_path / "slow.json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    total, think = (next(line for line in lines if f" {stage} " in line) for stage in ("total", "think"))
+    assert "2.00x" in total and "0.25x" in think
+
+
+def test_trace_is_chrome_trace_json_with_every_decode_step(tiny_bundle, image, tmp_path):
+    trace = tmp_path / "run.json"
+    proc = _cli("run", image, "What is shown?", "--bundle", tiny_bundle, "--max-new-tokens", 5, "--think-budget", 5,
+                "--json", "--trace", trace)
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout)
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    for stage, tokens in result["tokens"].items():
+        names = [e["name"] for e in spans if e["cat"] == stage]
+        assert {"preprocess", "prefill", "decode"} <= set(names)
+        assert names.count("step") == tokens["generated"] - 1  # the first token comes from the prefill
+    by_track = {}
+    for e in spans:  # Perfetto needs the spans of one track to nest, never to overlap partly
+        by_track.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
+    for intervals in by_track.values():
+        intervals.sort()
+        for (_, a1), (b0, b1) in zip(intervals, intervals[1:], strict=False):
+            assert b0 >= a1 - 1e-3 or b1 <= a1 + 1e-3
+
+
+def test_kv_bytes_match_the_cache_layout(tiny_bundle, image):
+    pipe = Pipeline.from_bundle(str(tiny_bundle))
+    result = pipe(str(image), "What is shown?", max_new_tokens=4, think_budget=4)
+    manifest = bundle_mod.load(tiny_bundle).manifest
+    for name, stage in result.stages.items():
+        kv = manifest["models"][manifest["stages"][name]]["kv"]
+        per_position = 2 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] * 4  # keys and values, fp32
+        # the last sampled token is never fed back, so the cache holds prompt + new - 1 positions
+        assert stage.memory["kv_used"] == per_position * (stage.prompt_tokens + stage.new_tokens - 1)
+        assert stage.memory["kv_allocated"] >= 2 * stage.memory["kv_used"]  # two buffer sets
+        assert stage.memory["weights"]["decoder"] > 0
+    assert result.peak_rss_bytes > 0 and result.to_dict()["memory"]["extract"]["kv_used_mb"] > 0
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--bundle", "B"], 2, "--image"),
+    (["--bundle", "B", "--image", "IMG", "--question", "q", "--target", "mars"], 2, "unknown target"),
+    (["--bundle", "B", "--image", "IMG", "--question", "q", "--json", "/no/such/dir/x.json"], 2, "folder"),
+    (["--compare", "IMG", "IMG"], 2, "not a bench JSON file"),
+])
+def test_bad_bench_input_is_one_line(tiny_bundle, image, args, code, needle):
+    args = [str(tiny_bundle) if a == "B" else str(image) if a == "IMG" else a for a in args]
+    proc = _cli("bench", *args)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == code and len(err.splitlines()) == 1 and needle in err, err
