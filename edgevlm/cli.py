@@ -135,7 +135,8 @@ def profile_table(result) -> str:
     rows = []
     for name, s in result.stages.items():
         t = s.timings
-        rows.append((name, s.prompt_tokens, s.new_tokens, t.preprocess_ms, t.vision_ms, t.embed_ms, t.prefill_ms,
+        vision = f"{t.vision_ms:.1f} (cached)" if s.memory.get("vision_cache") == "hit" else t.vision_ms
+        rows.append((name, s.prompt_tokens, s.new_tokens, t.preprocess_ms, vision, t.embed_ms, t.prefill_ms,
                      t.decode_ms, t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s,
                      s.memory.get("kv_used", 0) / 1e6))
     cells = [[c if isinstance(c, str) else f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
@@ -163,6 +164,8 @@ def profile_table(result) -> str:
 @click.option("--fixed-tokens", type=click.IntRange(min=1), default=None, metavar="N",
               help="Every stage generates exactly N tokens (EOS ignored), so runs and bundles compare.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
+@click.option("--vision-cache", is_flag=True, help="Keep the vision-feature cache on (repeated images then skip "
+              "the vision tower; off by default so every run pays for its image).")
 @click.option("--target", metavar="NAME", help="Roofline against this target's bandwidth (e.g. jetson-orin-nano) "
               "instead of a copy test on this machine.")
 @click.option("--json", "json_file", metavar="FILE", type=click.Path(dir_okay=False),
@@ -171,10 +174,10 @@ def profile_table(result) -> str:
               help="Write stacked per-stage latency bars (one per bundle) as PNG.")
 @click.option("--compare", nargs=2, metavar="A.json B.json", help="Print B's ratios to A from two saved runs.")
 def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, think, think_budget, warmup, runs,
-          fixed_tokens, device, target, json_file, plot_file, compare):
+          fixed_tokens, device, vision_cache, target, json_file, plot_file, compare):
     """Time the pipeline: warmup, N runs, p50/p90/max per stage, TTFT, decode tokens/s, memory, roofline."""
     from edgevlm import bench as benchmod
-    from edgevlm.pipeline import MODES
+    from edgevlm.pipeline import MODES, VISION_CACHE_MB
 
     if compare:
         a, b = (benchmod.read(f) for f in compare)
@@ -191,16 +194,18 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
     bandwidth = _bandwidth(target)
     options = {"mode": mode, "think": think, "think_budget": think_budget, "fixed_tokens": fixed_tokens}
     results = []
+    cache_mb = VISION_CACHE_MB if vision_cache else 0
     targets = [("bundle", b) for b in bundles] or [("hf", None)]
     for kind, path in targets:
         from edgevlm.pipeline import Pipeline
 
         click.echo(f"edgevlm: loading {path or preset or 'the HF pair'}", err=True)
         if kind == "bundle":
-            pipe, label, source = Pipeline.from_bundle(path, device=device), _bundle_label(path), {"bundle": path}
+            pipe = Pipeline.from_bundle(path, device=device, vision_cache_mb=cache_mb)
+            label, source = _bundle_label(path), {"bundle": path}
         else:
             pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
-                                            load_reasoner=mode != "direct")
+                                            load_reasoner=mode != "direct", vision_cache_mb=cache_mb)
             label = "torch " + (preset or os.path.basename(str(extractor).rstrip("/")))
             source = {"extractor": pipe.extractor.name, "reasoner": pipe.reasoner.name if pipe.reasoner else None}
         results.append(benchmod.bench(pipe, items, label=label, source=source, warmup=warmup, runs=runs,
@@ -208,7 +213,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
                                       progress=lambda m: click.echo(f"edgevlm: {m}", err=True)))
         del pipe
     settings = {"warmup": warmup, "runs": runs, "fixed_tokens": fixed_tokens, "mode": mode, "think": think,
-                "think_budget": think_budget, "items": len(items), "device": device}
+                "think_budget": think_budget, "items": len(items), "device": device, "vision_cache": vision_cache}
     doc = benchmod.document(results, settings=settings, bandwidth=bandwidth)
     click.echo(benchmod.report(doc))
     if json_file:

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgevlm import prompts
 from edgevlm.backends.base import Model
+from edgevlm.cache import FeatureCache, image_key
 from edgevlm.errors import EdgeVLMError, InputTooLongError, UsageError
 from edgevlm.generation import ThinkControl, generate
 from edgevlm.images import ImageInput, load_image
@@ -27,6 +28,7 @@ from edgevlm.tokenizer import StreamDecoder
 
 MODES = ("extract-think", "extract", "direct")
 MAX_QUESTION_CHARS = 100_000
+VISION_CACHE_MB = 256  # default byte budget of the vision-feature cache (an AnyRes 0.6B image is ~20 MB)
 
 
 @dataclass
@@ -42,8 +44,17 @@ class StageResult:
     new_tokens: int
     stop_reason: str  # eos, length or context
     timings: StageTimings
-    # backend, weights (bytes per graph/part of the model), kv_allocated and kv_used (bytes, at the stage's end)
+    # backend, weights (bytes per graph/part of the model), kv_allocated and kv_used (bytes, at the stage's
+    # end), vision_cache ("hit" or "miss", for stages with an image while the cache is on)
     memory: dict = field(default_factory=dict)
+
+    def memory_dict(self) -> dict:
+        """The `--json` view: KV megabytes, and the vision cache's outcome where there was one."""
+        out = {"kv_allocated_mb": round(self.memory.get("kv_allocated", 0) / 1e6, 3),
+               "kv_used_mb": round(self.memory.get("kv_used", 0) / 1e6, 3)}
+        if "vision_cache" in self.memory:
+            out["vision_cache"] = self.memory["vision_cache"]
+        return out
 
 
 @dataclass
@@ -81,9 +92,7 @@ class Result:
             "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
                        for name, s in self.stages.items()},
             "memory": {"peak_rss_mb": round(self.peak_rss_bytes / 1e6, 1),
-                       **{name: {"kv_allocated_mb": round(s.memory.get("kv_allocated", 0) / 1e6, 3),
-                                 "kv_used_mb": round(s.memory.get("kv_used", 0) / 1e6, 3)}
-                          for name, s in self.stages.items()}},
+                       **{name: s.memory_dict() for name, s in self.stages.items()}},
             "models": self.models,
         }
 
@@ -105,10 +114,18 @@ def render_prompt(model: Model, prompt: str, *, with_image: bool = False, enable
 
 
 class Pipeline:
-    """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads serialize."""
+    """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads serialize.
 
-    def __init__(self, extractor: Model, reasoner: Model | None = None):
+    Vision features are cached by image content (`vision_cache_mb`, LRU; 0 turns the cache off), so a
+    second question about the same frame skips the vision tower.
+    """
+
+    def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB):
         self.extractor, self.reasoner = extractor, reasoner
+        if vision_cache_mb < 0:
+            raise UsageError("the vision cache size must be 0 (off) or more megabytes")
+        self.vision_cache = FeatureCache(int(vision_cache_mb * 1e6))
+        self._image_key: str | None = None  # of the call in progress
         self._lock = threading.Lock()
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
         self._fixed: int | None = None  # fixed_tokens of the call in progress
@@ -116,7 +133,8 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
                         preset: str | None = None, device: str = "cpu", load_reasoner: bool = True,
-                        quant: str | None = None, gguf_file: str | None = None) -> Pipeline:
+                        quant: str | None = None, gguf_file: str | None = None,
+                        vision_cache_mb: float = VISION_CACHE_MB) -> Pipeline:
         """Load HF checkpoints (hub ids or directories) on the PyTorch reference backend.
 
         A model not given comes from `preset` (default: paper-0.6b). `load_reasoner=False` skips the
@@ -139,18 +157,18 @@ class Pipeline:
         re_dir = resolve(reasoner, gguf_file=gguf_file) if load_reasoner else None
         ex = TorchModel(ex_dir, extractor_family(ex_dir), name=extractor, device=device, quant=quant)
         rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device, quant=quant) if re_dir else None
-        return cls(ex, rs)
+        return cls(ex, rs, vision_cache_mb=vision_cache_mb)
 
     @classmethod
     def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None,
-                    verify: bool = True) -> Pipeline:
+                    verify: bool = True, vision_cache_mb: float = VISION_CACHE_MB) -> Pipeline:
         """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256."""
         from edgevlm import bundle
         from edgevlm.backends.onnx import OrtModel
 
         b = bundle.load(path, verify=verify)
         models = {role: OrtModel(b, role, device=device, threads=threads) for role in sorted(set(b.stages.values()))}
-        return cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")))
+        return cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")), vision_cache_mb=vision_cache_mb)
 
     def __call__(self, image: ImageInput, question: str, **options) -> Result:
         """Answer `question` about `image`; options as for `stream`."""
@@ -219,6 +237,7 @@ class Pipeline:
         # Decoded up front so a bad image fails before any model runs; timed apart from the stages.
         start = time.perf_counter()
         pil = load_image(image, bgr=bgr)
+        self._image_key = image_key(pil) if self.vision_cache.max_bytes else None
         result.image_ms = (time.perf_counter() - start) * 1e3
 
         if mode == "direct":
@@ -301,8 +320,18 @@ class Pipeline:
             raise InputTooLongError(
                 f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}; "
                 "shorten the question")
+        cache = None
         with prof.span(name, "vision"):
-            model.encode(prepared)
+            if image is not None and self._image_key is not None:
+                features = self.vision_cache.get(self._image_key)
+                cache = "miss" if features is None else "hit"
+                if features is None:
+                    model.encode(prepared)
+                    self.vision_cache.put(self._image_key, prepared.image_features)
+                else:
+                    prepared.image_features = features
+            else:
+                model.encode(prepared)
         with prof.span(name, "embed"):
             model.embed(prepared)
         with prof.span(name, "prefill"):
@@ -332,7 +361,7 @@ class Pipeline:
             stop_reason=generation.stop_reason,
             timings=prof.stage(name, prompt_tokens=n_prompt, new_tokens=n_new, first_token_at=first_token_at),
             memory={"backend": model.backend, "weights": dict(model.weight_bytes), "kv_allocated": kv_allocated,
-                    "kv_used": kv_used},
+                    "kv_used": kv_used, **({"vision_cache": cache} if cache else {})},
         )
         result.stages[name] = stage
         yield Event("stage_end", name, stage.text)

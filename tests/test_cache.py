@@ -1,0 +1,83 @@
+"""The vision-feature cache: keyed by decoded pixels, bounded in bytes, and a hit gives the same answer."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+from edgevlm.cache import FeatureCache, image_key, nbytes
+from edgevlm.images import load_image
+from edgevlm.pipeline import Pipeline
+
+
+def test_eviction_keeps_the_byte_budget_and_drops_the_least_recently_used():
+    rng = np.random.default_rng(0)
+    cache = FeatureCache(max_bytes=10_000)
+    for _ in range(200):
+        key = f"k{rng.integers(0, 30)}"
+        value = np.zeros(int(rng.integers(1, 800)), np.float32)
+        stored = cache.put(key, value)
+        assert stored == (value.nbytes <= cache.max_bytes)
+        assert cache.bytes <= cache.max_bytes
+        assert cache.bytes == sum(v.nbytes for v, _ in cache._entries.values())
+        if rng.random() < 0.3:
+            cache.get(f"k{rng.integers(0, 30)}")
+    cache = FeatureCache(max_bytes=3 * 400)
+    for key in "abc":
+        cache.put(key, np.zeros(100, np.float32))
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", np.zeros(100, np.float32))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.evictions == 1
+    assert not cache.put("huge", np.zeros(1000, np.float32)) and cache.get("huge") is None
+    assert cache.hits == 2 and cache.misses == 2
+
+
+def test_nbytes_counts_arrays_tensors_and_model_outputs():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    out = BaseModelOutputWithPooling(last_hidden_state=torch.zeros(2, 3, dtype=torch.float32),
+                                     pooler_output=[torch.zeros(5, dtype=torch.bfloat16)])
+    assert nbytes(out) == 2 * 3 * 4 + 5 * 2
+    assert nbytes({"a": np.zeros(4, np.float64), "b": (np.zeros(2, np.int8),)}) == 34
+
+
+def test_the_key_follows_the_pixels_not_the_container(tmp_path):
+    pil = random_image(40, 50)
+    pil.save(tmp_path / "a.png")
+    keys = {image_key(load_image(x)) for x in (pil, str(tmp_path / "a.png"), np.asarray(pil),
+                                               (tmp_path / "a.png").read_bytes())}
+    assert len(keys) == 1
+    changed = np.asarray(pil).copy()
+    changed[7, 9, 1] ^= 1
+    assert image_key(load_image(changed)) not in keys
+    assert image_key(load_image(np.asarray(pil)[:, :49])) not in keys  # another size
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_second_question_on_the_same_image_skips_the_vision_tower(backend, tiny_bundle, torch_models, tmp_path):
+    if backend == "onnx":
+        pipe, uncached = Pipeline.from_bundle(str(tiny_bundle)), Pipeline.from_bundle(str(tiny_bundle),
+                                                                                      vision_cache_mb=0)
+    else:
+        pipe = Pipeline(torch_models("llava_onevision"), torch_models("qwen3"))
+        uncached = Pipeline(torch_models("llava_onevision"), torch_models("qwen3"), vision_cache_mb=0)
+    image = random_image(64, 48, seed=3)
+    options = dict(max_new_tokens=8, think_budget=8, instruction="the shapes")
+    first = pipe(image, "What is shown?", **options)
+    second = pipe(np.asarray(image), "How many shapes?", **options)
+    reference = uncached(image, "How many shapes?", **options)
+    assert first.stages["extract"].memory["vision_cache"] == "miss"
+    assert second.stages["extract"].memory["vision_cache"] == "hit"
+    assert second.to_dict()["memory"]["extract"]["vision_cache"] == "hit"
+    assert "vision_cache" not in reference.stages["extract"].memory
+    assert second.stages["extract"].token_ids == reference.stages["extract"].token_ids
+    assert pipe.vision_cache.hits == 1 and len(pipe.vision_cache) == 1
+    other = pipe(random_image(64, 48, seed=4), "What is shown?", **options)
+    assert other.stages["extract"].memory["vision_cache"] == "miss"
+
+
+def test_cache_size_is_checked():
+    from edgevlm.errors import UsageError
+
+    with pytest.raises(UsageError, match="vision cache"):
+        Pipeline(None, None, vision_cache_mb=-1)
