@@ -1,7 +1,8 @@
 """Export a full-size random model of the paper's shape and run the bundle: export time, bundle size,
 peak memory of each step, and per-stage latency, printed side by side.
 
-    python benchmarks/export_paper_shape.py [--work DIR] [--reasoner qwen3-0.6b|qwen3-1.7b] [--quant fp32|fp16]
+    python benchmarks/export_paper_shape.py [--work DIR] [--reasoner qwen3-0.6b|qwen3-1.7b]
+        [--quant fp32|fp16|int8|int4] [--int4-method awq|rtn|hqq] [--fidelity-samples N] [--image-size WxH]
 
 The extractor is the paper's architecture (SigLIP so400m + projector + Qwen3-0.6B, AnyRes up to 6x6
 crops of 384 px); weights are random, built from configs (no download). Export and run happen in
@@ -41,7 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="where models and the bundle go (default: a temp dir)")
     parser.add_argument("--reasoner", default="qwen3-0.6b", choices=["qwen3-0.6b", "qwen3-1.7b"])
-    parser.add_argument("--quant", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    parser.add_argument("--int4-method", default="awq")
+    parser.add_argument("--fidelity-samples", type=int, default=8, help="held-out prompts per stage (quantized)")
+    parser.add_argument("--image-size", default="1024x768", help="WxH of the random test image")
     parser.add_argument("--reuse", action="store_true", help="reuse models and bundle already in --work")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="edgevlm-paper-"))
@@ -58,10 +62,12 @@ def main() -> None:
     if not (args.reuse and (bundle / "manifest.json").exists()):
         print("exporting (progress below) ...", flush=True)
         export_s, export_rss, _ = child(["export", "--out", str(bundle), "--extractor", str(extractor), "--reasoner",
-                                         str(reasoner), "--quant", args.quant, "--overwrite"])
+                                         str(reasoner), "--quant", args.quant, "--int4-method", args.int4_method,
+                                         "--fidelity-samples", str(args.fidelity_samples), "--overwrite"])
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     image = work / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(image)
+    w, h = (int(x) for x in args.image_size.split("x"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(image)
     run_s, run_rss, out = child(["run", str(image), "What is shown?", "--bundle", str(bundle), "--json",
                                  "--max-new-tokens", "16", "--think-budget", "16"])
     result = json.loads(out)

@@ -55,6 +55,7 @@ def test_gguf_import_is_the_model_transformers_reads_and_it_answers(smollm2):
     assert "Paris" in answer
 
 
+@pytest.mark.slow  # ~8 minutes: exports SmolLM2 twice (fp32 reference, int8) and measures 640 positions
 def test_int8_bundle_of_real_weights_keeps_top1_agreement_above_097(smollm2, tiny_dir, tmp_path):
     from edgevlm.export.exporter import QuantPlan, export_bundle
 
