@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from edgevlm import __version__
 from edgevlm.errors import UsageError
 from edgevlm.images import load_image
+from edgevlm.profiler import format_table, peak_rss_bytes
 
 SCHEMA = "edgevlm.bench/1"
 SCHEMA_FILE = Path(__file__).with_name("bench.schema.json")
@@ -66,8 +68,6 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
           options: dict | None = None, bandwidth_gb_s: float | None = None,
           progress: Callable[[str], None] = lambda m: None) -> dict:
     """Warm up, time `runs` runs cycling through `items`, and aggregate them into one result entry."""
-    from edgevlm.profiler import peak_rss_bytes
-
     options = options or {}
     for i in range(warmup):
         image, question, choices = items[i % len(items)]
@@ -136,8 +136,6 @@ def roofline(stage_runs, decode_tok_s: float | None, bandwidth_gb_s: float | Non
 
 
 def _peak_gpu_mb() -> float | None:
-    import sys
-
     torch = sys.modules.get("torch")  # only a torch run can have used the GPU through torch
     if torch is None or not torch.cuda.is_available():
         return None
@@ -176,14 +174,6 @@ def read(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def _table(head: tuple, rows: list[tuple]) -> list[str]:
-    cells = [[c if isinstance(c, str) else "-" if c is None else f"{c:.1f}" if isinstance(c, float) else str(c)
-              for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return [fmt.format(*head)] + [fmt.format(*r) for r in cells]
-
-
 def report(doc: dict) -> str:
     """Per result: a per-stage table (p50/p90/max latency, TTFT, rates, roofline) and the memory line."""
     s = doc["settings"]
@@ -203,7 +193,7 @@ def report(doc: dict) -> str:
                          100 * roof["fraction"] if roof["fraction"] is not None else None))
         t = r["total_ms"]
         rows.append(("total", t["p50"], t["p90"], t["max"], None, None, None, None, None, None, None))
-        lines += _table(head, rows)
+        lines += format_table(head, rows)
         m = r["memory"]
         gpu = f", peak GPU {m['peak_gpu_mb']:.0f} MB" if m.get("peak_gpu_mb") else ""
         lines.append(f"memory: weights {m['weights_mb']:.1f} MB, KV allocated {m['kv_allocated_mb']:.1f} MB, "
@@ -227,7 +217,7 @@ def compare_lines(base: dict, others: list[dict]) -> str:
                 a, b = sa["latency_ms"]["p50"], sb["latency_ms"]["p50"]
                 rows.append((other["label"], name, b, _ratio(b, a), sb["decode_tok_s"],
                              _ratio(sb["decode_tok_s"], sa["decode_tok_s"])))
-    return "\n".join(_table(head, [tuple(f"{c:.2f}x" if i in (3, 5) and c is not None else c
+    return "\n".join(format_table(head, [tuple(f"{c:.2f}x" if i in (3, 5) and c is not None else c
                                          for i, c in enumerate(r)) for r in rows]))
 
 

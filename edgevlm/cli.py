@@ -139,10 +139,9 @@ def profile_table(result) -> str:
         rows.append((name, s.prompt_tokens, s.new_tokens, t.preprocess_ms, vision, t.embed_ms, t.prefill_ms,
                      t.decode_ms, t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s,
                      s.memory.get("kv_used", 0) / 1e6))
-    cells = [[c if isinstance(c, str) else f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*head)] + [fmt.format(*r) for r in cells]
+    from edgevlm.profiler import format_table
+
+    lines = format_table(head, rows)
     lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms), "
                  f"peak RSS {result.peak_rss_bytes / 1e6:.0f} MB")
     return "\n".join(lines)
@@ -235,11 +234,10 @@ def _bandwidth(target: str | None) -> dict:
 
 def _bundle_label(path: str) -> str:
     """A bundle's name for tables and plots: its folder and the precision of its decoders."""
-    import json as _json
-
     name = os.path.basename(os.path.abspath(path))
     try:
-        quant = _json.loads(open(os.path.join(path, "manifest.json")).read()).get("quantization", {})
+        with open(os.path.join(path, "manifest.json")) as f:
+            quant = json.load(f).get("quantization", {})
     except (OSError, ValueError):
         return name
     precisions = sorted({quant.get(k) for k in ("extractor", "reasoner") if quant.get(k)})

@@ -128,6 +128,15 @@ class _TimedState:
         return logits
 
 
+def format_table(head: tuple, rows: list[tuple]) -> list[str]:
+    """Aligned text rows: the first column left, the others right; floats to 1 decimal, None as '-'."""
+    cells = [[c if isinstance(c, str) else "-" if c is None else f"{c:.1f}" if isinstance(c, float) else str(c)
+              for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*head)] + [fmt.format(*r) for r in cells]
+
+
 def write_trace(path: str | Path, prof: Profiler, metadata: dict | None = None) -> None:
     """Chrome/Perfetto trace-event JSON (opens in ui.perfetto.dev and chrome://tracing)."""
     doc = {"traceEvents": prof.trace_events(), "displayTimeUnit": "ms", "otherData": metadata or {}}
