@@ -13,9 +13,11 @@ checksums do not match, with one line saying which.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -105,13 +107,15 @@ def atomic_directory(out: Path, *, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
 
     An interrupted or failed write leaves only a hidden temp directory (removed here when possible),
-    never a partial bundle at `out`.
+    never a partial bundle at `out`. One left by a killed writer (its pid is in the name) is removed by
+    the next write to the same `out`, once that process is gone: exports are gigabytes.
     """
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise EdgeVLMError(f"{out} exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
@@ -123,6 +127,26 @@ def atomic_directory(out: Path, *, overwrite: bool = False):
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete `.NAME.partial-PID-*` / `.NAME.old-PID` siblings of `out` whose writer process no longer runs."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+)(?:-.*)?", path.name)
+        if m and path.is_dir() and not _alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates: never probe, keep the directory
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep it
+    return True
 
 
 def write_manifest(root: Path, manifest: dict, progress: Callable[[str], None] | None = None) -> dict:

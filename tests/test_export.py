@@ -233,9 +233,12 @@ def test_a_killed_export_leaves_no_bundle_that_loads(tiny_dir, tmp_path):
     assert partial, "the export should have been interrupted mid-way"
     with pytest.raises(BundleError):
         bundle_mod.load(partial[0])
-    # a later export to the same place succeeds and replaces nothing half-done
+    live = tmp_path / f".bundle.partial-{os.getpid()}-x"  # a writer that still runs (this process)
+    live.mkdir()
+    # a later export to the same place succeeds, and removes the dead writer's gigabytes, not the live one's
     export_bundle(out, extractor=str(tiny_dir("idefics3")), with_reasoner=False, log=lambda m: None)
     bundle_mod.load(out)
+    assert not partial[0].exists() and live.exists()
 
 
 def test_fp16_bundle_runs_close_to_fp32(bundles, tiny_dir, tmp_path):
