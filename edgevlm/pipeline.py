@@ -98,6 +98,16 @@ class Result:
 
 
 @dataclass
+class _Call:
+    """What the stages of one call share."""
+
+    prof: Profiler
+    rng: np.random.Generator
+    fixed_tokens: int | None  # every stage generates exactly this many tokens (benchmarks)
+    image_key: str | None = None  # the vision cache's key for the call's image (None: cache off)
+
+
+@dataclass
 class Event:
     """What `Pipeline.stream` yields: stage_start, token (a text delta), stage_end, then done."""
 
@@ -125,10 +135,8 @@ class Pipeline:
         if vision_cache_mb < 0:
             raise UsageError("the vision cache size must be 0 (off) or more megabytes")
         self.vision_cache = FeatureCache(int(vision_cache_mb * 1e6))
-        self._image_key: str | None = None  # of the call in progress
         self._lock = threading.Lock()
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
-        self._fixed: int | None = None  # fixed_tokens of the call in progress
 
     @classmethod
     def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
@@ -224,25 +232,24 @@ class Pipeline:
         multiple_choice = bool(choices) or prompts.is_multiple_choice(question)
         with self._lock:
             yield from self._run(image, question, multiple_choice, mode, think, think_budget, max_new_tokens,
-                                 instruction, temperature, np.random.default_rng(seed), bgr,
-                                 Profiler(detail=trace), fixed_tokens)
+                                 instruction, temperature, bgr,
+                                 _Call(Profiler(detail=trace), np.random.default_rng(seed), fixed_tokens))
 
     # ------------------------------------------------------------------ stages
     def _run(self, image, question, multiple_choice, mode, think, think_budget, max_new_tokens, instruction,
-             temperature, rng, bgr, prof, fixed_tokens) -> Iterator[Event]:
+             temperature, bgr, call: _Call) -> Iterator[Event]:
         t0 = time.perf_counter()
-        self._fixed = fixed_tokens
         result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
-                        models={"extractor": self.extractor.name}, profile=prof)
+                        models={"extractor": self.extractor.name}, profile=call.prof)
         # Decoded up front so a bad image fails before any model runs; timed apart from the stages.
         start = time.perf_counter()
         pil = load_image(image, bgr=bgr)
-        self._image_key = image_key(pil) if self.vision_cache.max_bytes else None
+        call.image_key = image_key(pil) if self.vision_cache.max_bytes else None
         result.image_ms = (time.perf_counter() - start) * 1e3
 
         if mode == "direct":
             prompt = prompts.direct_prompt(question, multiple_choice=multiple_choice)
-            stage = yield from self._stage(result, prof, rng, "direct", self.extractor, prompt,
+            stage = yield from self._stage(result, call, "direct", self.extractor, prompt,
                                            prompts.DIRECT.with_max_new_tokens(max_new_tokens), image=pil)
             result.response = stage.text.strip()
             result.answer = prompts.parse_answer(stage.text, multiple_choice=multiple_choice)
@@ -250,25 +257,25 @@ class Pipeline:
             result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
             if instruction is None:
                 cap = min(prompts.PLAN.max_new_tokens, max_new_tokens or prompts.PLAN.max_new_tokens)
-                stage = yield from self._stage(result, prof, rng, "plan", self.reasoner,
+                stage = yield from self._stage(result, call, "plan", self.reasoner,
                                                prompts.planner_prompt(question),
                                                prompts.PLAN.with_max_new_tokens(cap), enable_thinking=False)
                 instruction = prompts.parse_instruction(stage.text)
             result.instruction = instruction
-            stage = yield from self._stage(result, prof, rng, "extract", self.extractor,
+            stage = yield from self._stage(result, call, "extract", self.extractor,
                                            prompts.extract_prompt(instruction),
                                            prompts.EXTRACT.with_max_new_tokens(max_new_tokens), image=pil)
             result.extraction = stage.text.strip()
             if mode == "extract":
                 result.answer = result.response = result.extraction
             else:
-                yield from self._think(result, prof, rng, question, multiple_choice, think, think_budget,
+                yield from self._think(result, call, question, multiple_choice, think, think_budget,
                                        max_new_tokens, temperature)
         result.total_ms = (time.perf_counter() - t0) * 1e3
         result.peak_rss_bytes = peak_rss_bytes()
         yield Event("done", result=result)
 
-    def _think(self, result, prof, rng, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
+    def _think(self, result, call, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
         answer_budget = max_new_tokens or prompts.ANSWER_BUDGET
         # A reasoner without </think> in its vocabulary still reasons step by step, just without the budget.
         control = self._think_control(think_budget) if think else None
@@ -279,7 +286,7 @@ class Pipeline:
         if temperature is not None:
             decoding = replace(decoding, temperature=temperature)
         prompt = prompts.reasoner_prompt(result.extraction, question, multiple_choice=multiple_choice, think=think)
-        stage = yield from self._stage(result, prof, rng, "think", self.reasoner, prompt, decoding,
+        stage = yield from self._stage(result, call, "think", self.reasoner, prompt, decoding,
                                        enable_thinking=think, think=control)
         ids = stage.token_ids
         if control is not None and control.think_end_id in ids:
@@ -304,16 +311,16 @@ class Pipeline:
             self._banned = np.asarray(tok.ids_of_words(prompts.REFLEXIVE_WORDS), dtype=np.int64)
         return ThinkControl(think_end_id=think_end, newline_id=newline[0], budget=budget, banned_ids=self._banned)
 
-    def _stage(self, result: Result, prof: Profiler, rng: np.random.Generator, name: str, model: Model,
+    def _stage(self, result: Result, call: _Call, name: str, model: Model,
                prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,
                think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
         """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
         yield Event("stage_start", name)
         eos_ids = model.eos_ids
-        if self._fixed:  # benchmarks: the same length every run, whatever the model says
-            decoding, eos_ids = replace(decoding, max_new_tokens=self._fixed), set()
+        if call.fixed_tokens:  # benchmarks: the same length every run, whatever the model says
+            decoding, eos_ids = replace(decoding, max_new_tokens=call.fixed_tokens), set()
         rendered = render_prompt(model, prompt, with_image=image is not None, enable_thinking=enable_thinking)
-        with prof.span(name, "preprocess"):
+        with call.prof.span(name, "preprocess"):
             prepared = model.prepare(rendered, image)
         n_prompt = len(prepared.input_ids)
         if n_prompt >= model.max_context:
@@ -321,23 +328,23 @@ class Pipeline:
                 f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}; "
                 "shorten the question")
         cache = None
-        with prof.span(name, "vision"):
-            if image is not None and self._image_key is not None:
-                features = self.vision_cache.get(self._image_key)
+        with call.prof.span(name, "vision"):
+            if image is not None and call.image_key is not None:
+                features = self.vision_cache.get(call.image_key)
                 cache = "miss" if features is None else "hit"
                 if features is None:
                     model.encode(prepared)
-                    self.vision_cache.put(self._image_key, prepared.image_features)
+                    self.vision_cache.put(call.image_key, prepared.image_features)
                 else:
                     prepared.image_features = features
             else:
                 model.encode(prepared)
-        with prof.span(name, "embed"):
+        with call.prof.span(name, "embed"):
             model.embed(prepared)
-        with prof.span(name, "prefill"):
+        with call.prof.span(name, "prefill"):
             state = model.prefill(prepared)
-        tokens = generate(prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
-                          rng=rng, think=think)
+        tokens = generate(call.prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
+                          rng=call.rng, think=think)
         detok = StreamDecoder(model.tokenizer)
         first_token_at = None
         while True:
@@ -352,14 +359,14 @@ class Pipeline:
             if delta:
                 yield Event("token", name, delta)
         if first_token_at is not None:
-            prof.add(name, "decode", first_token_at, time.perf_counter())
+            call.prof.add(name, "decode", first_token_at, time.perf_counter())
         n_new = len(generation.token_ids)
         kv_allocated, kv_used = state.kv_bytes()
         stage = StageResult(
             name=name, model=model.name, prompt=rendered, text=model.tokenizer.decode(generation.token_ids),
             token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=n_new,
             stop_reason=generation.stop_reason,
-            timings=prof.stage(name, prompt_tokens=n_prompt, new_tokens=n_new, first_token_at=first_token_at),
+            timings=call.prof.stage(name, prompt_tokens=n_prompt, new_tokens=n_new, first_token_at=first_token_at),
             memory={"backend": model.backend, "weights": dict(model.weight_bytes), "kv_allocated": kv_allocated,
                     "kv_used": kv_used, **({"vision_cache": cache} if cache else {})},
         )
