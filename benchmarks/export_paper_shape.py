@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,19 @@ from PIL import Image
 
 
 def child(args: list[str]) -> tuple[float, float, str]:
-    """Run `python -m edgevlm ARGS`; return wall seconds, the child's peak RSS in MB, and its stdout."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `python -m edgevlm ARGS`; return wall seconds, the child's own peak RSS in MB, and its stdout.
+
+    os.wait4 gives that child's rusage (RUSAGE_CHILDREN would be the maximum over every child so far)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "edgevlm", *args], stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "edgevlm", *args], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"edgevlm {' '.join(args[:2])} failed with exit code {proc.returncode}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024, proc.stdout
+    return wall, usage.ru_maxrss / 1024, out
 
 
 def main() -> None:
