@@ -197,8 +197,10 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
     targets = [("bundle", b) for b in bundles] or [("hf", None)]
     for kind, path in targets:
         from edgevlm.pipeline import Pipeline
+        from edgevlm.profiler import reset_peak_rss
 
         click.echo(f"edgevlm: loading {path or preset or 'the HF pair'}", err=True)
+        reset_peak_rss()  # each bundle's peak RSS its own (where the OS allows), its loading included
         if kind == "bundle":
             pipe = Pipeline.from_bundle(path, device=device, vision_cache_mb=cache_mb)
             label, source = _bundle_label(path), {"bundle": path}

@@ -131,3 +131,17 @@ def test_bad_bench_input_is_one_line(tiny_bundle, image, args, code, needle):
     proc = _cli("bench", *args)
     err = proc.stderr.decode().strip()
     assert proc.returncode == code and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_peak_rss_counts_allocations_and_resets_per_bundle():
+    from edgevlm.profiler import peak_rss_bytes, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("this system cannot reset the peak RSS")
+    base = peak_rss_bytes()
+    block = np.ones(200_000_000 // 8)  # written, so resident
+    high = peak_rss_bytes()
+    assert high >= base + 190_000_000
+    del block
+    reset_peak_rss()
+    assert peak_rss_bytes() < high - 190_000_000
