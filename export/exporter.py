@@ -123,14 +123,20 @@ def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, 
     return feeds
 
 
+MAX_VISION_FEEDS = 64  # crops used to measure the vision tower's activation ranges
+
+
 def _vision_feeds(model, images) -> list[dict[str, np.ndarray]]:
+    """One crop per feed (an AnyRes image is up to 37 crops: as one batch, calibrating SigLIP-so400m's
+    activations ran a 24 GB machine out of memory), at most MAX_VISION_FEEDS of them."""
     feeds = []
     for image in images:
         _, inputs = model.module.prepare_inputs(
             model.tokenizer.apply_chat_template(model.family.messages("x", with_image=True)), image,
             model.entry["preprocess"], model.tokenizer)
-        feeds.append({"pixel_values": inputs["pixel_values"]})
-    return feeds
+        pixels = inputs["pixel_values"]
+        feeds += [{"pixel_values": pixels[i:i + 1]} for i in range(len(pixels))]
+    return feeds[:MAX_VISION_FEEDS]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

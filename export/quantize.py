@@ -141,6 +141,8 @@ def int8_static(src: Path, dst: Path, reader: FeedReader) -> None:
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
                         extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True})
+    # (ORT 1.32's CalibMaxIntermediateOutputs discards what it collected instead of merging it: not used.
+    # The calibrator keeps only per-tensor min/max per feed; feeds of one crop bound the activations.)
 
 
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
