@@ -26,7 +26,7 @@ def _quiet_libraries() -> None:
     if not sys.stderr.isatty():  # progress bars in a log file or a pipe are noise; on a terminal they stay
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "torch", "torch.onnx", "onnxscript"):
+    for name in ("transformers", "torch", "torch.onnx", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
