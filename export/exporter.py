@@ -123,12 +123,11 @@ def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, 
     return feeds
 
 
-MAX_VISION_FEEDS = 64  # crops used to measure the vision tower's activation ranges
+MAX_VISION_FEEDS = 64  # crops a data-driven int4 method (awq, gptq) sees when asked to quantize a vision tower
 
 
 def _vision_feeds(model, images) -> list[dict[str, np.ndarray]]:
-    """One crop per feed (an AnyRes image is up to 37 crops: as one batch, calibrating SigLIP-so400m's
-    activations ran a 24 GB machine out of memory), at most MAX_VISION_FEEDS of them."""
+    """One crop per feed, at most MAX_VISION_FEEDS of them."""
     feeds = []
     for image in images:
         _, inputs = model.module.prepare_inputs(
@@ -157,8 +156,6 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
             graphs.to_fp16(dst)
     elif kind == "embed":  # int4: the only quantized Gather ONNX Runtime has
         quantize.int4_embedding(src, dst)
-    elif quant == "int8" and kind == "vision":
-        quantize.int8_static(src, dst, reader_for("vision"))
     elif quant == "int8":
         quantize.int8_weight_only(src, dst)
     else:  # int4
@@ -301,8 +298,8 @@ def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: i
         log(f"measuring fidelity: {stage} ({len(items)} prompts x {tokens} tokens) ...")
         reference, candidate = loaded[role]
         result = measure(reference, candidate, stage_inputs(stage, reference, items, describe), tokens)
-        ref_bytes = sum(_bytes(root, g["file"]) for g in references[role]["graphs"].values())
-        new_bytes = sum(_bytes(root, g["file"]) for g in models[role]["graphs"].values())
+        ref_bytes = sum(bundle.graph_bytes(root / g["file"]) for g in references[role]["graphs"].values())
+        new_bytes = sum(bundle.graph_bytes(root / g["file"]) for g in models[role]["graphs"].values())
         report[stage] = {**result.to_dict(), "role": role, "size_ratio": round(new_bytes / ref_bytes, 4)}
     return report
 
@@ -324,10 +321,6 @@ def _describer(extractor):
         return extractor.tokenizer.decode(tokens).strip() or prompts.FALLBACK_INSTRUCTION
 
     return describe
-
-
-def _bytes(root: Path, rel: str) -> int:
-    return sum(p.stat().st_size for p in (root / rel, root / (rel + ".data")) if p.exists())
 
 
 def _gate(report: dict, min_agreement: float | None, max_kl: float | None) -> None:

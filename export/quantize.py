@@ -1,7 +1,8 @@
 """Weight quantization of exported fp32 graphs with ONNX Runtime's quantizers.
 
-- int8: weight-only MatMulNBits with 8-bit blocks of 16 for decoders (run with int8 activations,
-  accuracy_level 4); static QDQ with calibration images for the vision tower. (ORT's dynamic int8,
+- int8: weight-only MatMulNBits with 8-bit blocks of 16 (run with int8 activations, accuracy_level 4),
+  for decoders and vision towers alike: no calibration pass. (Static QDQ for the vision tower needed
+  ORT's calibrator, which holds every intermediate tensor: SigLIP-so400m's took over 20 GB. ORT's dynamic int8,
   MatMulInteger with per-tensor activations, kept SmolLM2-135M at 0.78 top-1 agreement with fp32, and
   per-channel weights broke it entirely: measured in benchmarks/quant_fidelity.py.)
 - int4: weight-only MatMulNBits (block-wise), by round-to-nearest (`rtn`), activation-aware channel
@@ -130,19 +131,6 @@ def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, 
     top-1 agreement with fp32 went from 0.966 (plan and think) at 32 to 0.988 / 0.975 at 16.
     """
     _nbits(src, dst, 8, exclude=exclude, block_size=block_size, accuracy_level=accuracy_level)
-
-
-def int8_static(src: Path, dst: Path, reader: FeedReader) -> None:
-    """QDQ int8 with activation ranges measured on `reader`'s inputs (per-channel weights)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    with _quiet():
-        quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Conv"],
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                        extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True})
-    # (ORT 1.32's CalibMaxIntermediateOutputs discards what it collected instead of merging it: not used.
-    # The calibrator keeps only per-tensor min/max per feed; feeds of one crop bound the activations.)
 
 
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
