@@ -118,10 +118,11 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
 
 
 def roofline(stage_runs, decode_tok_s: float | None, bandwidth_gb_s: float | None) -> dict:
-    """Bytes each decoded token reads (decoder weights + the KV cache at the mean decode length) and the
-    traffic that amounts to at the measured rate, against the memory bandwidth."""
+    """Bytes each decoded token reads (decoder weights, less the token-embedding rows it does not read, + the
+    KV cache at the mean decode length) and the traffic that amounts to at the measured rate, against the
+    memory bandwidth."""
     s = stage_runs[0]
-    weights = s.memory.get("weights", {}).get("decoder", 0)
+    weights = s.memory.get("step_weights", s.memory.get("weights", {}).get("decoder", 0))
     total = s.prompt_tokens + s.new_tokens
     kv_per_position = s.memory.get("kv_used", 0) / total if total else 0.0
     kv_read = kv_per_position * (s.prompt_tokens + s.new_tokens / 2)
@@ -280,7 +281,7 @@ def plot(doc: dict, path: str | Path) -> None:
             ly += 16
     d.text((left, 15), f"edgevlm bench: p50 latency per stage over {doc['settings']['runs']} runs", fill="black",
            font=font)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from edgevlm.bundle import atomic_file
+
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -102,6 +102,24 @@ def file_table(root: Path) -> dict[str, dict]:
     return table
 
 
+def graph_bytes(path: str | Path) -> int:
+    """A graph's size on disk, its external weights (`.data`) included."""
+    return sum(os.path.getsize(p) for p in (path, f"{path}.data") if os.path.exists(p))
+
+
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside `path`; once written, it replaces `path` in one rename, so a reader
+    never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(out: Path, *, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.

@@ -2,7 +2,8 @@
 
 `FeatureCache` keeps vision-tower outputs keyed by a hash of the decoded pixels, least recently used
 first out, within a byte budget. A repeated frame (or a second question on the same image) skips the
-vision tower entirely.
+vision tower entirely. `PrefixCache` keeps the KV of recent prompts, so a prompt that starts like an
+earlier one (every planner prompt starts with the same few-shot block) prefills only what differs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 
@@ -81,3 +83,34 @@ class FeatureCache:
         with self._lock:
             self._entries.clear()
             self.bytes = 0
+
+
+class PrefixCache(FeatureCache):
+    """KV caches of recent prompts keyed by their token ids, within a byte budget (LRU).
+
+    A prompt that starts like a stored one (the planner's few-shot block, a system prompt) reuses the
+    stored KV of the shared tokens and prefills only the rest: a causal model's KV at position i depends
+    on tokens 0..i alone. Matches shorter than `min_tokens` are not worth a copy.
+    """
+
+    def __init__(self, max_bytes: int, min_tokens: int = 16):
+        super().__init__(max_bytes)
+        self.min_tokens = min_tokens
+
+    def match(self, ids: list[int], limit: int) -> tuple[Any, int] | None:
+        """(stored value, shared length) for the stored prompt sharing the longest prefix with ids[:limit]."""
+        query = np.asarray(ids[:limit])
+        with self._lock:
+            best_key, best_n = None, 0
+            for key in self._entries:
+                n = min(len(key), len(query))
+                differ = np.flatnonzero(np.asarray(key[:n]) != query[:n])
+                n = int(differ[0]) if differ.size else n
+                if n > best_n:
+                    best_key, best_n = key, n
+            if best_key is None or best_n < self.min_tokens:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(best_key)
+            self.hits += 1
+            return self._entries[best_key][0], best_n

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgevlm import prompts
 from edgevlm.backends.base import Model
-from edgevlm.cache import FeatureCache, image_key
+from edgevlm.cache import FeatureCache, PrefixCache, image_key
 from edgevlm.errors import EdgeVLMError, InputTooLongError, UsageError
 from edgevlm.generation import ThinkControl, generate
 from edgevlm.images import ImageInput, load_image
@@ -29,6 +29,9 @@ from edgevlm.tokenizer import StreamDecoder
 MODES = ("extract-think", "extract", "direct")
 MAX_QUESTION_CHARS = 100_000
 VISION_CACHE_MB = 256  # default byte budget of the vision-feature cache (an AnyRes 0.6B image is ~20 MB)
+# Default byte budget of each model's prompt-prefix KV cache (ONNX Runtime backend): the planner's few-shot
+# block is ~50 MB of KV on Qwen3-1.7B.
+PREFIX_CACHE_MB = 128
 
 
 @dataclass
@@ -44,14 +47,16 @@ class StageResult:
     new_tokens: int
     stop_reason: str  # eos, length or context
     timings: StageTimings
-    # backend, weights (bytes per graph/part of the model), kv_allocated and kv_used (bytes, at the stage's
-    # end), vision_cache ("hit" or "miss", for stages with an image while the cache is on)
+    # backend, weights (bytes per graph/part of the model), step_weights (those a decode step reads),
+    # kv_allocated and kv_used (bytes, at the stage's end), prefix_tokens (prompt positions whose KV came
+    # from the prefix cache), vision_cache ("hit" or "miss", for stages with an image while the cache is on)
     memory: dict = field(default_factory=dict)
 
     def memory_dict(self) -> dict:
-        """The `--json` view: KV megabytes, and the vision cache's outcome where there was one."""
+        """The `--json` view: KV megabytes, prefix-cache positions reused, the vision cache's outcome if any."""
         out = {"kv_allocated_mb": round(self.memory.get("kv_allocated", 0) / 1e6, 3),
-               "kv_used_mb": round(self.memory.get("kv_used", 0) / 1e6, 3)}
+               "kv_used_mb": round(self.memory.get("kv_used", 0) / 1e6, 3),
+               "prefix_tokens": self.memory.get("prefix_tokens", 0)}
         if "vision_cache" in self.memory:
             out["vision_cache"] = self.memory["vision_cache"]
         return out
@@ -127,14 +132,20 @@ class Pipeline:
     """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads serialize.
 
     Vision features are cached by image content (`vision_cache_mb`, LRU; 0 turns the cache off), so a
-    second question about the same frame skips the vision tower.
+    second question about the same frame skips the vision tower. On ONNX Runtime each model also keeps the
+    KV of recent prompts (`prefix_cache_mb` each; 0 = off): a prompt that starts like an earlier one (the
+    planner's few-shot block) prefills only what differs.
     """
 
-    def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB):
+    def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB,
+                 prefix_cache_mb: float = PREFIX_CACHE_MB):
         self.extractor, self.reasoner = extractor, reasoner
-        if vision_cache_mb < 0:
-            raise UsageError("the vision cache size must be 0 (off) or more megabytes")
+        if vision_cache_mb < 0 or prefix_cache_mb < 0:
+            raise UsageError("a cache size must be 0 (off) or more megabytes")
         self.vision_cache = FeatureCache(int(vision_cache_mb * 1e6))
+        for model in (extractor, reasoner):
+            if hasattr(model, "prefix_cache"):
+                model.prefix_cache = PrefixCache(int(prefix_cache_mb * 1e6))
         self._lock = threading.Lock()
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
 
@@ -168,15 +179,16 @@ class Pipeline:
         return cls(ex, rs, vision_cache_mb=vision_cache_mb)
 
     @classmethod
-    def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None,
-                    verify: bool = True, vision_cache_mb: float = VISION_CACHE_MB) -> Pipeline:
+    def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
+                    vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB) -> Pipeline:
         """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256."""
         from edgevlm import bundle
         from edgevlm.backends.onnx import OrtModel
 
         b = bundle.load(path, verify=verify)
         models = {role: OrtModel(b, role, device=device, threads=threads) for role in sorted(set(b.stages.values()))}
-        return cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")), vision_cache_mb=vision_cache_mb)
+        return cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")), vision_cache_mb=vision_cache_mb,
+                   prefix_cache_mb=prefix_cache_mb)
 
     def __call__(self, image: ImageInput, question: str, **options) -> Result:
         """Answer `question` about `image`; options as for `stream`."""
@@ -226,7 +238,7 @@ class Pipeline:
             raise UsageError("the temperature must be 0 (greedy) or more")
         if fixed_tokens is not None and fixed_tokens < 1:
             raise UsageError("fixed_tokens must be at least 1")
-        if mode != "direct" and self.reasoner is None:
+        if self.reasoner is None and not (mode == "direct" or (mode == "extract" and instruction is not None)):
             raise UsageError(f"mode {mode!r} needs a reasoner; this pipeline was loaded without one")
         question = prompts.format_question(question, choices)
         multiple_choice = bool(choices) or prompts.is_multiple_choice(question)
@@ -254,7 +266,8 @@ class Pipeline:
             result.response = stage.text.strip()
             result.answer = prompts.parse_answer(stage.text, multiple_choice=multiple_choice)
         else:
-            result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
+            if self.reasoner is not None:
+                result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
             if instruction is None:
                 cap = min(prompts.PLAN.max_new_tokens, max_new_tokens or prompts.PLAN.max_new_tokens)
                 stage = yield from self._stage(result, call, "plan", self.reasoner,
@@ -361,14 +374,17 @@ class Pipeline:
         if first_token_at is not None:
             call.prof.add(name, "decode", first_token_at, time.perf_counter())
         n_new = len(generation.token_ids)
+        reused = getattr(state, "reused", 0)  # prompt positions the prefix cache supplied
         kv_allocated, kv_used = state.kv_bytes()
         stage = StageResult(
             name=name, model=model.name, prompt=rendered, text=model.tokenizer.decode(generation.token_ids),
             token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=n_new,
             stop_reason=generation.stop_reason,
-            timings=call.prof.stage(name, prompt_tokens=n_prompt, new_tokens=n_new, first_token_at=first_token_at),
-            memory={"backend": model.backend, "weights": dict(model.weight_bytes), "kv_allocated": kv_allocated,
-                    "kv_used": kv_used, **({"vision_cache": cache} if cache else {})},
+            timings=call.prof.stage(name, prompt_tokens=n_prompt - reused, new_tokens=n_new,
+                                    first_token_at=first_token_at),
+            memory={"backend": model.backend, "weights": dict(model.weight_bytes), "step_weights": model.step_bytes,
+                    "kv_allocated": kv_allocated, "kv_used": kv_used, "prefix_tokens": reused,
+                    **({"vision_cache": cache} if cache else {})},
         )
         result.stages[name] = stage
         yield Event("stage_end", name, stage.text)

@@ -8,7 +8,6 @@ sampling between steps (for `--trace`); its cost is measured by benchmarks/profi
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -140,10 +139,10 @@ def format_table(head: tuple, rows: list[tuple]) -> list[str]:
 def write_trace(path: str | Path, prof: Profiler, metadata: dict | None = None) -> None:
     """Chrome/Perfetto trace-event JSON (opens in ui.perfetto.dev and chrome://tracing)."""
     doc = {"traceEvents": prof.trace_events(), "displayTimeUnit": "ms", "otherData": metadata or {}}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    from edgevlm.bundle import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(doc))
 
 
 def peak_rss_bytes() -> int:

@@ -14,6 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,10 +121,18 @@ def set_threads_for_export() -> None:
 
 
 def graph_io(path: str | Path) -> dict:
-    """Names, element types and (symbolic) shapes of a saved graph's inputs and outputs, for the manifest."""
+    """Names, element types and (symbolic) shapes of a saved graph's inputs and outputs, and the bytes of its
+    lookup tables (`lookup_bytes`: initializers only Gather reads, like a token embedding, of which a decode
+    step reads one row: the roofline leaves them out), for the manifest."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    lookup = sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                 for t in model.graph.initializer if readers.get(t.name) == {"Gather"})
 
     def describe(values):
         out = []
@@ -134,7 +143,7 @@ def graph_io(path: str | Path) -> dict:
                         "shape": dims})
         return out
 
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output), "lookup_bytes": lookup}
 
 
 def to_fp16(path: str | Path) -> None:

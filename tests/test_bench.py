@@ -145,3 +145,19 @@ def test_peak_rss_counts_allocations_and_resets_per_bundle():
     del block
     reset_peak_rss()
     assert peak_rss_bytes() < high - 190_000_000
+
+
+def test_the_roofline_leaves_out_token_embedding_rows_a_step_does_not_read(tiny_bundle, tiny_dir, image):
+    b = bundle_mod.load(tiny_bundle)
+    config = json.loads((tiny_dir("qwen3") / "config.json").read_text())
+    # the reasoner's decoder looks its tokens up in-graph (untied: the head has its own matrix)
+    assert b.models["reasoner"]["graphs"]["decoder"]["lookup_bytes"] == config["vocab_size"] * config["hidden_size"] * 4
+    assert b.models["extractor"]["graphs"]["decoder"]["lookup_bytes"] == 0  # it takes embeddings as input
+    result = Pipeline.from_bundle(tiny_bundle)(image, "What is shown?", max_new_tokens=4)
+    think = result.stages["think"]
+    lookup = b.models["reasoner"]["graphs"]["decoder"]["lookup_bytes"]
+    assert think.memory["step_weights"] == think.memory["weights"]["decoder"] - lookup
+    roof = benchmod.roofline([think], 10.0, 20.0)
+    kv = think.memory["kv_used"] / (think.prompt_tokens + think.new_tokens)
+    kv_read = kv * (think.prompt_tokens + think.new_tokens / 2)
+    assert roof["bytes_per_token"] == int(think.memory["step_weights"] + kv_read)

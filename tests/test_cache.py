@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from edgevlm.cache import FeatureCache, image_key, nbytes
+from edgevlm.cache import FeatureCache, PrefixCache, image_key, nbytes
 from edgevlm.images import load_image
 from edgevlm.pipeline import Pipeline
 
@@ -79,5 +79,57 @@ def test_second_question_on_the_same_image_skips_the_vision_tower(backend, tiny_
 def test_cache_size_is_checked():
     from edgevlm.errors import UsageError
 
-    with pytest.raises(UsageError, match="vision cache"):
+    with pytest.raises(UsageError, match="cache size"):
         Pipeline(None, None, vision_cache_mb=-1)
+    with pytest.raises(UsageError, match="cache size"):
+        Pipeline(None, None, prefix_cache_mb=-1)
+
+
+def test_prefix_cache_finds_the_longest_shared_prefix_within_its_budget():
+    cache = PrefixCache(max_bytes=3000, min_tokens=4)
+    cache.put((1, 2, 3, 4, 5, 6), np.zeros(250, np.float32))  # 1000 bytes each
+    cache.put((1, 2, 3, 9, 9, 9), np.zeros(250, np.float32))
+    cache.put((7, 7, 7, 7, 7), np.zeros(250, np.float32))
+    value, n = cache.match([1, 2, 3, 4, 5, 8, 8], limit=6)
+    assert n == 5 and value.nbytes == 1000
+    assert cache.match([1, 2, 3, 4, 5, 8], limit=3) is None  # the limit caps the shared length below min_tokens
+    assert cache.match([1, 2, 9], limit=3) is None
+    cache.put((5, 5, 5, 5), np.zeros(250, np.float32))  # evicts the least recently used: (1, 2, 3, 9, 9, 9)
+    assert cache.bytes <= 3000 and len(cache) == 3
+    assert cache.match([1, 2, 3, 9, 9, 9], limit=6) is None  # gone: only 3 tokens shared with what is left
+    assert cache.match([1, 2, 3, 4, 5, 6, 0], limit=6)[1] == 6
+
+
+def test_planner_prompts_reuse_their_shared_prefix(tiny_bundle):
+    """The second planner prompt takes the few-shot block's KV from the cache; its logits and tokens are
+    those of a full prefill (within float tolerance)."""
+    from edgevlm import prompts
+    from edgevlm.pipeline import render_prompt
+
+    pipe, cold = Pipeline.from_bundle(str(tiny_bundle)), Pipeline.from_bundle(str(tiny_bundle), prefix_cache_mb=0)
+    image = random_image(64, 48, seed=5)
+    options = dict(max_new_tokens=8, think_budget=8)
+    pipe(image, "What is shown?", **options)
+    warm = pipe(image, "How many shapes are there?", **options)
+    reference = cold(image, "How many shapes are there?", **options)
+    shared = render_prompt(pipe.reasoner, prompts.planner_prompt(""))
+    prefix = len(pipe.reasoner.tokenizer.encode(shared.split("Question: ")[0]))
+    plan = warm.stages["plan"]
+    assert prefix - 2 <= plan.memory["prefix_tokens"] < plan.prompt_tokens
+    assert warm.to_dict()["memory"]["plan"]["prefix_tokens"] == plan.memory["prefix_tokens"]
+    assert reference.stages["plan"].memory["prefix_tokens"] == 0
+    assert plan.token_ids == reference.stages["plan"].token_ids
+    # the extract prompt's image comes first: nothing after the image placeholder is ever reused
+    image_at = warm.stages["extract"].prompt.index("<image>")
+    assert warm.stages["extract"].memory["prefix_tokens"] <= len(
+        pipe.extractor.tokenizer.encode(warm.stages["extract"].prompt[:image_at], add_special_tokens=True))
+    # the same logits as a full prefill
+    model = pipe.reasoner
+    ids = model.prepare(plan.prompt).input_ids
+    hot = model.prefill(model.prepare(plan.prompt))
+    model.prefix_cache.max_bytes, saved = 0, model.prefix_cache.max_bytes
+    full = model.prefill(model.prepare(plan.prompt))
+    model.prefix_cache.max_bytes = saved
+    assert hot.reused > 0 and full.reused == 0 and len(ids) == hot.prompt_len
+    np.testing.assert_allclose(hot.logits, full.logits, atol=1e-4)
+    np.testing.assert_allclose(hot.step(7), full.step(7), atol=1e-4)

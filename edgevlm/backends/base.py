@@ -30,6 +30,7 @@ class Model(Protocol):
     eos_ids: set[int]
     backend: str  # "onnxruntime" or "torch"
     weight_bytes: dict[str, int]  # per graph or part: vision, embed, decoder
+    step_bytes: int  # weight bytes one decode step reads: the decoder's, less token-embedding rows not read
 
     def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
         """Tokenize a rendered prompt; with an image, preprocess it and expand its placeholder."""

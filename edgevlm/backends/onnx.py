@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from edgevlm.backends.base import Prepared
-from edgevlm.bundle import Bundle
+from edgevlm.bundle import Bundle, graph_bytes
+from edgevlm.cache import PrefixCache
 from edgevlm.errors import DeviceError, ModelError
 from edgevlm.families import Family, family_module
 from edgevlm.tokenizer import Tokenizer
@@ -42,11 +43,6 @@ def _session(path, device: str, threads: int | None):
         raise DeviceError("--device cuda was asked for, but ONNX Runtime cannot use CUDA here "
                           "(onnxruntime-gpu with its CUDA libraries is needed); use --device cpu")
     return session
-
-
-def _file_bytes(path) -> int:
-    """A graph's size on disk, its external weights included."""
-    return sum(os.path.getsize(p) for p in (path, f"{path}.data") if os.path.exists(p))
 
 
 class KVCache:
@@ -87,6 +83,20 @@ class KVCache:
         per_position = self.tensors * self.kv_heads * self.head_dim * 4
         return 2 * per_position * self.capacity, per_position * self.length
 
+    def snapshot(self, n: int) -> tuple[np.ndarray, int]:
+        """A copy of the first n positions, and n."""
+        rows = self._read[:, :self.kv_heads * self.length * self.head_dim]
+        rows = rows.reshape(self.tensors, self.kv_heads, self.length, self.head_dim)[:, :, :n]
+        return np.ascontiguousarray(rows).reshape(self.tensors, -1), n
+
+    def load(self, snapshot: tuple[np.ndarray, int], n: int) -> None:
+        """Start from the first n positions of a snapshot."""
+        data, length = snapshot
+        self.reserve(n)
+        rows = data.reshape(self.tensors, self.kv_heads, length, self.head_dim)[:, :, :n]
+        self._read[:, :self.kv_heads * n * self.head_dim] = rows.reshape(self.tensors, -1)
+        self.length = n
+
     def advance(self, new: int) -> None:
         """The graph has written length + new positions into the write set: it becomes the read set."""
         self._read, self._write = self._write, self._read
@@ -96,9 +106,10 @@ class KVCache:
 class OrtDecodeState:
     """One generation's KV cache and the latest logits."""
 
-    def __init__(self, model: OrtModel, cache: KVCache, logits: np.ndarray):
+    def __init__(self, model: OrtModel, cache: KVCache, logits: np.ndarray, reused: int = 0):
         self._model, self.cache, self.logits = model, cache, logits
         self.prompt_len = cache.length
+        self.reused = reused  # prompt positions taken from the prefix cache
 
     def step(self, token_id: int) -> np.ndarray:
         ids = np.array([[token_id]], dtype=np.int64)
@@ -137,7 +148,9 @@ class OrtModel:
         self.embedder = _session(bundle.file(graphs["embed"]["file"]), device, threads) if self.embeds else None
         self.vision = _session(bundle.file(graphs["vision"]["file"]), device, threads) if "vision" in graphs else None
         self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.get("arrays", {}).items()}
-        self.weight_bytes = {name: _file_bytes(bundle.file(g["file"])) for name, g in graphs.items()}
+        self.weight_bytes = {name: graph_bytes(bundle.file(g["file"])) for name, g in graphs.items()}
+        self.step_bytes = self.weight_bytes["decoder"] - int(graphs["decoder"].get("lookup_bytes", 0))
+        self.prefix_cache = PrefixCache(0)  # off until the pipeline gives it a budget
         names = [i.name for i in self.decoder.get_inputs()]
         self._input_name, self._past_names = names[0], names[3:]
         self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
@@ -183,9 +196,21 @@ class OrtModel:
         # [heads, chunk, total] instead of [heads, total, total], which bounds prefill memory on small devices.
         kv = self.entry["kv"]
         cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256)
-        for start in range(0, x.shape[1], self.prefill_chunk):
+        ids, reused = prepared.input_ids, 0
+        # Only the text before an image can be shared: image slots hold features, not what their ids say.
+        image_id = self.entry.get("preprocess", {}).get("image_token_id")
+        shareable = ids.index(image_id) if image_id is not None and image_id in ids else len(ids)
+        if self.prefix_cache.max_bytes:
+            hit = self.prefix_cache.match(ids, min(shareable, len(ids) - 1))  # one position runs, for the logits
+            if hit is not None:
+                cache.load(*hit)
+                reused = hit[1]
+        for start in range(reused, x.shape[1], self.prefill_chunk):
             logits = self.run_decoder(x[:, start:start + self.prefill_chunk], cache)
-        return OrtDecodeState(self, cache, logits)
+        per_position = cache.nbytes()[1] // max(cache.length, 1)
+        if shareable >= self.prefix_cache.min_tokens and 0 < per_position * shareable <= self.prefix_cache.max_bytes:
+            self.prefix_cache.put(tuple(ids[:shareable]), cache.snapshot(shareable))
+        return OrtDecodeState(self, cache, logits, reused)
 
     # ---------------------------------------------------------------- graphs
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:

@@ -118,6 +118,9 @@ class TorchModel:
             raise ModelError(f"cannot load {self.name}: {first}") from None
         self.processor = _PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
         self.weight_bytes = _weight_bytes(self.model)
+        table, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings()
+        untied = head is None or head.weight.data_ptr() != table.data_ptr()  # a tied table is read whole by the head
+        self.step_bytes = self.weight_bytes["decoder"] - (table.numel() * table.element_size() if untied else 0)
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
