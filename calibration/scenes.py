@@ -1,5 +1,6 @@
-"""Procedural scenes: coloured shapes and text at known places, with questions whose answers and
-question-relevant descriptions come from the scene graph. Seeded and reproducible.
+"""Procedural scenes: coloured shapes and text in the cells of a 3x3 grid, with questions of several types
+whose answers, instructions, descriptions (every cell, in reading order: what any instruction can ask
+about) and step-by-step reasoning come from the scene graph. Seeded and reproducible.
 
 They feed calibration and fidelity measurement (the three stages need an image, a question, an
 instruction and a description), and are the seed of the demo models' training data.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 240), "gray": (190, 190, 190), "beige": (230, 220, 190)}
-WORDS = ("STOP", "EXIT", "CUP", "OPEN", "BOX", "GATE", "LEFT", "DOOR")
+# What a scene's text says: a short word or a digit, drawn large enough to read at 128 px.
+TEXTS = ("STOP", "EXIT", "CUP", "OPEN", "BOX", "GATE", "DOOR", "MILK", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 @dataclass
@@ -60,7 +62,7 @@ def random_scene(rng: np.random.Generator, size: tuple[int, int] = (384, 288)) -
     scene = Scene(size=size, background=str(rng.choice(list(BACKGROUNDS))), shapes=shapes)
     if rng.random() < 0.6:
         free = [cell for cell in cells if cell not in picked]  # at most 6 of 9 cells hold shapes
-        scene.text = f"{rng.choice(WORDS)} {int(rng.integers(1, 10))}"
+        scene.text = str(rng.choice(TEXTS))
         scene.text_cell = free[int(rng.integers(len(free)))]
     return scene
 
@@ -83,7 +85,7 @@ def render(scene: Scene) -> Image.Image:
     if scene.text:
         row, col = scene.text_cell
         draw.text(((col + 0.5) * cw, (row + 0.5) * ch), scene.text, fill=(0, 0, 0), anchor="mm",
-                  font_size=int(ch * 0.3))
+                  font_size=int(ch * 0.42))
     return image
 
 
@@ -91,15 +93,16 @@ def _name(s: Shape) -> str:
     return f"{'large' if s.big else 'small'} {s.color} {s.kind}"
 
 
-def describe(scene: Scene, focus: str | None = None) -> str:
-    """A fine-grained description from the scene graph; `focus` (a colour or shape) is described first."""
-    shapes = sorted(scene.shapes, key=lambda s: (focus not in (s.color, s.kind), s.row, s.col))
-    parts = [f"The image shows {len(shapes)} shapes on a {scene.background} background."]
-    parts += [f"There is a {_name(s)} at the {place(s.row, s.col)}." for s in shapes]
+def describe(scene: Scene) -> str:
+    """A fine-grained description from the scene graph: the background, then every cell of the 3x3 grid in
+    reading order with what it holds (a shape, the text, or nothing), named as questions name places."""
+    cells = {(s.row, s.col): f"a {_name(s)}" for s in scene.shapes}
     if scene.text:
-        parts.append(f'The text "{scene.text}" is written in black at the {place(*scene.text_cell)}.')
-    else:
-        parts.append("There is no text in the image.")
+        cells[tuple(scene.text_cell)] = f'the text "{scene.text}"'
+    parts = [f"The background is {scene.background}."]
+    for row in range(3):
+        for col in range(3):
+            parts.append(f"At the {place(row, col)}, {cells.get((row, col), 'nothing')}.")
     return " ".join(parts)
 
 
@@ -107,48 +110,115 @@ def _letters(options: list[str], answer: str) -> tuple[list[str], str]:
     return options, "ABCDEFGH"[options.index(answer)]
 
 
+def _count_choices(count: int, rng: np.random.Generator) -> list[str]:
+    low = int(rng.integers(max(count - 3, 0), count + 1))  # the true count sits anywhere among four options
+    return [str(n) for n in range(low, low + 4)]
+
+
+def _listing(shapes: list[Shape]) -> str:
+    """The shapes in the description's order (reading order)."""
+    ordered = sorted(shapes, key=lambda s: (s.row, s.col))
+    return "; ".join(f"the {_name(s)} at the {place(s.row, s.col)}" for s in ordered) or "none"
+
+
+def _count_text(shapes: list[Shape], what: str) -> str:
+    return f"The {what} shapes in the description: {_listing(shapes)}. That makes {len(shapes)} {what} shapes."
+
+
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """Questions of several types with their instruction (what to observe) and answer."""
+    """Questions of several types, each with its instruction (what to observe), its answer (a letter for
+    multiple choice) and `reasoning`: the step-by-step reasoning from the description to the answer.
+
+    Perception: count, color, shape, position, text. Reasoning over the extracted facts: arithmetic
+    (on counts), compare (two counts), relation (two positions).
+    """
     out = []
-    color = str(rng.choice([s.color for s in scene.shapes]))
-    count = sum(s.color == color for s in scene.shapes)
-    opts = sorted({count, count + 1, max(count - 1, 0), count + 2})
-    choices, letter = _letters([str(o) for o in opts], str(count))
-    out.append({"type": "count", "question": f"How many {color} shapes are there?", "choices": choices,
-                "answer": letter, "instruction": f"the number of {color} shapes in the image"})
+
+    def add(kind, question, answer, instruction, reasoning, choices=None):
+        letter = answer
+        if choices is not None:
+            choices, letter = _letters(choices, answer)
+            reasoning += f" {answer} is option {letter}."
+        out.append({"type": kind, "question": question, "choices": choices, "answer": letter,
+                    "instruction": instruction, "reasoning": reasoning})
+
+    color = str(rng.choice([s.color for s in scene.shapes] + [str(rng.choice(list(COLORS)))]))
+    same = [s for s in scene.shapes if s.color == color]
+    add("count", f"How many {color} shapes are there?", str(len(same)), f"the number of {color} shapes",
+        _count_text(same, color), _count_choices(len(same), rng))
+
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    others = [c for c in COLORS if c != s.color]
-    opts = [s.color] + [str(c) for c in rng.choice(others, size=3, replace=False)]
+    where = place(s.row, s.col)
+    opts = [s.color] + [str(c) for c in rng.choice([c for c in COLORS if c != s.color], size=3, replace=False)]
     rng.shuffle(opts)
-    choices, letter = _letters(opts, s.color)
-    out.append({"type": "color", "question": f"What color is the {s.kind} at the {place(s.row, s.col)}?",
-                "choices": choices, "answer": letter,
-                "instruction": "the colors of the shapes and their positions in the image"})
-    out.append({"type": "position", "question": f"Where is the {s.color} {s.kind}?", "choices": None,
-                "answer": place(s.row, s.col), "instruction": f"the positions of the {s.color} shapes"})
+    add("color", f"What color is the {s.kind} at the {where}?", s.color,
+        "the colors of the shapes and their positions",
+        f"At the {where}, the description has a {_name(s)}. Its color is {s.color}.", opts)
+
+    s = scene.shapes[int(rng.integers(len(scene.shapes)))]
+    where = place(s.row, s.col)
+    add("shape", f"What shape is at the {where}?", s.kind, "the shapes and their positions",
+        f"At the {where}, the description has a {_name(s)}. The shape is a {s.kind}.")
+
+    unique = [s for s in scene.shapes if sum((t.color, t.kind) == (s.color, s.kind) for t in scene.shapes) == 1]
+    if unique:
+        s = unique[int(rng.integers(len(unique)))]
+        add("position", f"Where is the {s.color} {s.kind}?", place(s.row, s.col),
+            f"the positions of the {s.color} shapes",
+            f"The description has the {_name(s)} at the {place(s.row, s.col)}.")
+
     if scene.text:
-        out.append({"type": "text", "question": "What does the text in the image say?", "choices": None,
-                    "answer": scene.text, "instruction": "the text written in the image"})
-    total = len(scene.shapes)
-    out.append({"type": "arithmetic", "question": "If two more shapes were added, how many shapes would there be?",
-                "choices": None, "answer": str(total + 2), "instruction": "the number of shapes in the image"})
+        add("text", "What does the text in the image say?", scene.text, "the text written in the image",
+            f'The description has the text "{scene.text}" at the {place(*scene.text_cell)}.')
+
+    total, extra = len(scene.shapes), int(rng.integers(1, 4))
+    more = {1: "one more shape was", 2: "two more shapes were", 3: "three more shapes were"}[extra]
+    add("arithmetic", f"If {more} added, how many shapes would there be?", str(total + extra),
+        "the number of shapes in the image",
+        f"The shapes in the description: {_listing(scene.shapes)}. That makes {total} shapes. "
+        f"{total} + {extra} = {total + extra}.")
+
+    a, b = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
+    na, nb = (sum(s.color == c for s in scene.shapes) for c in (a, b))
+    add("compare", f"Are there more {a} shapes than {b} shapes?", "yes" if na > nb else "no",
+        f"the number of {a} shapes and the number of {b} shapes",
+        f"{_count_text([s for s in scene.shapes if s.color == a], a)} "
+        f"{_count_text([s for s in scene.shapes if s.color == b], b)} "
+        f"{na} is {'more' if na > nb else 'not more'} than {nb}.")
+
+    if len(unique) >= 2:
+        i, j = rng.choice(len(unique), size=2, replace=False)
+        s, t = unique[int(i)], unique[int(j)]
+        side = "left" if rng.random() < 0.5 else "right"
+        yes = s.col < t.col if side == "left" else s.col > t.col
+        cols = ("left", "center", "right")
+        add("relation", f"Is the {s.color} {s.kind} to the {side} of the {t.color} {t.kind}?", "yes" if yes else "no",
+            "the positions of the shapes",
+            f"The description has the {s.color} {s.kind} at the {place(s.row, s.col)}, in the {cols[s.col]} "
+            f"column, and the {t.color} {t.kind} is at the {place(t.row, t.col)}, in the {cols[t.col]} column. "
+            f"So the {s.color} {s.kind} is {'' if yes else 'not '}to the {side} of the {t.color} {t.kind}.")
     return out
 
 
-def make_set(out: str | Path, n: int, seed: int = 0, eval_fraction: float = 0.34) -> Path:
-    """Write n scenes (images/NNN.png) and items.jsonl (one line per question) into `out`."""
+def make_set(out: str | Path, n: int, seed: int = 0, eval_fraction: float = 0.34, split: str | None = None,
+             progress=None) -> Path:
+    """Write n scenes (images/NNN.png) and items.jsonl (one line per question) into `out`.
+
+    Items are split into "calib" and "eval" by `eval_fraction`, or all get `split` when given."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
         scene = random_scene(rng)
-        name = f"images/{i:03d}.png"
+        name = f"images/{i:03d}.png" if n <= 1000 else f"images/{i:04d}.png"
         render(scene).save(out / name, optimize=True)
-        split = "eval" if i >= n * (1 - eval_fraction) else "calib"
+        item_split = split or ("eval" if i >= n * (1 - eval_fraction) else "calib")
         for q in questions(scene, rng):
-            focus = next((w for w in (*COLORS, *SHAPES) if w in q["question"]), None)
-            lines.append({"image": name, "split": split, "description": describe(scene, focus), **q})
+            lines.append({"image": name, "split": item_split, "description": describe(scene), **q,
+                          "scene": asdict(scene)})
+        if progress:
+            progress(i + 1, n)
     (out / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return out
 

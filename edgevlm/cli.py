@@ -55,7 +55,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--reasoner", metavar="ID|DIR", help="The LLM that plans and reasons (hub id, directory or .gguf).")
 @click.option("--gguf-file", metavar="NAME", help="With --reasoner DIR: the GGUF file in DIR to use.")
 @click.option("--quant", metavar="int8|nf4", help="PyTorch backend only: load weights through bitsandbytes.")
-@click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b.")
+@click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b, demo.")
 @click.option("--mode", default="extract-think", show_default=True, metavar="MODE",
               help="extract-think, extract (stop after the description) or direct (the VLM answers alone).")
 @click.option("--think/--no-think", default=True, show_default=True, help="Qwen3 thinking mode for the reasoner.")
@@ -136,7 +136,9 @@ def profile_table(result) -> str:
     for name, s in result.stages.items():
         t = s.timings
         vision = f"{t.vision_ms:.1f} (cached)" if s.memory.get("vision_cache") == "hit" else t.vision_ms
-        rows.append((name, s.prompt_tokens, s.new_tokens, t.preprocess_ms, vision, t.embed_ms, t.prefill_ms,
+        reused = s.memory.get("prefix_tokens", 0)
+        prompt = f"{s.prompt_tokens} ({reused} cached)" if reused else s.prompt_tokens
+        rows.append((name, prompt, s.new_tokens, t.preprocess_ms, vision, t.embed_ms, t.prefill_ms,
                      t.decode_ms, t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s,
                      s.memory.get("kv_used", 0) / 1e6))
     from edgevlm.profiler import format_table
@@ -165,6 +167,8 @@ def profile_table(result) -> str:
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
 @click.option("--vision-cache", is_flag=True, help="Keep the vision-feature cache on (repeated images then skip "
               "the vision tower; off by default so every run pays for its image).")
+@click.option("--prefix-cache", is_flag=True, help="Keep the prompt-prefix KV cache on (bundles: prompts that start "
+              "like an earlier one prefill only the rest; off by default so every run prefills its whole prompt).")
 @click.option("--target", metavar="NAME", help="Roofline against this target's bandwidth (e.g. jetson-orin-nano) "
               "instead of a copy test on this machine.")
 @click.option("--json", "json_file", metavar="FILE", type=click.Path(dir_okay=False),
@@ -173,10 +177,10 @@ def profile_table(result) -> str:
               help="Write stacked per-stage latency bars (one per bundle) as PNG.")
 @click.option("--compare", nargs=2, metavar="A.json B.json", help="Print B's ratios to A from two saved runs.")
 def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, think, think_budget, warmup, runs,
-          fixed_tokens, device, vision_cache, target, json_file, plot_file, compare):
+          fixed_tokens, device, vision_cache, prefix_cache, target, json_file, plot_file, compare):
     """Time the pipeline: warmup, N runs, p50/p90/max per stage, TTFT, decode tokens/s, memory, roofline."""
     from edgevlm import bench as benchmod
-    from edgevlm.pipeline import MODES, VISION_CACHE_MB
+    from edgevlm.pipeline import MODES, PREFIX_CACHE_MB, VISION_CACHE_MB
 
     if compare:
         a, b = (benchmod.read(f) for f in compare)
@@ -202,7 +206,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
         click.echo(f"edgevlm: loading {path or preset or 'the HF pair'}", err=True)
         reset_peak_rss()  # each bundle's peak RSS its own (where the OS allows), its loading included
         if kind == "bundle":
-            pipe = Pipeline.from_bundle(path, device=device, vision_cache_mb=cache_mb)
+            pipe = Pipeline.from_bundle(path, device=device, vision_cache_mb=cache_mb,
+                                        prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache else 0)
             label, source = _bundle_label(path), {"bundle": path}
         else:
             pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
@@ -214,11 +219,15 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
                                       progress=lambda m: click.echo(f"edgevlm: {m}", err=True)))
         del pipe
     settings = {"warmup": warmup, "runs": runs, "fixed_tokens": fixed_tokens, "mode": mode, "think": think,
-                "think_budget": think_budget, "items": len(items), "device": device, "vision_cache": vision_cache}
+                "think_budget": think_budget, "items": len(items), "device": device, "vision_cache": vision_cache,
+                "prefix_cache": prefix_cache}
     doc = benchmod.document(results, settings=settings, bandwidth=bandwidth)
     click.echo(benchmod.report(doc))
     if json_file:
-        _write_atomic(json_file, json.dumps(doc, indent=2))
+        from edgevlm.bundle import atomic_file
+
+        with atomic_file(json_file) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
     if plot_file:
         benchmod.plot(doc, plot_file)
 
@@ -246,20 +255,13 @@ def _bundle_label(path: str) -> str:
     return f"{name} ({'/'.join(precisions)})" if precisions and "/".join(precisions) not in name else name
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle directory to write.")
 @click.option("--extractor", metavar="ID|DIR", help="The VLM to export (default: the preset's).")
 @click.option("--reasoner", metavar="ID|DIR|FILE.gguf", help="The reasoning LLM to export (default: the preset's).")
 @click.option("--gguf-file", metavar="NAME", help="With --reasoner DIR: the GGUF file in DIR to import.")
 @click.option("--no-reasoner", is_flag=True, help="Export the extractor alone (a bundle for --mode direct).")
-@click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b.")
+@click.option("--preset", metavar="NAME", help="A named model pair: paper-0.6b (default), paper-1.7b, demo.")
 @click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx",
               help="Graph format (TensorRT engines come later).")
 @click.option("--quant", default="fp32", show_default=True, metavar="fp32|fp16|int8|int4",
@@ -351,6 +353,92 @@ def describe_bundle(b) -> str:
 
     lines.append(report_table(m.get("fidelity")))
     return "\n".join(lines)
+
+
+@cli.command("eval")
+@click.option("--data", metavar="FILE.jsonl", type=click.Path(dir_okay=False),
+              help="Items (image, question, choices, answer, type); default with --preset demo: its test split.")
+@click.option("--bundle", "bundles", multiple=True, metavar="DIR", help="A bundle to score (repeat to compare).")
+@click.option("--preset", metavar="NAME", help="A named model pair (PyTorch backend), e.g. demo.")
+@click.option("--extractor", metavar="ID|DIR", help="The VLM (PyTorch backend).")
+@click.option("--reasoner", metavar="ID|DIR", help="The reasoning LLM (PyTorch backend).")
+@click.option("--modes", default="extract-think", show_default=True, metavar="M1,M2",
+              help="Comma-separated modes to score: extract-think, direct.")
+@click.option("--think/--no-think", default=True, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="The reasoner's (0 = greedy).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (per system and mode).")
+def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature, limit, seed, device, as_json):
+    """Accuracy on a question set, per mode and question type, for one or more systems side by side."""
+    from edgevlm import evaluation
+    from edgevlm.pipeline import Pipeline
+    from edgevlm.presets import get_preset
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in mode_list if m not in ("extract-think", "direct")]
+    if bad or not mode_list:
+        raise UsageError(f"unknown mode {bad[0] if bad else modes!r}; choose from: extract-think, direct")
+    if bundles and (extractor or reasoner or preset):
+        raise UsageError("score either bundles (--bundle) or an HF pair (--extractor/--reasoner/--preset)")
+    if preset:
+        get_preset(preset)
+    if data is None:
+        if preset != "demo":
+            raise UsageError("give the items to score with --data FILE.jsonl (only --preset demo has a default)")
+        from edgevlm import demo
+
+        data = demo.TEST_SET / "items.jsonl"
+    items = evaluation.load_items(data)[:limit]
+    options = {"think": think, "temperature": temperature, "seed": seed}
+    results = {}
+    systems = [("bundle", b) for b in bundles] or [("hf", None)]
+    for kind, path in systems:
+        if kind == "bundle":
+            pipe, label = Pipeline.from_bundle(path, device=device), _bundle_label(path)
+        else:
+            pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
+                                            load_reasoner="extract-think" in mode_list)
+            label = "torch " + (preset or os.path.basename(str(extractor).rstrip("/")))
+        results[label] = {m: evaluation.evaluate(pipe, items, mode=m, label=label, **options) for m in mode_list}
+        del pipe
+    if as_json:
+        click.echo(json.dumps({"data": str(data), "results": results}, indent=2))
+    else:
+        click.echo(evaluation.report(results))
+
+
+@cli.command()
+@click.option("--model", required=True, metavar="DIR", help="The model to tune: a VLM (extractor) or a text LM.")
+@click.option("--data", required=True, metavar="FILE.jsonl", type=click.Path(dir_okay=False),
+              help="Items: image, question, choices, answer, instruction, description (the extraction target), "
+              "reasoning (optional).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the tuned model.")
+@click.option("--val-data", metavar="FILE.jsonl", type=click.Path(dir_okay=False),
+              help="Validation items (default: 5% of --data held out).")
+@click.option("--teacher", metavar="ID|DIR", help="An extractor that writes the descriptions items lack.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True,
+              help="LoRA rank (peft), merged into the weights when saved; 0 = full fine-tuning.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.partial/.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, eval_every, resume, seed):
+    """Visual extraction tuning (a VLM: image + instruction -> description) or reasoner tuning (a text LM)."""
+    try:
+        from edgevlm import tune as tunemod
+    except ImportError as e:
+        raise EdgeVLMError(f"tune needs torch and transformers ({e}); pip install 'edgevlm[export]'") from None
+    from edgevlm.evaluation import load_items
+
+    val = load_items(val_data) if val_data else None
+    scores = tunemod.tune(model, data, out, steps=steps, batch_size=batch_size, lr=lr, lora=lora, val_items=val,
+                          teacher=teacher, eval_every=eval_every, save_every=eval_every, resume=resume, seed=seed,
+                          log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"out": out, **scores}))
 
 
 @cli.command("make-tiny")

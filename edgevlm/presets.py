@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgevlm.errors import UsageError
+from edgevlm import demo
+from edgevlm.errors import ModelError, UsageError
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ PRESETS = {
                "the paper's 0.6B extractor (LLaVA-OneVision + Qwen3-0.6B) with Qwen3-1.7B reasoning"),
         Preset("paper-1.7b", "markendo/llava-extract-qwen3-1.7B", "Qwen/Qwen3-4B",
                "the paper's 1.7B extractor (LLaVA-OneVision + Qwen3-1.7B) with Qwen3-4B reasoning"),
+        Preset("demo", str(demo.EXTRACTOR), str(demo.REASONER),
+               "small models trained here on procedural scenes (edgevlm.demo; offline)"),
     )
 }
 DEFAULT_PRESET = "paper-0.6b"
@@ -29,6 +32,10 @@ DEFAULT_PRESET = "paper-0.6b"
 
 def get_preset(name: str) -> Preset:
     try:
-        return PRESETS[name]
+        preset = PRESETS[name]
     except KeyError:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    if name == "demo" and not demo.available():
+        raise ModelError("the demo models are not in this checkout: build them with `python -m edgevlm.demo train` "
+                         "(about 30 minutes on 2 cores)")
+    return preset

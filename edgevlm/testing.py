@@ -76,8 +76,8 @@ _CORPUS = [
 FAMILIES = ("qwen3", "llama", "llava_onevision", "llava_onevision_qwen2", "idefics3")
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained here on the method's own prompts, as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None):
+    """A byte-level BPE trained here on the method's own prompts (and `corpus`), as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -88,7 +88,7 @@ def build_tokenizer(vocab_size: int = 1024):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(_CORPUS + (corpus or []), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
     )
@@ -127,14 +127,14 @@ def _qwen2_text_config(tok) -> dict:
     return {**cfg, "model_type": "qwen2"}
 
 
-def _make_qwen3(out: Path, seed: int) -> None:
+def _make_qwen3(out: Path, seed: int, *, tok=None, text_extra: dict | None = None) -> None:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    tok = build_tokenizer()
+    tok = tok or build_tokenizer()
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     torch.manual_seed(seed)
-    _save_causal_lm(Qwen3ForCausalLM(Qwen3Config(**_qwen3_text_config(tok))), tok, out)
+    _save_causal_lm(Qwen3ForCausalLM(Qwen3Config(**{**_qwen3_text_config(tok), **(text_extra or {})})), tok, out)
 
 
 def _make_llama(out: Path, seed: int) -> None:
@@ -167,10 +167,11 @@ TINY_SIGLIP = dict(
     num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False,
 )
 # AnyRes pinpoints shaped like the paper's (1x1 ... 3x3 crops of the base size).
-TINY_PINPOINTS = [[32 * h, 32 * w] for h in range(1, 4) for w in range(1, 4)]
+TINY_GRIDS = [(h, w) for h in range(1, 4) for w in range(1, 4)]
 
 
-def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3") -> None:
+def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3", *, tok=None, vision: dict = TINY_SIGLIP,
+                          text_extra: dict | None = None, pinpoints: list | None = None) -> None:
     import torch
     from transformers import (
         LlavaOnevisionConfig,
@@ -180,13 +181,15 @@ def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3") -> None:
 
     from edgevlm.families import llava_onevision
 
-    tok = build_tokenizer()
+    tok = tok or build_tokenizer()
+    crop = vision["image_size"]
+    pinpoints = pinpoints or [[crop * h, crop * w] for h, w in TINY_GRIDS]
     cfg = LlavaOnevisionConfig(
-        vision_config=dict(TINY_SIGLIP),
-        text_config=_qwen3_text_config(tok) if text == "qwen3" else _qwen2_text_config(tok),
+        vision_config=dict(vision),
+        text_config={**(_qwen3_text_config(tok) if text == "qwen3" else _qwen2_text_config(tok)), **(text_extra or {})},
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=TINY_PINPOINTS, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full", vision_feature_layer=-1,
         use_image_newline_parameter=True, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -196,12 +199,13 @@ def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3") -> None:
         tok.convert_tokens_to_ids("<|endoftext|>"),
     )
     image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 32, "width": 32}, image_grid_pinpoints=TINY_PINPOINTS, do_pad=True,
+        size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints, do_pad=True,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3,
     )
     model.save_pretrained(out)
     llava_onevision.save_processor(
-        out, tok, image_processor, num_image_tokens=(32 // 8) ** 2, chat_template=llava_onevision.CHAT_TEMPLATE,
+        out, tok, image_processor, num_image_tokens=(crop // vision["patch_size"]) ** 2,
+        chat_template=llava_onevision.CHAT_TEMPLATE,
     )
 
 

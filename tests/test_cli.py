@@ -13,9 +13,9 @@ from PIL import Image
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def edgevlm(*args, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def edgevlm(*args, stdin: bytes | None = None, env: dict | None = None, timeout: int = 300):
     return subprocess.run([sys.executable, "-m", "edgevlm", *map(str, args)], input=stdin, capture_output=True,
-                          env=env or ENV, timeout=300)
+                          env=env or ENV, timeout=timeout)
 
 
 def assert_one_line_error(proc, code: int, *needles: str):

@@ -1,0 +1,193 @@
+"""The demo models: a small extractor and reasoner trained here with the paper's method on procedural
+scenes (edgevlm.calibration.scenes), shipped inside the package so `--preset demo` works offline.
+
+Rebuild them from scratch (fixed seed; about 25 minutes on 2 CPU cores):
+
+    python -m edgevlm.demo train
+
+That writes scene data, builds the two models from configs (the paper's architectures, shrunk: a
+SigLIP tower + projector + Qwen3 extractor, a Qwen3 reasoner, sharing a tokenizer trained on the
+scenes' language), tunes the extractor (visual extraction tuning: image + perception prompt ->
+description) and the reasoner (plan; description + question -> reasoning + answer) with edgevlm.tune,
+and replaces the shipped weights. The held-out test split (`test/`) is what `edgevlm eval --preset demo`
+scores.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEMO_DIR = Path(__file__).parent
+EXTRACTOR = DEMO_DIR / "extractor"
+REASONER = DEMO_DIR / "reasoner"
+TEST_SET = DEMO_DIR / "test"
+EXAMPLE = DEMO_DIR / "example.png"
+
+# The paper's extractor architecture (LLaVA-OneVision: SigLIP + 2-layer MLP projector + Qwen3), shrunk.
+VISION = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+              num_attention_heads=4, image_size=128, patch_size=16, vision_use_head=False)
+PINPOINTS = [[128, 128]]
+TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=48, max_position_embeddings=1024)
+VOCAB = 1024
+SEED = 0
+SCENES = {"train": 3000, "val": 40, "test": 80}  # about 7.5 questions each
+VISION_STEPS = 400
+
+
+def available() -> bool:
+    return (EXTRACTOR / "config.json").exists() and (REASONER / "config.json").exists()
+
+
+def corpus(items: list[dict]) -> list[str]:
+    """The scenes' language, for the demo tokenizer."""
+    return [t for i in items for t in (i["description"], i["question"], i.get("reasoning") or "",
+                                       i.get("instruction") or "", " ".join(i.get("choices") or []))]
+
+
+def make_data(work: Path, seed: int = SEED, counts: dict[str, int] = SCENES, log=print) -> dict[str, Path]:
+    """Train, validation and test scene sets (disjoint seeds) under `work`."""
+    from edgevlm.calibration import scenes
+
+    sets = {}
+    for offset, (split, n) in enumerate(counts.items(), 1):
+        log(f"scenes: {split} ({n} images)")
+        sets[split] = scenes.make_set(work / split, n, seed=seed * 10 + offset, split=split) / "items.jsonl"
+    return sets
+
+
+def make_base_models(work: Path, items: list[dict], seed: int = SEED) -> tuple[Path, Path]:
+    """The untrained extractor and reasoner, from configs, with a tokenizer trained on `items`' language."""
+    from edgevlm import testing
+
+    texts = corpus(items)
+    testing._make_llava_onevision(work / "extractor-init", seed, tok=testing.build_tokenizer(VOCAB, texts),
+                                  vision=VISION, text_extra=TEXT, pinpoints=PINPOINTS)
+    testing._make_qwen3(work / "reasoner-init", seed, tok=testing.build_tokenizer(VOCAB, texts), text_extra=TEXT)
+    return work / "extractor-init", work / "reasoner-init"
+
+
+# ---------------------------------------------------------------- vision pretraining
+# The paper's extractor starts from a pretrained SigLIP tower; ours starts from scratch, so before visual
+# extraction tuning the tower and projector learn to see the scenes: every cell's shape, colour and size,
+# the text and the background, predicted by linear heads from the features the language model will get.
+def _label_groups():
+    from edgevlm.calibration import scenes
+
+    return [("kind", 9, 1 + len(scenes.SHAPES)), ("color", 9, 1 + len(scenes.COLORS)), ("size", 9, 3),
+            ("text", 1, 1 + len(scenes.TEXTS)), ("text_cell", 1, 10),
+            ("background", 1, len(scenes.BACKGROUNDS))]
+
+
+def scene_labels(scene: dict) -> list[int]:
+    """Class indices for every (group, slot) of _label_groups, from a scene graph (scenes.Scene as a dict)."""
+    from edgevlm.calibration import scenes
+
+    kind, color, size = [0] * 9, [0] * 9, [0] * 9
+    for s in scene["shapes"]:
+        cell = s["row"] * 3 + s["col"]
+        kind[cell] = 1 + scenes.SHAPES.index(s["kind"])
+        color[cell] = 1 + list(scenes.COLORS).index(s["color"])
+        size[cell] = 2 if s["big"] else 1
+    text, cell = 0, 9
+    if scene["text"]:
+        text = 1 + scenes.TEXTS.index(scene["text"])
+        cell = scene["text_cell"][0] * 3 + scene["text_cell"][1]
+    return kind + color + size + [text, cell, list(scenes.BACKGROUNDS).index(scene["background"])]
+
+
+def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISION_STEPS, batch_size: int = 32,
+                    lr: float = 2e-3, seed: int = SEED, log=print) -> dict:
+    """Train the extractor's vision tower and projector on scene labels; saves them in place. Returns the
+    held-out accuracy per label group."""
+    import torch
+    from PIL import Image
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from edgevlm.families import llava_onevision
+    from edgevlm.tune import _save
+
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(extractor_dir, dtype=torch.float32)
+    processor = llava_onevision.load_hf_processor(extractor_dir).image_processor
+    scenes_by_image = {str(i["image"]): i["scene"] for i in items}
+    paths = sorted(scenes_by_image)
+    pixels, labels = [], []
+    for n, path in enumerate(paths, 1):
+        with Image.open(path) as im:
+            pixels.append(processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0])
+        labels.append(scene_labels(scenes_by_image[path]))
+        if n % 1000 == 0:
+            log(f"vision pretraining: preprocessed {n}/{len(paths)} images")
+    pixels, labels = torch.stack(pixels), torch.tensor(labels)
+    groups = _label_groups()
+    slots = [(name, n_classes) for name, count, n_classes in groups for _ in range(count)]
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+
+    def features(batch):
+        b, views = batch.shape[:2]
+        hidden = tower(batch.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+        return projector(hidden).reshape(b, -1)
+
+    with torch.no_grad():
+        width = features(pixels[:1]).shape[1]
+    head = torch.nn.Linear(width, sum(c for _, c in slots))
+    params = [*tower.parameters(), *projector.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    n_val = max(1, len(paths) // 20)
+    train_idx = np.arange(n_val, len(paths))
+    rng = np.random.default_rng(seed)
+
+    def loss_and_hits(idx):
+        logits = head(features(pixels[idx]))
+        loss, hits, offset = 0.0, [], 0
+        for slot, (_, n_classes) in enumerate(slots):
+            part = logits[:, offset:offset + n_classes]
+            loss = loss + torch.nn.functional.cross_entropy(part, labels[idx, slot])
+            hits.append((part.argmax(1) == labels[idx, slot]).float().mean().item())
+            offset += n_classes
+        return loss / len(slots), hits
+
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - step / steps))
+        loss, _ = loss_and_hits(torch.as_tensor(rng.choice(train_idx, batch_size)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log(f"vision pretraining {step + 1}/{steps}: loss {loss.item():.4f}")
+    with torch.no_grad():
+        _, hits = loss_and_hits(torch.arange(n_val))
+    accuracy, at = {}, 0
+    for name, count, _ in groups:
+        accuracy[name] = round(float(np.mean(hits[at:at + count])), 4)
+        at += count
+    log(f"vision pretraining: held-out accuracy {accuracy}")
+    _save(model.eval(), Path(extractor_dir), Path(extractor_dir))
+    return accuracy
+
+
+def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_steps: int, seed: int, threads: int,
+                    options: dict) -> None:
+    """Vision pretraining, then visual extraction tuning (runs in its own process beside the reasoner's)."""
+    import torch
+
+    from edgevlm import tune
+    from edgevlm.evaluation import load_items
+
+    torch.set_num_threads(threads)
+    items, val = load_items(sets["train"]), load_items(sets["val"])
+
+    def log(message):
+        print(f"[{time.strftime('%H:%M:%S')}] extractor: {message}", file=sys.stderr, flush=True)
+
+    log("pretraining the vision tower on the scene labels")
+    pretrain_vision(extractor, items, steps=vision_steps, seed=seed, log=log)
+    log(f"visual extraction tuning ({steps} steps)")
+    tune.tune(extractor, items, out, steps=steps, val_items=val, threads=threads, label="extractor", log=log,
+              **options, seed=seed)

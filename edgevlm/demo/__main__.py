@@ -1,0 +1,113 @@
+"""Rebuild the shipped demo models: python -m edgevlm.demo train [--out DIR] [--seed 0]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgevlm import demo
+
+EXTRACTOR_STEPS, REASONER_STEPS = 560, 1000
+COMMON = dict(batch_size=16, lr=2e-3, eval_every=100, save_every=100)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _to_fp16(model_dir: Path) -> None:
+    """Store the weights in half precision (the runtime and the exporter load them as float32)."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = {k: v.half().contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _ship_test_set(src: Path, dest: Path) -> None:
+    """The test split as an eval set: items.jsonl (image, question, choices, answer, type) + its images."""
+    keep = ("image", "question", "choices", "answer", "type")
+    lines = [json.loads(line) for line in (src / "items.jsonl").read_text().splitlines() if line.strip()]
+    (dest / "images").mkdir(parents=True)
+    for name in sorted({item["image"] for item in lines}):
+        shutil.copy2(src / name, dest / name)
+    (dest / "items.jsonl").write_text("".join(json.dumps({k: item[k] for k in keep}) + "\n" for item in lines))
+
+
+def train(out: Path, work: Path, seed: int, extractor_steps: int, reasoner_steps: int, vision_steps: int,
+          scenes: dict[str, int]) -> None:
+    import multiprocessing
+
+    from edgevlm import tune
+    from edgevlm.evaluation import load_items
+
+    t0 = time.perf_counter()
+    sets = demo.make_data(work, seed=seed, counts=scenes, log=_log)
+    items, val = load_items(sets["train"]), load_items(sets["val"])
+    extractor, reasoner = demo.make_base_models(work, items, seed=seed)
+    _log(f"{len(items)} training questions on {scenes['train']} scenes")
+    # The two models train at once, one core each: small models use two threads poorly.
+    job = multiprocessing.get_context("spawn").Process(
+        target=demo.train_extractor,
+        args=(extractor, sets, work / "extractor", extractor_steps, vision_steps, seed, 1, COMMON))
+    job.start()
+    try:
+        _log(f"reasoner: tuning ({reasoner_steps} steps)")
+        tune.tune(reasoner, items, work / "reasoner", steps=reasoner_steps, val_items=val, threads=1,
+                  label="reasoner", log=lambda m: _log(f"reasoner: {m}"), **COMMON, seed=seed)
+        job.join()
+    finally:
+        if job.is_alive():
+            job.terminate()
+    if job.exitcode != 0:
+        raise SystemExit(f"the extractor's training failed (exit code {job.exitcode})")
+    # Assemble the new demo next to the old one, then swap, so an interrupted run leaves the shipped one whole.
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))
+    for name in ("extractor", "reasoner"):
+        shutil.copytree(work / name, staging / name)
+        _to_fp16(staging / name)
+    _ship_test_set(work / "test", staging / "test")
+    for name in ("extractor", "reasoner", "test"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        os.replace(staging / name, out / name)
+    shutil.rmtree(staging)
+    _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; score it with: edgevlm eval --preset demo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m edgevlm.demo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="Train the demo extractor and reasoner from scratch and install them.")
+    p.add_argument("--out", type=Path, default=demo.DEMO_DIR, help="Where the models and test split go.")
+    p.add_argument("--work", type=Path, default=None, help="Scratch folder for data (default: a temp dir).")
+    p.add_argument("--seed", type=int, default=demo.SEED)
+    p.add_argument("--extractor-steps", type=int, default=EXTRACTOR_STEPS)
+    p.add_argument("--reasoner-steps", type=int, default=REASONER_STEPS)
+    p.add_argument("--vision-steps", type=int, default=demo.VISION_STEPS)
+    p.add_argument("--scenes", default=",".join(map(str, demo.SCENES.values())), metavar="TRAIN,VAL,TEST",
+                   help="How many scenes per split (about 7.5 questions each).")
+    args = parser.parse_args()
+    try:
+        scenes = dict(zip(demo.SCENES, map(int, args.scenes.split(",")), strict=True))
+    except ValueError:
+        parser.error(f"--scenes takes three counts, TRAIN,VAL,TEST; got {args.scenes!r}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        train(args.out, args.work, args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps, scenes)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgevlm-demo-") as work:
+            train(args.out, Path(work), args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps,
+                  scenes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Tuning: the paper's visual extraction tuning for the extractor, and reasoner tuning for plan + think.
+
+    edgevlm tune --model DIR --data train.jsonl --out DIR [--steps N] [--lora R] [--resume]
+
+The data is a JSONL file of items (paths relative to the file):
+
+    {"image": "images/003.png", "question": "How many red shapes are there?", "choices": ["1", "2", "3"],
+     "answer": "B", "instruction": "the number of red shapes",
+     "description": "The image shows 4 shapes ...",                      # the extraction target
+     "reasoning": "The red shapes in the description: ... That makes 2."} # optional, for the reasoner
+
+An extractor (a VLM) learns (image, perception prompt with the instruction) -> description, the
+recipe of PAPER.md, plus (image, question) -> answer for `direct` mode on a fraction of the steps. A
+reasoner (a text LM) learns planner prompt -> "Contents to observe: <instruction>" and (description,
+question) -> reasoning and "Answer:" in thinking mode, or the answer alone without thinking. Items with
+no description are described by a `teacher` extractor first. The prompts are exactly those the runtime
+renders (edgevlm.prompts and the model's chat template), so a tuned model works in `edgevlm run` as is.
+
+Training is full fine-tuning, or LoRA (peft) merged into the weights when saved. A checkpoint is kept
+under OUT.partial/ every `save_every` steps; `resume=True` continues from it, with the same batches.
+Needs torch and transformers (``pip install edgevlm[export]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm import prompts
+from edgevlm.bundle import atomic_directory, atomic_file
+from edgevlm.errors import UsageError
+from edgevlm.evaluation import load_items
+from edgevlm.families import extractor_family, read_config, reasoner_family
+from edgevlm.tokenizer import Tokenizer
+
+CHECKPOINT = "checkpoint.pt"
+MAX_VAL = 160  # validation examples scored at each evaluation (a random sample of the held-out items')
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # the rendered chat prompt, ending where the model's answer starts
+    target: str  # what the model learns to write (its end-of-turn token is added)
+    image: Path | None = None
+    kind: str = ""  # extract, direct, plan, think, answer
+
+
+def _question(item: dict) -> tuple[str, bool]:
+    question = prompts.format_question(str(item["question"]), item.get("choices") or None)
+    return question, bool(item.get("choices")) or prompts.is_multiple_choice(question)
+
+
+def _render(tok: Tokenizer, family, prompt: str, *, image: bool = False, enable_thinking: bool | None = None) -> str:
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tok.apply_chat_template(family.messages(prompt, with_image=image), **kwargs)
+
+
+def extractor_examples(model_dir: Path, items: list[dict], extra_fraction: float = 0.25) -> list[Example]:
+    """(image, perception prompt) -> description for every item; (image, question) -> answer for an
+    `extra_fraction` of them (so `direct` mode answers in the format the runtime parses)."""
+    tok, family = Tokenizer(model_dir), extractor_family(model_dir)
+    out = []
+    for n, item in enumerate(items):
+        if item.get("image") is None:
+            continue
+        instruction = item.get("instruction") or prompts.FALLBACK_INSTRUCTION
+        out.append(Example(_render(tok, family, prompts.extract_prompt(instruction), image=True),
+                           item["description"], item["image"], "extract"))
+        if extra_fraction and n % round(1 / extra_fraction) == 0:
+            question, mc = _question(item)
+            out.append(Example(_render(tok, family, prompts.direct_prompt(question, multiple_choice=mc), image=True),
+                               str(item["answer"]), item["image"], "direct"))
+    return out
+
+
+def reasoner_examples(model_dir: Path, items: list[dict], extra_fraction: float = 0.25) -> list[Example]:
+    """Per item: the reasoning + answer (thinking mode); for every other item the planner's instruction
+    (a short mapping from a long prompt) and for an `extra_fraction` the answer alone (thinking off)."""
+    tok, family = Tokenizer(model_dir), reasoner_family(model_dir)
+    thinking = tok.token_id("</think>") is not None
+    out = []
+    for n, item in enumerate(items):
+        question, mc = _question(item)
+        if item.get("instruction") and n % 2 == 0:
+            out.append(Example(_render(tok, family, prompts.planner_prompt(question), enable_thinking=False),
+                               f"{prompts.PLANNER_ANSWER_TAG} {item['instruction']}", kind="plan"))
+        answer = f"Answer: {item['answer']}"
+        think = prompts.reasoner_prompt(item["description"], question, multiple_choice=mc, think=True)
+        reasoning = item.get("reasoning") or ""
+        if thinking:
+            target = f"<think>\n{reasoning}\n</think>\n\n{answer}"
+            out.append(Example(_render(tok, family, think, enable_thinking=True), target, kind="think"))
+        else:
+            out.append(Example(_render(tok, family, think), f"{reasoning}\n{answer}".strip(), kind="think"))
+        if not extra_fraction or n % round(1 / extra_fraction):
+            continue
+        direct = prompts.reasoner_prompt(item["description"], question, multiple_choice=mc, think=False)
+        out.append(Example(_render(tok, family, direct, enable_thinking=False if thinking else None), answer,
+                           kind="answer"))
+    return out
+
+
+def describe_with_teacher(items: list[dict], teacher: str) -> None:
+    """Fill in missing descriptions with a teacher extractor (greedy, the item's instruction)."""
+    from edgevlm.pipeline import Pipeline
+
+    todo = [i for i in items if not i.get("description")]
+    if not todo:
+        return
+    pipe = Pipeline.from_pretrained(extractor=teacher, load_reasoner=False, vision_cache_mb=0)
+    for n, item in enumerate(todo, 1):
+        instruction = item.get("instruction") or prompts.FALLBACK_INSTRUCTION
+        item["description"] = pipe(item["image"], str(item["question"]), mode="extract", instruction=instruction,
+                                   ).extraction
+        _progress("describing", n, len(todo))
+    _progress_done()
+
+
+def _progress(what: str, n: int, total: int, extra: str = "") -> None:
+    """A progress line that rewrites itself on a terminal; in a log, a line every 50."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{what} {n}/{total} {extra}".ljust(78))
+        sys.stderr.flush()
+    elif n % 50 == 0 or n == total:
+        sys.stderr.write(f"{what} {n}/{total} {extra}\n")
+
+
+def _progress_done() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+
+
+class _Batcher:
+    """Token ids (and pixels) of examples, built once each and padded into batches."""
+
+    def __init__(self, model_dir: Path, vision: bool):
+        self.tok = Tokenizer(model_dir)
+        self.eos = self.tok.token_id("<|im_end|>")
+        if self.eos is None:
+            eos = sorted(self.tok.eos_token_ids(model_dir))
+            if not eos:
+                raise UsageError(f"{model_dir} defines no end-of-sequence token")
+            self.eos = eos[0]
+        pad = self.tok.special_tokens.get("pad_token")
+        self.pad = (self.tok.token_id(pad) if pad else None) or 0
+        self.processor = None
+        if vision:
+            from edgevlm.backends.torch_ref import _PROCESSOR_LOADERS
+
+            self.processor = _PROCESSOR_LOADERS[extractor_family(model_dir).name](model_dir)
+        self._cache: dict = {}
+
+    def encode(self, ex: Example):
+        key = (ex.prompt, ex.target, ex.image)
+        if key not in self._cache:
+            target = self.tok.encode(ex.target) + [self.eos]
+            if ex.image is None:
+                prompt, pixels = self.tok.encode(ex.prompt), None
+            else:
+                from PIL import Image
+
+                with Image.open(ex.image) as im:
+                    image = im.convert("RGB")
+                out = self.processor(text=ex.prompt, images=image, return_tensors="pt",
+                                     input_data_format="channels_last")
+                prompt = out["input_ids"][0].tolist()
+                pixels = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+            self._cache[key] = (prompt, target, pixels)
+        return self._cache[key]
+
+    def batch(self, examples: list[Example]) -> dict:
+        import torch
+
+        encoded = [self.encode(ex) for ex in examples]
+        length = max(len(p) + len(t) for p, t, _ in encoded)
+        ids = torch.full((len(encoded), length), self.pad, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for row, (prompt, target, _) in enumerate(encoded):
+            seq = prompt + target
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, len(prompt):len(seq)] = torch.tensor(target)
+            mask[row, :len(seq)] = 1
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        pixels = [p for _, _, p in encoded if p is not None]
+        if pixels:
+            if len(pixels) != len(encoded):
+                raise UsageError("a batch mixes examples with and without images")
+            patches = max(p["pixel_values"].shape[0] for p in pixels)
+            values = torch.zeros((len(pixels), patches, *pixels[0]["pixel_values"].shape[1:]))
+            for row, p in enumerate(pixels):
+                values[row, :p["pixel_values"].shape[0]] = p["pixel_values"]
+            out["pixel_values"] = values
+            for key in pixels[0]:
+                if key != "pixel_values":
+                    out[key] = torch.stack([p[key] for p in pixels])
+        return out
+
+
+def _token_accuracy(logits, labels) -> tuple[int, int]:
+    predicted = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    keep = target != -100
+    return int(((predicted == target) & keep).sum()), int(keep.sum())
+
+
+def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, *, steps: int = 1000,
+         batch_size: int = 16, lr: float = 1e-3, warmup: int = 50, lora: int = 0, extra_fraction: float = 0.25,
+         val_items: list[dict] | None = None, val_fraction: float = 0.05, eval_every: int = 200,
+         save_every: int = 200, resume: bool = False, teacher: str | None = None, seed: int = 0,
+         threads: int | None = None, log=print, on_step=None, label: str = "tuning") -> dict:
+    """Tune the model in `model_dir` on `data` and save it to `out` (atomically). Returns the validation scores.
+
+    The role follows the model: a VLM is tuned as the extractor, a text LM as the reasoner (and planner).
+    `extra_fraction` of the items also train the second format: direct answers for an extractor, answers
+    without thinking for a reasoner. The result holds the last validation scores and `history`, the
+    scores at every evaluation (the first one before any step). `on_step(step)` is called after each step.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    model_dir, out = Path(model_dir), Path(out)
+    vision = "vision_config" in read_config(model_dir)
+    items = load_items(data) if isinstance(data, (str, Path)) else list(data)
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise UsageError("steps and batch size must be at least 1 and the learning rate above 0")
+    if val_items is None:  # hold out whole images, so validation never sees a training image
+        groups = sorted({str(i.get("image")) for i in items})
+        order = np.random.default_rng(seed).permutation(len(groups))
+        held = {groups[i] for i in order[:max(1, int(len(groups) * val_fraction))]} if len(groups) > 1 else set()
+        val_items = [i for i in items if str(i.get("image")) in held]
+        items = [i for i in items if str(i.get("image")) not in held]
+    if teacher:
+        describe_with_teacher(items + val_items, teacher)
+    missing = [i for i in items + val_items if not i.get("description")]
+    if missing:
+        raise UsageError(f"{len(missing)} items have no description: add them, or pass a teacher extractor "
+                         "(--teacher) to write them")
+
+    def make(part):
+        examples = extractor_examples if vision else reasoner_examples
+        return examples(model_dir, part, extra_fraction)
+
+    train, val = make(items), make(val_items)
+    val = [val[i] for i in np.random.default_rng(seed).permutation(len(val))[:MAX_VAL]]
+    if not train:
+        raise UsageError("no training examples (an extractor needs items with images)")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=torch.float32)
+    if lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UsageError("--lora needs peft: pip install peft==0.21.2") from None
+        model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=LORA_TARGETS,
+                                                 lora_dropout=0.0))
+    model.train()
+    batcher = _Batcher(model_dir, vision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step):  # linear warmup, cosine decay to a tenth
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+    partial = out.parent / f"{out.name}.partial"
+    start = 0
+    # the whole run's batch order up front, so a resumed run sees exactly the batches it would have seen
+    schedule = np.random.default_rng(seed + 1).integers(len(train), size=(steps, batch_size))
+    if resume and (partial / CHECKPOINT).exists():
+        state = torch.load(partial / CHECKPOINT, weights_only=False)
+        if state["steps"] != steps or state["batch_size"] != batch_size:
+            raise UsageError(f"the checkpoint in {partial} was made with --steps {state['steps']} "
+                             f"--batch-size {state['batch_size']}; resume with the same")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log(f"resuming from step {start}/{steps}")
+
+    def validate() -> dict:
+        model.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        with torch.no_grad():
+            for i in range(0, len(val), batch_size):
+                batch = batcher.batch(val[i:i + batch_size])
+                result = model(**batch)
+                c, t = _token_accuracy(result.logits, batch["labels"])
+                correct, total, loss_sum = correct + c, total + t, loss_sum + float(result.loss) * t
+        model.train()
+        return {"val_loss": round(loss_sum / max(total, 1), 4), "val_token_accuracy": round(correct / max(total, 1), 4)}
+
+    history = [{"step": start, **validate()}] if val else []
+    if history:
+        log(json.dumps(history[0]))
+    scores: dict = {}
+    t0, losses = time.perf_counter(), []
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        batch = batcher.batch([train[i] for i in schedule[step]])
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        done = step + 1
+        if done % 10 == 0 or done == steps:
+            rate = (done - start) / (time.perf_counter() - t0)
+            _progress(label, done, steps, f"loss {np.mean(losses[-10:]):.4f}  {rate:.2f} steps/s")
+        if (val and done % eval_every == 0) or done == steps:
+            scores = {"step": done, "train_loss": round(float(np.mean(losses[-50:])), 4), **(validate() if val else {})}
+            history.append(scores)
+            _progress_done()
+            log(json.dumps(scores))
+        if done % save_every == 0 and done < steps:
+            partial.mkdir(parents=True, exist_ok=True)
+            with atomic_file(partial / CHECKPOINT) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                            "steps": steps, "batch_size": batch_size}, tmp)
+        if on_step:
+            on_step(done)
+    if lora:
+        model = model.merge_and_unload()
+    _save(model.eval(), model_dir, out)
+    shutil.rmtree(partial, ignore_errors=True)
+    return {**scores, "history": history}
+
+
+def _save(model, model_dir: Path, out: Path) -> None:
+    """The tuned weights with the base model's tokenizer, processor and configs, written atomically."""
+    with atomic_directory(out, overwrite=True) as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name not in (
+                    "model.safetensors.index.json", "config.json"):
+                shutil.copy2(f, tmp / f.name)
+        model.save_pretrained(tmp)
