@@ -70,13 +70,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Override the reasoner's sampling temperature (0 = greedy; default: the paper's 0.6 / 0.7).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda", help="Where the models run.")
+@click.option("--memory-budget", metavar="SIZE", help="Bundles: plan the KV cache to fit SIZE (e.g. 6GB), or fail "
+              "saying what would fit (default: the bundle's target's budget, else the memory available).")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with everything.")
 @click.option("--profile", is_flag=True, help="Print a per-stage timing table (to stderr).")
 @click.option("--trace", "trace_file", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write a Chrome/Perfetto trace (JSON; every decode step) to FILE: open it in ui.perfetto.dev.")
 def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, preset, mode, think, think_budget,
-        max_new_tokens, choices, instruction, temperature, seed, device, stream, as_json, profile, trace_file):
+        max_new_tokens, choices, instruction, temperature, seed, device, memory_budget, stream, as_json, profile,
+        trace_file):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.images import load_image
     from edgevlm.pipeline import MODES, Pipeline
@@ -91,13 +94,14 @@ def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, pres
                          "--preset/--quant/--gguf-file")
     if quant and quant not in ("int8", "nf4"):
         raise UsageError(f"unknown --quant {quant!r}; choose int8 or nf4 (bundles carry their own precision)")
+    _check_budget(memory_budget, bundle_dir)
     if preset:
         get_preset(preset)  # an unknown name is a usage error before anything loads
     # Read the image before loading any model: a bad path should fail in milliseconds, not after a load.
     pil = load_image(sys.stdin.buffer.read() if image == "-" else image)
     _note("loading models")
     if bundle_dir:
-        pipe = Pipeline.from_bundle(bundle_dir, device=device)
+        pipe = Pipeline.from_bundle(bundle_dir, device=device, memory_budget=memory_budget)
     else:
         pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
                                         load_reasoner=mode != "direct", quant=quant, gguf_file=gguf_file)
@@ -165,6 +169,8 @@ def profile_table(result) -> str:
 @click.option("--fixed-tokens", type=click.IntRange(min=1), default=None, metavar="N",
               help="Every stage generates exactly N tokens (EOS ignored), so runs and bundles compare.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
+@click.option("--memory-budget", metavar="SIZE", help="Bundles: plan the KV cache to fit SIZE (e.g. 6GB), or fail "
+              "saying what would fit (default: the bundle's target's budget, else the memory available).")
 @click.option("--vision-cache", is_flag=True, help="Keep the vision-feature cache on (repeated images then skip "
               "the vision tower; off by default so every run pays for its image).")
 @click.option("--prefix-cache", is_flag=True, help="Keep the prompt-prefix KV cache on (bundles: prompts that start "
@@ -177,7 +183,7 @@ def profile_table(result) -> str:
               help="Write stacked per-stage latency bars (one per bundle) as PNG.")
 @click.option("--compare", nargs=2, metavar="A.json B.json", help="Print B's ratios to A from two saved runs.")
 def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, think, think_budget, warmup, runs,
-          fixed_tokens, device, vision_cache, prefix_cache, target, json_file, plot_file, compare):
+          fixed_tokens, device, memory_budget, vision_cache, prefix_cache, target, json_file, plot_file, compare):
     """Time the pipeline: warmup, N runs, p50/p90/max per stage, TTFT, decode tokens/s, memory, roofline."""
     from edgevlm import bench as benchmod
     from edgevlm.pipeline import MODES, PREFIX_CACHE_MB, VISION_CACHE_MB
@@ -190,6 +196,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
         raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if bundles and (extractor or reasoner or preset):
         raise UsageError("time either bundles (--bundle) or an HF pair (--extractor/--reasoner/--preset)")
+    _check_budget(memory_budget, bundles)
     for path in (json_file, plot_file):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"cannot write {path}: its folder does not exist")
@@ -207,7 +214,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
         reset_peak_rss()  # each bundle's peak RSS its own (where the OS allows), its loading included
         if kind == "bundle":
             pipe = Pipeline.from_bundle(path, device=device, vision_cache_mb=cache_mb,
-                                        prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache else 0)
+                                        prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache else 0,
+                                        memory_budget=memory_budget)
             label, source = _bundle_label(path), {"bundle": path}
         else:
             pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
@@ -319,15 +327,34 @@ def export(out, extractor, reasoner, gguf_file, no_reasoner, preset, fmt, quant,
 @click.argument("bundle_dir", metavar="BUNDLE")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file (sizes are still checked).")
-def info(bundle_dir, as_json, no_verify):
-    """What is inside BUNDLE: models, graphs, sizes, quantization, fidelity."""
-    from edgevlm import bundle
+@click.option("--memory-budget", metavar="SIZE", help="Show the memory plan for SIZE (default: what `run` would use).")
+def info(bundle_dir, as_json, no_verify, memory_budget):
+    """What is inside BUNDLE: models, graphs, sizes, quantization, fidelity, and its memory plan."""
+    from edgevlm import bundle, memory
+    from edgevlm.pipeline import PREFIX_CACHE_MB, VISION_CACHE_MB
 
     b = bundle.load(bundle_dir, verify=not no_verify)
     if as_json:
         click.echo(json.dumps(b.manifest, indent=2))
         return
     click.echo(describe_bundle(b))
+    if memory_budget is None:
+        budget, source = memory.default_budget(b.manifest.get("target"))
+    else:
+        budget, source = memory.parse_size(memory_budget), "--memory-budget"
+    click.echo(memory.plan(b, budget, source=source, vision_cache_mb=VISION_CACHE_MB,
+                           prefix_cache_mb=PREFIX_CACHE_MB).describe())
+
+
+def _check_budget(memory_budget, bundles) -> None:
+    if memory_budget is None:
+        return
+    from edgevlm.memory import parse_size
+
+    parse_size(memory_budget)  # a malformed size fails before anything loads
+    if not bundles:
+        raise UsageError("--memory-budget plans an exported bundle's memory (--bundle); the PyTorch backend "
+                         "loads checkpoints as they are")
 
 
 def describe_bundle(b) -> str:

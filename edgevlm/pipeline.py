@@ -148,6 +148,7 @@ class Pipeline:
                 model.prefix_cache = PrefixCache(int(prefix_cache_mb * 1e6))
         self._lock = threading.Lock()
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
+        self.memory_plan = None  # edgevlm.memory.MemoryPlan (bundles)
 
     @classmethod
     def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
@@ -180,15 +181,29 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                    vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB) -> Pipeline:
-        """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256."""
-        from edgevlm import bundle
+                    vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB,
+                    memory_budget: int | str | None = None) -> Pipeline:
+        """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256.
+
+        Before loading, a memory plan (edgevlm.memory) gives each model the longest context that fits
+        `memory_budget` ("6GB"; default: the bundle's target's budget, or the memory available now) with
+        the caches at their sizes; a budget that cannot hold the bundle is refused (MemoryBudgetError).
+        The plan is `pipe.memory_plan`."""
+        from edgevlm import bundle, memory
         from edgevlm.backends.onnx import OrtModel
 
         b = bundle.load(path, verify=verify)
-        models = {role: OrtModel(b, role, device=device, threads=threads) for role in sorted(set(b.stages.values()))}
-        return cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")), vision_cache_mb=vision_cache_mb,
-                   prefix_cache_mb=prefix_cache_mb)
+        if memory_budget is None:
+            budget, source = memory.default_budget(b.manifest.get("target"))
+        else:
+            budget, source = memory.parse_size(memory_budget), "--memory-budget"
+        plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
+        models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
+                  for role in sorted(set(b.stages.values()))}
+        pipe = cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")),
+                   vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
+        pipe.memory_plan = plan
+        return pipe
 
     def __call__(self, image: ImageInput, question: str, **options) -> Result:
         """Answer `question` about `image`; options as for `stream`."""
@@ -337,9 +352,12 @@ class Pipeline:
             prepared = model.prepare(rendered, image)
         n_prompt = len(prepared.input_ids)
         if n_prompt >= model.max_context:
+            planned = model.max_context < getattr(model, "native_context", model.max_context)  # the memory plan's
             raise InputTooLongError(
-                f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}; "
-                "shorten the question")
+                f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}"
+                + (f" within the {self.memory_plan.budget / 1e9:.2f} GB memory budget ({self.memory_plan.source}); "
+                   "raise --memory-budget, shrink the caches or " if planned else "; ")
+                + ("use a smaller image or shorter question" if image is not None else "shorten the question"))
         cache = None
         with call.prof.span(name, "vision"):
             if image is not None and call.image_key is not None:

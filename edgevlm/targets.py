@@ -1,5 +1,9 @@
 """Target devices: what a bundle is built for and what bench compares against.
 
+Each Jetson has a default memory budget for `edgevlm run` (edgevlm.memory): its RAM less what JetPack's
+desktop-less OS, the CUDA context and the camera stack typically hold, so a bundle built for it plans its
+KV cache to fit at defaults. Hosts (cpu, cuda) plan against the memory available when a bundle loads.
+
 Memory bandwidth is the roofline of decoding (every generated token reads all decoder weights and the
 KV cache once), so `edgevlm bench` reports achieved bytes/s against it: the number below for a named
 target, or a copy test on the machine it runs on.
@@ -18,6 +22,7 @@ class Target:
     memory_gb: float | None  # device memory shared by CPU and GPU on Jetson; None: this machine's
     bandwidth_gb_s: float | None  # peak DRAM bandwidth; None: measure it
     description: str
+    budget_gb: float | None = None  # default memory budget of a bundle built for it; None: what is available
 
 
 TARGETS = {
@@ -25,9 +30,9 @@ TARGETS = {
     for t in (
         Target("cpu", None, None, "this machine's CPU (bandwidth measured by a copy test)"),
         Target("cuda", None, None, "an NVIDIA GPU through ONNX Runtime's CUDA provider"),
-        Target("jetson-orin-nano", 8, 68.0, "Jetson Orin Nano 8GB (LPDDR5, 128-bit)"),
-        Target("jetson-orin-nx", 16, 102.4, "Jetson Orin NX 16GB (LPDDR5, 128-bit)"),
-        Target("jetson-orin-agx", 64, 204.8, "Jetson AGX Orin 64GB (LPDDR5, 256-bit)"),
+        Target("jetson-orin-nano", 8, 68.0, "Jetson Orin Nano 8GB (LPDDR5, 128-bit)", 5.5),
+        Target("jetson-orin-nx", 16, 102.4, "Jetson Orin NX 16GB (LPDDR5, 128-bit)", 12.5),
+        Target("jetson-orin-agx", 64, 204.8, "Jetson AGX Orin 64GB (LPDDR5, 256-bit)", 56.0),
     )
 }
 

@@ -220,8 +220,22 @@ def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body
     return graphs
 
 
+def model_dims(text_config, vision_config=None, preprocess: dict | None = None) -> dict:
+    """The sizes the runtime's memory planner (edgevlm.memory) estimates activations from."""
+    dims = {"hidden": text_config.hidden_size, "heads": text_config.num_attention_heads,
+            "intermediate": text_config.intermediate_size, "vocab": text_config.vocab_size}
+    if vision_config is not None:
+        from edgevlm.memory import max_crops
+
+        side = vision_config.image_size // vision_config.patch_size
+        dims["vision"] = {"hidden": vision_config.hidden_size, "heads": vision_config.num_attention_heads,
+                          "intermediate": vision_config.intermediate_size, "tokens": side * side,
+                          "max_crops": max_crops(preprocess or {}), "feature": text_config.hidden_size}
+    return dims
+
+
 def model_entry(family: str, graphs: dict[str, Path], text_config, model_dir: Path, out: Path, root: Path,
-                **extra) -> dict:
+                vision_config=None, **extra) -> dict:
     """The manifest entry of one exported fp32 model; copies its tokenizer files beside the graphs."""
     copy_tokenizer(model_dir, out)
     max_context = int(text_config.max_position_embeddings)
@@ -230,6 +244,7 @@ def model_entry(family: str, graphs: dict[str, Path], text_config, model_dir: Pa
         "graphs": {name: graph_entry(path, root, "fp32") for name, path in graphs.items()},
         "kv": kv_layout(text_config, max_context),
         "max_context": max_context,
+        "dims": model_dims(text_config, vision_config, extra.get("preprocess")),
         "tokenizer": out.relative_to(root).as_posix(),
         **extra,
     }

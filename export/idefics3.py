@@ -45,4 +45,5 @@ def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> d
     m = pre["max_image_size"]
     exported = graphs.export_vlm_graphs(model, VisionFeatures(model), (m, m), model.model.text_model, out,
                                         step=step, vision_label="vision tower + connector")
-    return graphs.model_entry("idefics3", exported, model.config.text_config, model_dir, out, root, preprocess=pre)
+    return graphs.model_entry("idefics3", exported, model.config.text_config, model_dir, out, root,
+                              vision_config=model.config.vision_config, preprocess=pre)

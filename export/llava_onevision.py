@@ -45,4 +45,5 @@ def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> d
     newline = out / "image_newline.npy"
     np.save(newline, model.model.image_newline.detach().float().numpy())
     return graphs.model_entry("llava_onevision", exported, model.config.text_config, model_dir, out, root,
-                              preprocess=pre, arrays={"image_newline": newline.relative_to(root).as_posix()})
+                              vision_config=model.config.vision_config, preprocess=pre,
+                              arrays={"image_newline": newline.relative_to(root).as_posix()})

@@ -20,6 +20,7 @@ from edgevlm.bundle import Bundle, graph_bytes
 from edgevlm.cache import PrefixCache
 from edgevlm.errors import DeviceError, ModelError
 from edgevlm.families import Family, family_module
+from edgevlm.memory import VISION_BATCH
 from edgevlm.tokenizer import Tokenizer
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -49,13 +50,14 @@ class KVCache:
     """Past/present KV tensors of one generation in two preallocated buffer sets used in turn.
 
     Each tensor is [1, kv_heads, length, head_dim], contiguous at the start of its buffer row, so a
-    prefix of a row is a valid tensor of any length up to the capacity. Capacity grows by doubling.
+    prefix of a row is a valid tensor of any length up to the capacity. Capacity grows by doubling, never
+    past `limit` (the model's planned context: edgevlm.memory).
     """
 
-    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int):
+    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int, limit: int | None = None):
         self.tensors, self.kv_heads, self.head_dim = tensors, kv_heads, head_dim
-        self.length = 0
-        self._alloc(capacity)
+        self.length, self.limit = 0, limit
+        self._alloc(capacity if limit is None else min(capacity, limit))
 
     def _alloc(self, capacity: int) -> None:
         self.capacity = capacity
@@ -66,7 +68,8 @@ class KVCache:
         if length <= self.capacity:
             return
         old, used = self._read, self.kv_heads * self.length * self.head_dim
-        self._alloc(max(length, 2 * self.capacity))
+        grown = max(length, 2 * self.capacity)
+        self._alloc(grown if self.limit is None else max(length, min(grown, self.limit)))
         self._read[:, :used] = old[:, :used]
 
     def shape(self, length: int) -> list[int]:
@@ -126,7 +129,7 @@ class OrtModel:
     backend = "onnxruntime"
 
     def __init__(self, bundle: Bundle, role: str, *, device: str = "cpu", threads: int | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, max_context: int | None = None):
         if device not in PROVIDERS:
             raise DeviceError(f"unknown device {device!r}; use cpu or cuda")
         if role not in bundle.models:
@@ -137,7 +140,10 @@ class OrtModel:
         self.module = family_module(entry["family"])
         self.family: Family = self.module.FAMILY
         self.tokenizer = Tokenizer(bundle.file(entry["tokenizer"]))
-        self.max_context = int(entry["max_context"])
+        # The memory plan may give the model less context than it was trained for (edgevlm.memory).
+        self.native_context = int(entry["max_context"])
+        self.max_context = min(self.native_context, max_context or self.native_context)
+        self.vision_batch = VISION_BATCH
         self.eos_ids = self.tokenizer.eos_token_ids(bundle.file(entry["tokenizer"]))
         if not self.eos_ids:
             raise ModelError(f"{self.name} defines no end-of-sequence token")
@@ -165,7 +171,11 @@ class OrtModel:
     def encode(self, prepared: Prepared) -> None:
         if not prepared.image_inputs:
             return
-        out = self.vision.run(None, {"pixel_values": prepared.image_inputs["pixel_values"]})[0]
+        # A few crops per run: the tower's attention memory grows with the batch (an AnyRes image is up to
+        # 37 crops), and a Jetson shares that memory with everything else.
+        pixels = prepared.image_inputs["pixel_values"]
+        out = np.concatenate([self.vision.run(None, {"pixel_values": pixels[i:i + self.vision_batch]})[0]
+                              for i in range(0, len(pixels), self.vision_batch)])
         prepared.image_features = self.module.image_features(out, prepared.image_inputs, self.entry["preprocess"],
                                                              self.arrays)
 
@@ -195,7 +205,7 @@ class OrtModel:
         # Long prompts (an AnyRes image is thousands of tokens) go in chunks: attention scores for a chunk are
         # [heads, chunk, total] instead of [heads, total, total], which bounds prefill memory on small devices.
         kv = self.entry["kv"]
-        cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256)
+        cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256, self.max_context)
         ids, reused = prepared.input_ids, 0
         # Only the text before an image can be shared: image slots hold features, not what their ids say.
         image_id = self.entry.get("preprocess", {}).get("image_token_id")

@@ -1,0 +1,242 @@
+"""Memory planning: what a bundle needs on ONNX Runtime before it is loaded, and the longest context that
+fits a memory budget.
+
+    edgevlm run photo.jpg "..." --bundle B --memory-budget 6GB
+
+Resident for the whole process: every graph's weights, the vision-feature and prefix caches at their
+byte budgets, and the runtime itself (Python, ONNX Runtime, tokenizers). While one stage runs: its KV
+cache (two fp32 buffer sets used in turn, for the whole context), its prefill activations (one chunk of
+positions against the whole context: attention scores, MLP, the prompt's embeddings) and, for the
+extractor, the vision tower on one batch of crops and the image features it keeps. The plan is the
+peak over stages; the context is the largest (at most the model's own) whose peak fits.
+
+Without a budget the target's (a Jetson's RAM less what the OS and CUDA keep) or, for a plain CPU or GPU
+host, the memory available when the bundle loads is used, so the defaults never plan past the machine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from edgevlm.bundle import Bundle, graph_bytes
+from edgevlm.errors import UsageError
+
+RUNTIME_BYTES = 150_000_000  # Python + onnxruntime + tokenizers imported, sessions' arenas, one decoded frame
+MIN_CONTEXT = 1024  # text room a plan must leave (a question, an instruction, an answer), besides an image
+VISION_BATCH = 4  # crops per vision-tower run (OrtModel.encode): bounds the tower's attention memory
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+class MemoryBudgetError(UsageError):
+    """The bundle cannot run within the memory budget."""
+
+
+def parse_size(text: str | int | float) -> int:
+    """'6GB', '6.5G', '512MiB', 1e9 -> bytes; a one-line UsageError for anything else."""
+    if isinstance(text, int | float):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise UsageError(f"cannot read {text!r} as a memory size; write it like 6GB, 512MB or 1.5GiB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"a memory budget must be more than 0 bytes; got {text!r}")
+    return size
+
+
+def gb(n: float, up: bool = False) -> str:
+    """Bytes as GB with two decimals (`up`: rounded up, for a figure that must be enough)."""
+    return f"{(-(-int(n) // 10_000_000) * 10_000_000 if up else n) / 1e9:.2f} GB"
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the activation estimate needs of one model (manifest `dims`; estimated for older bundles)."""
+
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    vision: dict | None = None  # hidden, heads, intermediate, tokens (per crop), max_crops, feature (per token)
+
+
+def model_dims(entry: dict) -> Dims:
+    """The manifest's `dims`, or a conservative estimate from the graphs' shapes and the KV layout."""
+    kv = entry["kv"]
+    if "dims" in entry:
+        d = entry["dims"]
+        return Dims(int(d["hidden"]), int(d["heads"]), int(d["intermediate"]), int(d["vocab"]), d.get("vision"))
+    graphs = entry["graphs"]
+
+    def last_dim(graph: str, output: int = 0, default: int = 0) -> int:
+        try:
+            value = graphs[graph]["outputs"][output]["shape"][-1]
+        except (KeyError, IndexError):
+            return default
+        return value if isinstance(value, int) else default
+
+    heads = 2 * int(kv["kv_heads"])
+    hidden = last_dim("embed", default=heads * int(kv["head_dim"]))
+    vision = None
+    if "vision" in graphs:
+        shape = graphs["vision"]["outputs"][0]["shape"]
+        tokens = shape[1] if isinstance(shape[1], int) else 1024
+        feature = shape[-1] if isinstance(shape[-1], int) else hidden
+        vision = {"hidden": feature, "heads": 16, "intermediate": 4 * feature, "tokens": tokens,
+                  "max_crops": max_crops(entry.get("preprocess", {})), "feature": feature}
+    return Dims(hidden, heads, 4 * hidden, last_dim("decoder", default=152_000), vision)
+
+
+def max_crops(preprocess: dict) -> int:
+    """The most crops one image becomes (AnyRes grid + base view; Idefics3 tiles + global view)."""
+    crop = preprocess.get("crop_size")
+    if preprocess.get("image_grid_pinpoints") and crop:
+        return 1 + max((w // crop[1]) * (h // crop[0]) for h, w in preprocess["image_grid_pinpoints"])
+    if preprocess.get("max_image_size"):
+        per_side = -(-int(preprocess.get("longest_edge", 0)) // int(preprocess["max_image_size"]))
+        return 1 + per_side * per_side
+    return 1
+
+
+def image_tokens(entry: dict) -> int:
+    """The most prompt positions one image can take (0 for a text-only model)."""
+    vision = entry["graphs"].get("vision")
+    if not vision:
+        return 0
+    per_crop = vision["outputs"][0]["shape"][1]
+    per_crop = per_crop if isinstance(per_crop, int) else 1024
+    pre = entry.get("preprocess", {})
+    crops = max_crops(pre)
+    aspect = str(pre.get("vision_aspect_ratio", ""))
+    if aspect.startswith("anyres_max_"):  # LLaVA-OneVision pools the grid's features down to N crops' worth
+        crops = min(crops, 1 + int(aspect.rsplit("_", 1)[1]))
+    side = int(per_crop ** 0.5)
+    return crops * per_crop + crops * side  # + a newline token per row of features (an upper bound)
+
+
+@dataclass
+class ModelCost:
+    role: str
+    weights: int
+    kv_per_token: int  # both buffer sets
+    dims: Dims
+    embeds: bool  # the prompt goes in as embeddings (VLM decoders)
+    max_context: int
+    min_context: int  # MIN_CONTEXT plus the largest image's positions
+
+    def stage_bytes(self, context: int, prefill_chunk: int) -> int:
+        """KV + prefill activations at `context`, and for a VLM the vision tower and its features."""
+        d, chunk = self.dims, min(prefill_chunk, context)
+        kv = self.kv_per_token * context
+        attention = 2 * d.heads * chunk * context * 4  # scores and their softmax
+        body = chunk * (6 * d.hidden + 3 * d.intermediate) * 4 + 2 * d.vocab * 4
+        prompt = context * d.hidden * 4 * (2 if self.embeds else 0)  # embeddings of the whole prompt (+ a copy)
+        decode = kv + attention + body + prompt
+        if not d.vision:
+            return decode
+        v = d.vision
+        crops, batch, tokens = v["max_crops"], min(VISION_BATCH, v["max_crops"]), v["tokens"]
+        features = crops * tokens * v["feature"] * 4
+        tower = batch * tokens * (6 * v["hidden"] + 2 * v["intermediate"] + 2 * v["heads"] * tokens) * 4
+        return features + max(tower, decode)
+
+
+@dataclass
+class MemoryPlan:
+    budget: int | None
+    source: str  # where the budget came from: "--memory-budget", a target's name, "available memory", "none"
+    resident: dict[str, int]  # weights per model, caches, runtime
+    max_context: dict[str, int]  # per role
+    stage_peak: dict[str, int] = field(default_factory=dict)  # per role, at its planned context
+
+    @property
+    def peak(self) -> int:
+        return sum(self.resident.values()) + max(self.stage_peak.values(), default=0)
+
+    def describe(self) -> str:
+        budget = "no budget" if self.budget is None else f"budget {gb(self.budget)} ({self.source})"
+        lines = [f"memory plan, {budget}: estimated peak {gb(self.peak)}"]
+        lines.append("  resident: " + ", ".join(f"{k} {gb(v)}" for k, v in self.resident.items() if v))
+        for role, context in self.max_context.items():
+            lines.append(f"  {role}: context {context} tokens; KV, activations and vision at it "
+                         f"{gb(self.stage_peak[role])}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"budget_mb": None if self.budget is None else round(self.budget / 1e6, 1), "source": self.source,
+                "estimate_mb": round(self.peak / 1e6, 1), "max_context": dict(self.max_context),
+                "resident_mb": {k: round(v / 1e6, 1) for k, v in self.resident.items()},
+                "stage_mb": {k: round(v / 1e6, 1) for k, v in self.stage_peak.items()}}
+
+
+def costs(bundle: Bundle) -> list[ModelCost]:
+    out = []
+    for role in sorted(set(bundle.stages.values())):
+        entry = bundle.models[role]
+        kv = entry["kv"]
+        weights = sum(graph_bytes(bundle.file(g["file"])) for g in entry["graphs"].values())
+        per_token = 2 * 2 * int(kv["layers"]) * int(kv["kv_heads"]) * int(kv["head_dim"]) * 4
+        max_context = int(entry["max_context"])
+        out.append(ModelCost(role, weights, per_token, model_dims(entry), "embed" in entry["graphs"], max_context,
+                             min(max_context, MIN_CONTEXT + image_tokens(entry))))
+    return out
+
+
+def plan(bundle: Bundle, budget: int | None = None, *, source: str = "--memory-budget", vision_cache_mb: float = 0,
+         prefix_cache_mb: float = 0, prefill_chunk: int = 512) -> MemoryPlan:
+    """The context each model gets within `budget` bytes (None: each model's own maximum).
+
+    Raises MemoryBudgetError, naming the smallest budget that would do, when not even MIN_CONTEXT fits."""
+    models = costs(bundle)
+    resident = {f"{m.role} weights": m.weights for m in models}
+    resident["vision cache"] = int(vision_cache_mb * 1e6)
+    resident["prefix caches"] = int(prefix_cache_mb * 1e6) * len(models)
+    resident["runtime"] = RUNTIME_BYTES
+    fixed = sum(resident.values())
+    contexts, peaks = {}, {}
+    for m in models:
+        if budget is None:
+            best = m.max_context
+        else:
+            room = budget - fixed
+            low = m.min_context
+            if m.stage_bytes(low, prefill_chunk) > room:
+                need = fixed + max(x.stage_bytes(x.min_context, prefill_chunk) for x in models)
+                parts = ", ".join(f"{k} {gb(v)}" for k, v in resident.items() if v)
+                raise MemoryBudgetError(
+                    f"a {gb(budget)} memory budget cannot hold this bundle: {parts}, and {gb(need - fixed)} for the "
+                    f"{m.role}'s {low}-token minimum context; it needs at least {gb(need, up=True)}")
+            best, high = low, m.max_context  # largest context that fits: stage_bytes grows with the context
+            while best < high:
+                mid = (best + high + 1) // 2
+                best, high = (mid, high) if m.stage_bytes(mid, prefill_chunk) <= room else (best, mid - 1)
+        contexts[m.role] = best
+        peaks[m.role] = m.stage_bytes(best, prefill_chunk)
+    return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks)
+
+
+def default_budget(target: str | None) -> tuple[int | None, str]:
+    """The budget a bundle gets with no --memory-budget: its target's, else the memory available now."""
+    from edgevlm.targets import TARGETS
+
+    t = TARGETS.get(target or "")
+    if t is not None and t.budget_gb:
+        return int(t.budget_gb * 1e9), t.name
+    available = available_bytes()
+    return (int(available * 0.9), "available memory") if available else (None, "none")
