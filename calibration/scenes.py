@@ -1,6 +1,7 @@
 """Procedural scenes: coloured shapes and text in the cells of a 3x3 grid, with questions of several types
-whose answers, instructions, descriptions (every cell, in reading order: what any instruction can ask
-about) and step-by-step reasoning come from the scene graph. Seeded and reproducible.
+whose answers, instructions, descriptions (the question-relevant cells, in reading order: what an
+extractor following the instruction reports) and step-by-step reasoning come from the scene graph.
+Seeded and reproducible.
 
 They feed calibration and fidelity measurement (the three stages need an image, a question, an
 instruction and a description), and are the seed of the demo models' training data.
@@ -67,6 +68,12 @@ def random_scene(rng: np.random.Generator, size: tuple[int, int] = (384, 288)) -
     return scene
 
 
+def from_dict(d: dict) -> Scene:
+    """A Scene from its asdict() form (the `scene` field of an item)."""
+    return Scene(size=tuple(d["size"]), background=d["background"], shapes=[Shape(**s) for s in d["shapes"]],
+                 text=d.get("text"), text_cell=tuple(d.get("text_cell", (0, 1))))
+
+
 def render(scene: Scene) -> Image.Image:
     w, h = scene.size
     image = Image.new("RGB", scene.size, BACKGROUNDS[scene.background])
@@ -85,7 +92,7 @@ def render(scene: Scene) -> Image.Image:
     if scene.text:
         row, col = scene.text_cell
         draw.text(((col + 0.5) * cw, (row + 0.5) * ch), scene.text, fill=(0, 0, 0), anchor="mm",
-                  font_size=int(ch * 0.42))
+                  font_size=int(ch * 0.5), stroke_width=2, stroke_fill=(0, 0, 0))
     return image
 
 
@@ -93,17 +100,29 @@ def _name(s: Shape) -> str:
     return f"{'large' if s.big else 'small'} {s.color} {s.kind}"
 
 
-def describe(scene: Scene) -> str:
-    """A fine-grained description from the scene graph: the background, then every cell of the 3x3 grid in
-    reading order with what it holds (a shape, the text, or nothing), named as questions name places."""
+def _cells(scene: Scene) -> dict[tuple[int, int], str]:
     cells = {(s.row, s.col): f"a {_name(s)}" for s in scene.shapes}
     if scene.text:
         cells[tuple(scene.text_cell)] = f'the text "{scene.text}"'
-    parts = [f"The background is {scene.background}."]
-    for row in range(3):
-        for col in range(3):
-            parts.append(f"At the {place(row, col)}, {cells.get((row, col), 'nothing')}.")
-    return " ".join(parts)
+    return cells
+
+
+def describe(scene: Scene, only: list[tuple[int, int]] | None = None, none: str = "") -> str:
+    """A description from the scene graph, one sentence per cell in reading order, named as questions name
+    places ("At the bottom left, a small red square."). By default the background and all nine cells
+    (empty ones as "nothing"); with `only`, just those cells: the question-relevant details an
+    instruction asks for, or `none` when there are none."""
+    cells = _cells(scene)
+    if only is None:
+        parts = [f"The background is {scene.background}."]
+        parts += [f"At the {place(r, c)}, {cells.get((r, c), 'nothing')}." for r in range(3) for c in range(3)]
+        return " ".join(parts)
+    parts = [f"At the {place(r, c)}, {cells[(r, c)]}." for r, c in sorted(set(only))]
+    return " ".join(parts) or none
+
+
+def _at(shapes: list[Shape]) -> list[tuple[int, int]]:
+    return [(s.row, s.col) for s in shapes]
 
 
 def _letters(options: list[str], answer: str) -> tuple[list[str], str]:
@@ -126,65 +145,67 @@ def _count_text(shapes: list[Shape], what: str) -> str:
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """Questions of several types, each with its instruction (what to observe), its answer (a letter for
-    multiple choice) and `reasoning`: the step-by-step reasoning from the description to the answer.
+    """Questions of several types, each with its instruction (what to observe, from the question alone),
+    its description (the question-relevant details of the image: what an extractor following that
+    instruction writes), its answer (a letter for multiple choice) and `reasoning`: the step-by-step
+    reasoning from the description to the answer.
 
     Perception: count, color, shape, position, text. Reasoning over the extracted facts: arithmetic
     (on counts), compare (two counts), relation (two positions).
     """
     out = []
 
-    def add(kind, question, answer, instruction, reasoning, choices=None):
+    def add(kind, question, answer, instruction, cells, reasoning, choices=None, none=""):
         letter = answer
         if choices is not None:
             choices, letter = _letters(choices, answer)
             reasoning += f" {answer} is option {letter}."
         out.append({"type": kind, "question": question, "choices": choices, "answer": letter,
-                    "instruction": instruction, "reasoning": reasoning})
+                    "instruction": instruction, "description": describe(scene, cells, none),
+                    "reasoning": reasoning})
 
     color = str(rng.choice([s.color for s in scene.shapes] + [str(rng.choice(list(COLORS)))]))
     same = [s for s in scene.shapes if s.color == color]
-    add("count", f"How many {color} shapes are there?", str(len(same)), f"the number of {color} shapes",
-        _count_text(same, color), _count_choices(len(same), rng))
+    add("count", f"How many {color} shapes are there?", str(len(same)), f"the {color} shapes", _at(same),
+        _count_text(same, color), _count_choices(len(same), rng), none=f"There are no {color} shapes.")
 
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     where = place(s.row, s.col)
     opts = [s.color] + [str(c) for c in rng.choice([c for c in COLORS if c != s.color], size=3, replace=False)]
     rng.shuffle(opts)
-    add("color", f"What color is the {s.kind} at the {where}?", s.color,
-        "the colors of the shapes and their positions",
+    add("color", f"What color is the {s.kind} at the {where}?", s.color, f"the shape at the {where}", _at([s]),
         f"At the {where}, the description has a {_name(s)}. Its color is {s.color}.", opts)
 
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     where = place(s.row, s.col)
-    add("shape", f"What shape is at the {where}?", s.kind, "the shapes and their positions",
+    add("shape", f"What shape is at the {where}?", s.kind, f"the shape at the {where}", _at([s]),
         f"At the {where}, the description has a {_name(s)}. The shape is a {s.kind}.")
 
     unique = [s for s in scene.shapes if sum((t.color, t.kind) == (s.color, s.kind) for t in scene.shapes) == 1]
     if unique:
         s = unique[int(rng.integers(len(unique)))]
         add("position", f"Where is the {s.color} {s.kind}?", place(s.row, s.col),
-            f"the positions of the {s.color} shapes",
+            f"the position of the {s.color} {s.kind}", _at([s]),
             f"The description has the {_name(s)} at the {place(s.row, s.col)}.")
 
     if scene.text:
         add("text", "What does the text in the image say?", scene.text, "the text written in the image",
-            f'The description has the text "{scene.text}" at the {place(*scene.text_cell)}.')
+            [tuple(scene.text_cell)], f'The description has the text "{scene.text}" at the {place(*scene.text_cell)}.')
 
     total, extra = len(scene.shapes), int(rng.integers(1, 4))
     more = {1: "one more shape was", 2: "two more shapes were", 3: "three more shapes were"}[extra]
     add("arithmetic", f"If {more} added, how many shapes would there be?", str(total + extra),
-        "the number of shapes in the image",
+        "all the shapes in the image", _at(scene.shapes),
         f"The shapes in the description: {_listing(scene.shapes)}. That makes {total} shapes. "
         f"{total} + {extra} = {total + extra}.")
 
     a, b = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
     na, nb = (sum(s.color == c for s in scene.shapes) for c in (a, b))
     add("compare", f"Are there more {a} shapes than {b} shapes?", "yes" if na > nb else "no",
-        f"the number of {a} shapes and the number of {b} shapes",
+        f"the {a} shapes and the {b} shapes", _at([s for s in scene.shapes if s.color in (a, b)]),
         f"{_count_text([s for s in scene.shapes if s.color == a], a)} "
         f"{_count_text([s for s in scene.shapes if s.color == b], b)} "
-        f"{na} is {'more' if na > nb else 'not more'} than {nb}.")
+        f"{na} is {'more' if na > nb else 'not more'} than {nb}.", none=f"There are no {a} or {b} shapes.")
 
     if len(unique) >= 2:
         i, j = rng.choice(len(unique), size=2, replace=False)
@@ -193,7 +214,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
         yes = s.col < t.col if side == "left" else s.col > t.col
         cols = ("left", "center", "right")
         add("relation", f"Is the {s.color} {s.kind} to the {side} of the {t.color} {t.kind}?", "yes" if yes else "no",
-            "the positions of the shapes",
+            f"the positions of the {s.color} {s.kind} and the {t.color} {t.kind}", _at([s, t]),
             f"The description has the {s.color} {s.kind} at the {place(s.row, s.col)}, in the {cols[s.col]} "
             f"column, and the {t.color} {t.kind} is at the {place(t.row, t.col)}, in the {cols[t.col]} column. "
             f"So the {s.color} {s.kind} is {'' if yes else 'not '}to the {side} of the {t.color} {t.kind}.")
@@ -215,8 +236,7 @@ def make_set(out: str | Path, n: int, seed: int = 0, eval_fraction: float = 0.34
         render(scene).save(out / name, optimize=True)
         item_split = split or ("eval" if i >= n * (1 - eval_fraction) else "calib")
         for q in questions(scene, rng):
-            lines.append({"image": name, "split": item_split, "description": describe(scene), **q,
-                          "scene": asdict(scene)})
+            lines.append({"image": name, "split": item_split, **q, "scene": asdict(scene)})
         if progress:
             progress(i + 1, n)
     (out / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))

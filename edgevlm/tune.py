@@ -153,9 +153,9 @@ class _Batcher:
         self.pad = (self.tok.token_id(pad) if pad else None) or 0
         self.processor = None
         if vision:
-            from edgevlm.backends.torch_ref import _PROCESSOR_LOADERS
+            from edgevlm.backends.torch_ref import PROCESSOR_LOADERS
 
-            self.processor = _PROCESSOR_LOADERS[extractor_family(model_dir).name](model_dir)
+            self.processor = PROCESSOR_LOADERS[extractor_family(model_dir).name](model_dir)
         self._cache: dict = {}
 
     def encode(self, ex: Example):
@@ -335,12 +335,12 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
             on_step(done)
     if lora:
         model = model.merge_and_unload()
-    _save(model.eval(), model_dir, out)
+    save_model(model.eval(), model_dir, out)
     shutil.rmtree(partial, ignore_errors=True)
     return {**scores, "history": history}
 
 
-def _save(model, model_dir: Path, out: Path) -> None:
+def save_model(model, model_dir: Path, out: Path) -> None:
     """The tuned weights with the base model's tokenizer, processor and configs, written atomically."""
     with atomic_directory(out, overwrite=True) as tmp:
         for f in model_dir.iterdir():

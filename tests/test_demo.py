@@ -20,11 +20,50 @@ def test_scene_labels_name_every_cell():
     shapes = [scenes.Shape("square", "red", 0, 0, True), scenes.Shape("circle", "blue", 2, 1, False)]
     scene = scenes.Scene(size=(384, 288), background="gray", text="7", text_cell=(1, 2), shapes=shapes)
     labels = demo.scene_labels(asdict(scene))
-    kind, color, size = labels[:9], labels[9:18], labels[18:27]
+    kind, color, size, text = labels[:9], labels[9:18], labels[18:27], labels[27:36]
     assert kind == [2, 0, 0, 0, 0, 0, 0, 1, 0] and size == [2, 0, 0, 0, 0, 0, 0, 1, 0]
     assert color[0] == 1 + list(scenes.COLORS).index("red") and color[7] == 1 + list(scenes.COLORS).index("blue")
-    assert labels[27:] == [1 + scenes.TEXTS.index("7"), 5, list(scenes.BACKGROUNDS).index("gray")]
-    assert len(labels) == sum(count for _, count, _ in demo._label_groups())
+    assert text == [0, 0, 0, 0, 0, 1 + scenes.TEXTS.index("7"), 0, 0, 0]
+    assert labels[36:] == [list(scenes.BACKGROUNDS).index("gray")]
+    assert len(labels) == sum(slots for _, slots, _ in demo._label_groups())
+
+
+def test_cell_pooling_averages_each_cells_own_patches():
+    import numpy as np
+
+    pool = demo.cell_pooling(8)  # 8x8 patches over a 3x3 grid: cells of 3, 2 and 3 patches a side
+    assert np.allclose(pool.sum(1), 1) and np.all((pool > 0).sum(0) == 1)  # each patch in exactly one cell
+    assert [(pool[c] > 0).sum() for c in range(9)] == [9, 6, 9, 6, 4, 6, 9, 6, 9]
+    assert pool[0, 0] > 0 and pool[8, 63] > 0 and pool[4, 3 * 8 + 3] > 0  # corners and the centre
+
+
+def test_descriptions_hold_the_question_relevant_cells_only():
+    import re
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        scene = scenes.random_scene(rng)
+        full = scenes.describe(scene)
+        for q in scenes.questions(scene, rng):
+            cells = re.findall(r"At the ([a-z ]+), ([^.]+)\.", q["description"])
+            assert all(f"At the {place}, {what}." in full for place, what in cells)  # true facts of the scene
+            answer = q["choices"]["ABCD".index(q["answer"])] if q["choices"] else q["answer"]
+            if q["type"] == "count":
+                assert len(cells) == int(answer) and all(q["question"].split()[2] in what for _, what in cells)
+            elif q["type"] in ("color", "shape"):
+                (place, what), = cells
+                assert q["question"].endswith(f"at the {place}?") and answer in what
+            elif q["type"] == "position":
+                assert [place for place, _ in cells] == [answer]
+            elif q["type"] == "text":
+                assert cells == [(scenes.place(*scene.text_cell), f'the text "{answer}"')]
+            elif q["type"] == "arithmetic":
+                assert len(cells) == len(scene.shapes)
+            elif q["type"] == "relation":
+                assert len(cells) == 2
+            assert q["description"]  # never empty: "There are no ... shapes." when nothing matches
 
 
 def test_demo_train_builds_installs_and_scores(tmp_path):
@@ -39,6 +78,10 @@ def test_demo_train_builds_installs_and_scores(tmp_path):
     items = [json.loads(line) for line in (out / "test" / "items.jsonl").read_text().splitlines()]
     assert items and set(items[0]) == {"image", "question", "choices", "answer", "type"}
     assert all((out / "test" / i["image"]).exists() for i in items)
+    example = json.loads((out / "example.json").read_text())  # the README's example: a test question, labelled
+    first = next(i for i in items if i["type"] == "shape")
+    assert example == {"question": first["question"], "answer": first["answer"]}
+    assert (out / "example.png").read_bytes() == (out / "test" / first["image"]).read_bytes()
     proc = edgevlm("eval", "--data", out / "test" / "items.jsonl", "--extractor", out / "extractor", "--reasoner",
                    out / "reasoner", "--modes", "extract-think,direct", "--limit", "2", "--json")
     assert proc.returncode == 0, proc.stderr.decode()
@@ -52,3 +95,54 @@ def test_the_demo_preset_says_how_to_build_it_when_absent():
     image = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
     assert_one_line_error(edgevlm("run", image, "What is shown?", "--preset", "demo"), 1,
                           "python -m edgevlm.demo train")
+
+
+# ---------------------------------------------------------------- the shipped demo models
+ROOT = Path(__file__).resolve().parents[1]
+shipped = pytest.mark.skipif(not demo.available(), reason="this checkout has no demo models")
+DEMO_SAMPLE_FLOOR = 0.85  # extract-think accuracy a sample of the test split must reach (README: the whole split)
+
+
+def _eval(*args) -> dict:
+    proc = edgevlm("eval", *args, "--json", timeout=3000)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return json.loads(proc.stdout)["results"]
+
+
+@shipped
+def test_the_readme_example_gets_the_scene_graphs_answer():
+    import shlex
+
+    from edgevlm.evaluation import normalize
+
+    quickstart = (ROOT / "README.md").read_text().split("## Quickstart", 1)[1].split("```")[1]
+    line = next(line for line in quickstart.splitlines() if line.startswith("edgevlm run"))
+    label = json.loads(demo.EXAMPLE_LABEL.read_text())
+    args = shlex.split(line)[1:]
+    assert label["question"] in args and args[args.index("--preset") + 1] == "demo"
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", *args], cwd=ROOT, capture_output=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert normalize(proc.stdout.decode().strip().splitlines()[-1]) == normalize(label["answer"])
+
+
+@shipped
+def test_the_demo_answers_the_start_of_its_test_split():
+    # the first 64 questions (9 scenes, every type); the whole split's accuracy is in README.md
+    (result,) = _eval("--preset", "demo", "--limit", "64").values()
+    assert result["extract-think"]["n"] == 64
+    assert result["extract-think"]["accuracy"] >= DEMO_SAMPLE_FLOOR
+
+
+@shipped
+@pytest.mark.slow  # exports the demo three times and answers 3 x 160 questions
+def test_int8_and_int4_demo_bundles_keep_the_accuracy(tmp_path):
+    bundles = []
+    for quant in ("fp32", "int8", "int4"):
+        proc = edgevlm("export", "--preset", "demo", "--quant", quant, "--out", tmp_path / quant, timeout=1200)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        bundles += ["--bundle", tmp_path / quant]
+    results = _eval("--data", demo.TEST_SET / "items.jsonl", *bundles, "--limit", "160", "--temperature", "0")
+    fp32, int8, int4 = (results[label]["extract-think"]["accuracy"] for label in results)
+    assert fp32 >= DEMO_SAMPLE_FLOOR
+    assert int8 >= fp32 - 0.02 and int4 >= fp32 - 0.05  # 160 questions: 1 and 3 points on the whole split

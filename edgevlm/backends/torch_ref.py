@@ -18,7 +18,7 @@ from edgevlm.errors import DeviceError, ModelError
 from edgevlm.families import Family, idefics3, llava_onevision
 from edgevlm.tokenizer import Tokenizer
 
-_PROCESSOR_LOADERS = {
+PROCESSOR_LOADERS = {
     llava_onevision.FAMILY.name: llava_onevision.load_hf_processor,
     idefics3.FAMILY.name: idefics3.load_hf_processor,
 }
@@ -116,7 +116,7 @@ class TorchModel:
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {self.name}: {first}") from None
-        self.processor = _PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
+        self.processor = PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
         self.weight_bytes = _weight_bytes(self.model)
         table, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings()
         untied = head is None or head.weight.data_ptr() != table.data_ptr()  # a tied table is read whole by the head

@@ -25,7 +25,8 @@ DEMO_DIR = Path(__file__).parent
 EXTRACTOR = DEMO_DIR / "extractor"
 REASONER = DEMO_DIR / "reasoner"
 TEST_SET = DEMO_DIR / "test"
-EXAMPLE = DEMO_DIR / "example.png"
+EXAMPLE = DEMO_DIR / "example.png"  # the README's example image (from the test split) ...
+EXAMPLE_LABEL = DEMO_DIR / "example.json"  # ... its question and the scene graph's answer
 
 # The paper's extractor architecture (LLaVA-OneVision: SigLIP + 2-layer MLP projector + Qwen3), shrunk.
 VISION = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -37,6 +38,8 @@ VOCAB = 1024
 SEED = 0
 SCENES = {"train": 3000, "val": 40, "test": 80}  # about 7.5 questions each
 VISION_STEPS = 400
+WHOLE_SCENE_STEPS = 0.45  # the share of the extractor's steps on whole scenes alone, before relevant details
+WHOLE_SCENE_WEIGHT = 3  # then copies of each image's whole-scene example in its data (about a quarter)
 
 
 def available() -> bool:
@@ -73,31 +76,44 @@ def make_base_models(work: Path, items: list[dict], seed: int = SEED) -> tuple[P
 
 # ---------------------------------------------------------------- vision pretraining
 # The paper's extractor starts from a pretrained SigLIP tower; ours starts from scratch, so before visual
-# extraction tuning the tower and projector learn to see the scenes: every cell's shape, colour and size,
-# the text and the background, predicted by linear heads from the features the language model will get.
+# extraction tuning the tower and projector learn to see the scenes. Each cell's shape, colour, size and
+# text are predicted from the mean feature of that cell's own patches (one linear head shared by the nine
+# cells), so what a cell holds sits in the tokens where it is drawn: the language model then finds it by
+# attending to those tokens, as it would with a pretrained SigLIP's local features. (Heads on all tokens
+# at once spread the facts over the image, and the language model learned to ignore it.)
 def _label_groups():
+    """(name, slots, classes): per-cell groups have 9 slots in reading order."""
     from edgevlm.calibration import scenes
 
     return [("kind", 9, 1 + len(scenes.SHAPES)), ("color", 9, 1 + len(scenes.COLORS)), ("size", 9, 3),
-            ("text", 1, 1 + len(scenes.TEXTS)), ("text_cell", 1, 10),
-            ("background", 1, len(scenes.BACKGROUNDS))]
+            ("text", 9, 1 + len(scenes.TEXTS)), ("background", 1, len(scenes.BACKGROUNDS))]
 
 
 def scene_labels(scene: dict) -> list[int]:
     """Class indices for every (group, slot) of _label_groups, from a scene graph (scenes.Scene as a dict)."""
     from edgevlm.calibration import scenes
 
-    kind, color, size = [0] * 9, [0] * 9, [0] * 9
+    kind, color, size, text = [0] * 9, [0] * 9, [0] * 9, [0] * 9
     for s in scene["shapes"]:
         cell = s["row"] * 3 + s["col"]
         kind[cell] = 1 + scenes.SHAPES.index(s["kind"])
         color[cell] = 1 + list(scenes.COLORS).index(s["color"])
         size[cell] = 2 if s["big"] else 1
-    text, cell = 0, 9
     if scene["text"]:
-        text = 1 + scenes.TEXTS.index(scene["text"])
-        cell = scene["text_cell"][0] * 3 + scene["text_cell"][1]
-    return kind + color + size + [text, cell, list(scenes.BACKGROUNDS).index(scene["background"])]
+        text[scene["text_cell"][0] * 3 + scene["text_cell"][1]] = 1 + scenes.TEXTS.index(scene["text"])
+    return kind + color + size + text + [list(scenes.BACKGROUNDS).index(scene["background"])]
+
+
+def cell_pooling(side: int) -> np.ndarray:
+    """[9, side*side]: averages the patches of the base view (the whole image, squashed to a square) whose
+    centres fall in each cell of the 3x3 grid."""
+    centre = (np.arange(side) + 0.5) / side
+    cell_of = np.minimum((centre * 3).astype(int), 2)
+    pool = np.zeros((9, side * side), np.float32)
+    for r in range(side):
+        for c in range(side):
+            pool[cell_of[r] * 3 + cell_of[c], r * side + c] = 1
+    return pool / pool.sum(1, keepdims=True)
 
 
 def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISION_STEPS, batch_size: int = 32,
@@ -109,7 +125,7 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from edgevlm.families import llava_onevision
-    from edgevlm.tune import _save
+    from edgevlm.tune import save_model
 
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(extractor_dir, dtype=torch.float32)
@@ -125,32 +141,34 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
             log(f"vision pretraining: preprocessed {n}/{len(paths)} images")
     pixels, labels = torch.stack(pixels), torch.tensor(labels)
     groups = _label_groups()
-    slots = [(name, n_classes) for name, count, n_classes in groups for _ in range(count)]
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    side = VISION["image_size"] // VISION["patch_size"]
+    pool = torch.from_numpy(cell_pooling(side))
 
-    def features(batch):
-        b, views = batch.shape[:2]
+    def features(batch):  # [b, views, 3, h, w] -> the base view's cells [b, 9, d] and its mean [b, d]
+        b = batch.shape[0]
         hidden = tower(batch.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
-        return projector(hidden).reshape(b, -1)
+        base = projector(hidden).reshape(b, batch.shape[1], side * side, -1)[:, 0]
+        return torch.einsum("ct,btd->bcd", pool, base), base.mean(1)
 
-    with torch.no_grad():
-        width = features(pixels[:1]).shape[1]
-    head = torch.nn.Linear(width, sum(c for _, c in slots))
-    params = [*tower.parameters(), *projector.parameters(), *head.parameters()]
+    width = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n_classes) for name, _, n_classes in groups})
+    params = [*tower.parameters(), *projector.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     n_val = max(1, len(paths) // 20)
     train_idx = np.arange(n_val, len(paths))
     rng = np.random.default_rng(seed)
 
     def loss_and_hits(idx):
-        logits = head(features(pixels[idx]))
-        loss, hits, offset = 0.0, [], 0
-        for slot, (_, n_classes) in enumerate(slots):
-            part = logits[:, offset:offset + n_classes]
-            loss = loss + torch.nn.functional.cross_entropy(part, labels[idx, slot])
-            hits.append((part.argmax(1) == labels[idx, slot]).float().mean().item())
-            offset += n_classes
-        return loss / len(slots), hits
+        cells, whole = features(pixels[idx])
+        loss, hits, at = 0.0, {}, 0
+        for name, slots, _ in groups:
+            logits = heads[name](cells if slots == 9 else whole[:, None])  # [b, slots, classes]
+            target = labels[idx, at:at + slots]
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+            hits[name] = (logits.argmax(-1) == target).float().mean().item()
+            at += slots
+        return loss / len(groups), hits
 
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -163,13 +181,28 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
             log(f"vision pretraining {step + 1}/{steps}: loss {loss.item():.4f}")
     with torch.no_grad():
         _, hits = loss_and_hits(torch.arange(n_val))
-    accuracy, at = {}, 0
-    for name, count, _ in groups:
-        accuracy[name] = round(float(np.mean(hits[at:at + count])), 4)
-        at += count
+    accuracy = {name: round(v, 4) for name, v in hits.items()}
     log(f"vision pretraining: held-out accuracy {accuracy}")
-    _save(model.eval(), Path(extractor_dir), Path(extractor_dir))
+    save_model(model.eval(), Path(extractor_dir), Path(extractor_dir))
     return accuracy
+
+
+def whole_scene_items(items: list[dict]) -> list[dict]:
+    """One item per image whose target is the whole scene, every cell in reading order, under the generic
+    instruction. Mixed into the extractor's data: describing every cell makes it read the image (on
+    question-relevant targets alone, a few short sentences, it learned to write a plausible prior instead),
+    and picking out the relevant cells is then a filter over what it already sees."""
+    from edgevlm import prompts
+    from edgevlm.calibration import scenes
+
+    seen, out = set(), []
+    for item in items:
+        if item["image"] in seen or "scene" not in item:
+            continue
+        seen.add(item["image"])
+        out.append({**item, "instruction": prompts.FALLBACK_INSTRUCTION,
+                    "description": scenes.describe(scenes.from_dict(item["scene"]))})
+    return out
 
 
 def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_steps: int, seed: int, threads: int,
@@ -188,6 +221,13 @@ def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_s
 
     log("pretraining the vision tower on the scene labels")
     pretrain_vision(extractor, items, steps=vision_steps, seed=seed, log=log)
-    log(f"visual extraction tuning ({steps} steps)")
-    tune.tune(extractor, items, out, steps=steps, val_items=val, threads=threads, label="extractor", log=log,
-              **options, seed=seed)
+    # Curriculum: whole scenes first (the model learns to read every cell of the image), then the
+    # question-relevant targets with whole scenes mixed in (it learns which cells an instruction wants).
+    whole = whole_scene_items(items)
+    first = max(1, min(steps - 1, int(steps * WHOLE_SCENE_STEPS)))
+    log(f"visual extraction tuning, whole scenes ({first} steps)")
+    tune.tune(extractor, whole, out.with_name(out.name + "-whole"), steps=first, val_items=whole_scene_items(val),
+              threads=threads, label="extractor", log=log, **options, seed=seed)
+    log(f"visual extraction tuning, question-relevant details ({steps - first} steps)")
+    tune.tune(out.with_name(out.name + "-whole"), items + WHOLE_SCENE_WEIGHT * whole, out, steps=steps - first,
+              val_items=val, threads=threads, label="extractor", log=log, **options, seed=seed)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from edgevlm import demo
+from edgevlm.bundle import atomic_directory, atomic_file
 
-EXTRACTOR_STEPS, REASONER_STEPS = 560, 1000
+EXTRACTOR_STEPS, REASONER_STEPS = 560, 800
 COMMON = dict(batch_size=16, lr=2e-3, eval_every=100, save_every=100)
 
 
@@ -34,10 +35,20 @@ def _ship_test_set(src: Path, dest: Path) -> None:
     """The test split as an eval set: items.jsonl (image, question, choices, answer, type) + its images."""
     keep = ("image", "question", "choices", "answer", "type")
     lines = [json.loads(line) for line in (src / "items.jsonl").read_text().splitlines() if line.strip()]
-    (dest / "images").mkdir(parents=True)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
     for name in sorted({item["image"] for item in lines}):
         shutil.copy2(src / name, dest / name)
     (dest / "items.jsonl").write_text("".join(json.dumps({k: item[k] for k in keep}) + "\n" for item in lines))
+
+
+def _ship_example(test: Path, out: Path) -> None:
+    """The README's example: the test split's first open shape question, its image, and its label."""
+    item = next(json.loads(line) for line in (test / "items.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line)["type"] == "shape")
+    with atomic_file(out / demo.EXAMPLE.name) as tmp:
+        shutil.copy2(test / item["image"], tmp)
+    with atomic_file(out / demo.EXAMPLE_LABEL.name) as tmp:
+        tmp.write_text(json.dumps({"question": item["question"], "answer": item["answer"]}) + "\n")
 
 
 def train(out: Path, work: Path, seed: int, extractor_steps: int, reasoner_steps: int, vision_steps: int,
@@ -67,17 +78,15 @@ def train(out: Path, work: Path, seed: int, extractor_steps: int, reasoner_steps
             job.terminate()
     if job.exitcode != 0:
         raise SystemExit(f"the extractor's training failed (exit code {job.exitcode})")
-    # Assemble the new demo next to the old one, then swap, so an interrupted run leaves the shipped one whole.
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))
+    # Each part is written beside the shipped one and swapped in by one rename: an interrupted run leaves
+    # the shipped demo whole.
     for name in ("extractor", "reasoner"):
-        shutil.copytree(work / name, staging / name)
-        _to_fp16(staging / name)
-    _ship_test_set(work / "test", staging / "test")
-    for name in ("extractor", "reasoner", "test"):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        os.replace(staging / name, out / name)
-    shutil.rmtree(staging)
+        with atomic_directory(out / name, overwrite=True) as tmp:
+            shutil.copytree(work / name, tmp, dirs_exist_ok=True)
+            _to_fp16(tmp)
+    with atomic_directory(out / "test", overwrite=True) as tmp:
+        _ship_test_set(work / "test", tmp)
+    _ship_example(work / "test", out)
     _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; score it with: edgevlm eval --preset demo")
 
 
@@ -98,6 +107,8 @@ def main() -> None:
         scenes = dict(zip(demo.SCENES, map(int, args.scenes.split(",")), strict=True))
     except ValueError:
         parser.error(f"--scenes takes three counts, TRAIN,VAL,TEST; got {args.scenes!r}")
+    if min(args.extractor_steps - 1, args.reasoner_steps, args.vision_steps) < 1:
+        parser.error("the extractor needs at least 2 steps (whole scenes, then relevant details), the others 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.work:
