@@ -51,12 +51,12 @@ def _prompt(vocab: int, n: int) -> list[int]:
 
 
 def _result(ttft: list[float], decode: list[float], n_prompt: int, n_new: int) -> dict:
-    import resource
+    from edgevlm.profiler import peak_rss_bytes  # VmHWM: getrusage's maxrss keeps the parent's peak across exec
 
     best_ttft, best_decode = min(ttft), min(decode)
     return {"ttft_ms": round(best_ttft * 1e3, 2), "prefill_tok_s": round(n_prompt / best_ttft, 1),
             "decode_tok_s": round((n_new - 1) / best_decode, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1)}
+            "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1)}
 
 
 def child_edgevlm(path: str, vocab: int, args) -> dict:
