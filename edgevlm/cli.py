@@ -338,10 +338,7 @@ def info(bundle_dir, as_json, no_verify, memory_budget):
         click.echo(json.dumps(b.manifest, indent=2))
         return
     click.echo(describe_bundle(b))
-    if memory_budget is None:
-        budget, source = memory.default_budget(b.manifest.get("target"))
-    else:
-        budget, source = memory.parse_size(memory_budget), "--memory-budget"
+    budget, source = memory.budget_for(memory_budget, b.manifest.get("target"))
     click.echo(memory.plan(b, budget, source=source, vision_cache_mb=VISION_CACHE_MB,
                            prefix_cache_mb=PREFIX_CACHE_MB).describe())
 

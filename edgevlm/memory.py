@@ -231,6 +231,13 @@ def plan(bundle: Bundle, budget: int | None = None, *, source: str = "--memory-b
     return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks)
 
 
+def budget_for(memory_budget: str | int | None, target: str | None) -> tuple[int | None, str]:
+    """(bytes, source): a --memory-budget as given, else the default for the bundle's target."""
+    if memory_budget is not None:
+        return parse_size(memory_budget), "--memory-budget"
+    return default_budget(target)
+
+
 def default_budget(target: str | None) -> tuple[int | None, str]:
     """The budget a bundle gets with no --memory-budget: its target's, else the memory available now."""
     from edgevlm.targets import TARGETS

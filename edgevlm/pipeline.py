@@ -193,10 +193,7 @@ class Pipeline:
         from edgevlm.backends.onnx import OrtModel
 
         b = bundle.load(path, verify=verify)
-        if memory_budget is None:
-            budget, source = memory.default_budget(b.manifest.get("target"))
-        else:
-            budget, source = memory.parse_size(memory_budget), "--memory-budget"
+        budget, source = memory.budget_for(memory_budget, b.manifest.get("target"))
         plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
         models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
                   for role in sorted(set(b.stages.values()))}
