@@ -5,7 +5,8 @@ fits a memory budget.
 
 Resident for the whole process: every graph's weights, the vision-feature and prefix caches at their
 byte budgets, and the runtime itself (Python, ONNX Runtime, tokenizers). While one stage runs: its KV
-cache (two fp32 buffer sets used in turn, for the whole context), its prefill activations (one chunk of
+cache (fp32, for the whole context: one buffer updated in place for fused decoders, two used in turn for
+traced ones), its prefill activations (one chunk of
 positions against the whole context: attention scores, MLP, the prompt's embeddings) and, for the
 extractor, the vision tower on one batch of crops and the image features it keeps. The plan is the
 peak over stages; the context is the largest (at most the model's own) whose peak fits.
@@ -134,7 +135,7 @@ def image_tokens(entry: dict) -> int:
 class ModelCost:
     role: str
     weights: int
-    kv_per_token: int  # both buffer sets
+    kv_per_token: int  # every KV buffer (one set, or two used in turn)
     dims: Dims
     embeds: bool  # the prompt goes in as embeddings (VLM decoders)
     max_context: int
@@ -191,7 +192,8 @@ def costs(bundle: Bundle) -> list[ModelCost]:
         entry = bundle.models[role]
         kv = entry["kv"]
         weights = sum(graph_bytes(bundle.file(g["file"])) for g in entry["graphs"].values())
-        per_token = 2 * 2 * int(kv["layers"]) * int(kv["kv_heads"]) * int(kv["head_dim"]) * 4
+        buffers = 1 if kv.get("shared") else 2  # one buffer updated in place, or two used in turn
+        per_token = 2 * buffers * int(kv["layers"]) * int(kv["kv_heads"]) * int(kv["head_dim"]) * 4
         max_context = int(entry["max_context"])
         out.append(ModelCost(role, weights, per_token, model_dims(entry), "embed" in entry["graphs"], max_context,
                              min(max_context, MIN_CONTEXT + image_tokens(entry))))

@@ -269,7 +269,7 @@ def _finish_model(root: Path, role: str, reference: dict, plan: QuantPlan, calib
              "arrays": {k: f"{role}/{Path(v).name}" for k, v in reference.get("arrays", {}).items()}}
     if not entry["arrays"]:
         del entry["arrays"]
-    from edgevlm.export import graphs
+    from edgevlm.export import fused, graphs
 
     for name, g in reference["graphs"].items():
         q = plan.for_graph(role, name)
@@ -278,6 +278,8 @@ def _finish_model(root: Path, role: str, reference: dict, plan: QuantPlan, calib
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
         _convert_graph(src, dst, q, name, plan, reader_for)
         entry["graphs"][name] = graphs.graph_entry(dst, root, q)
+    decoder = root / entry["graphs"]["decoder"]["file"]
+    entry["kv"] = {**entry["kv"], "shared": fused.updates_cache_in_place(decoder)}  # not after an fp16 conversion
     return entry
 
 

@@ -160,12 +160,18 @@ def to_fp16(path: str | Path) -> None:
 
 
 def export_decoder(body: nn.Module, lm_head: nn.Module, text_config, path: Path, *, embeds: bool) -> Path:
-    """Export a decoder with explicit KV (see module docstring).
+    """Export a decoder with explicit KV (see module docstring): written with ONNX Runtime's fused operators
+    where edgevlm.export.fused covers the architecture (its cache can be updated in place), traced otherwise
+    (or when EDGEVLM_TRACED_DECODER=1, to compare the two).
 
     A head tied to the input embedding gets its own copy of the weight: exported tied, the graph would
     transpose the embedding at run time (ONNX Runtime folds it into a second fp32 copy anyway), and the
     head could never be quantized, since quantizers only touch MatMuls with constant weights.
     """
+    from edgevlm.export import fused
+
+    if os.environ.get("EDGEVLM_TRACED_DECODER") != "1" and fused.unsupported(body, text_config) is None:
+        return fused.build_decoder(body, lm_head, text_config, path, embeds=embeds)
     embedding = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None
     if embedding is not None and lm_head.weight is embedding.weight:
         head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
@@ -181,11 +187,12 @@ def export_embedding(embedding: nn.Module, vocab_size: int, path: Path) -> Path:
                   [INPUTS_EMBEDS], {INPUT_IDS: {0: "batch", 1: "sequence"}})
 
 
-def kv_layout(text_config, max_context: int) -> dict:
+def kv_layout(text_config, max_context: int, shared: bool = False) -> dict:
+    """The decoder's cache; `shared`: past and present may be one buffer, updated in place by the graph."""
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     return {"layers": text_config.num_hidden_layers, "kv_heads": text_config.num_key_value_heads,
             "head_dim": head_dim, "max_sequence": max_context, "dtype": "float32",
-            "layout": "batch,kv_heads,sequence,head_dim"}
+            "layout": "batch,kv_heads,sequence,head_dim", "shared": shared}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -237,12 +244,14 @@ def model_dims(text_config, vision_config=None, preprocess: dict | None = None) 
 def model_entry(family: str, graphs: dict[str, Path], text_config, model_dir: Path, out: Path, root: Path,
                 vision_config=None, **extra) -> dict:
     """The manifest entry of one exported fp32 model; copies its tokenizer files beside the graphs."""
+    from edgevlm.export import fused
+
     copy_tokenizer(model_dir, out)
     max_context = int(text_config.max_position_embeddings)
     return {
         "family": family,
         "graphs": {name: graph_entry(path, root, "fp32") for name, path in graphs.items()},
-        "kv": kv_layout(text_config, max_context),
+        "kv": kv_layout(text_config, max_context, fused.updates_cache_in_place(graphs["decoder"])),
         "max_context": max_context,
         "dims": model_dims(text_config, vision_config, extra.get("preprocess")),
         "tokenizer": out.relative_to(root).as_posix(),

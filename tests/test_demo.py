@@ -28,13 +28,13 @@ def test_scene_labels_name_every_cell():
     assert len(labels) == sum(slots for _, slots, _ in demo._label_groups())
 
 
-def test_cell_pooling_averages_each_cells_own_patches():
+def test_each_patch_knows_its_cell():
     import numpy as np
 
-    pool = demo.cell_pooling(8)  # 8x8 patches over a 3x3 grid: cells of 3, 2 and 3 patches a side
-    assert np.allclose(pool.sum(1), 1) and np.all((pool > 0).sum(0) == 1)  # each patch in exactly one cell
-    assert [(pool[c] > 0).sum() for c in range(9)] == [9, 6, 9, 6, 4, 6, 9, 6, 9]
-    assert pool[0, 0] > 0 and pool[8, 63] > 0 and pool[4, 3 * 8 + 3] > 0  # corners and the centre
+    cell = demo.cell_of_patch(8)  # 8x8 patches over a 3x3 grid: cells of 3, 2 and 3 patches a side
+    assert [(cell == c).sum() for c in range(9)] == [9, 6, 9, 6, 4, 6, 9, 6, 9]
+    assert cell[0] == 0 and cell[63] == 8 and cell[3 * 8 + 3] == 4 and cell[7] == 2  # corners and the centre
+    assert np.all(np.diff(cell.reshape(8, 8), axis=1) >= 0)  # reading order along each row
 
 
 def test_descriptions_hold_the_question_relevant_cells_only():

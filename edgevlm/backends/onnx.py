@@ -2,10 +2,10 @@
 
 Per model: an optional vision graph (image crops -> features), an optional token-embedding graph
 (VLMs, whose image features are placed into the embeddings in numpy), and a decoder graph with an
-explicit KV cache. The cache lives in preallocated buffers bound to the graph by pointer (IO binding):
-a step reads `past` from one buffer set and the graph writes `present` into the other, so no tensor
-is allocated or copied through Python per token. (The graph itself still concatenates past and new
-keys; graphs whose attention updates a shared buffer in place are the next step.)
+explicit KV cache. The cache lives in preallocated buffers bound to the graph by pointer (IO binding),
+so no tensor is allocated or copied through Python per token. Fused decoders (edgevlm.export.fused,
+manifest kv.shared) read and write one buffer per tensor in place; traced ones read `past` from one
+buffer set and write `present` (past and new, concatenated) into the other.
 """
 
 from __future__ import annotations
@@ -46,34 +46,69 @@ def _session(path, device: str, threads: int | None):
     return session
 
 
-class KVCache:
-    """Past/present KV tensors of one generation in two preallocated buffer sets used in turn.
+def _reserve(shape: tuple[int, int]) -> np.ndarray:
+    """An fp32 array whose pages become resident only as they are written, in 4 KB pages. (numpy asks
+    for transparent huge pages on large arrays: a shared cache fills each head's rows from the start of
+    its own region, so 2 MB pages would make some 2 MB per head and tensor resident at once: for SmolLM2's
+    8192-position reservation, all 380 MB of it after one short prompt.)"""
+    import mmap
 
-    Each tensor is [1, kv_heads, length, head_dim], contiguous at the start of its buffer row, so a
-    prefix of a row is a valid tensor of any length up to the capacity. Capacity grows by doubling, never
-    past `limit` (the model's planned context: edgevlm.memory).
+    size = max(int(np.prod(shape)) * 4, 1)
+    region = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, np.float32, count=int(np.prod(shape))).reshape(shape)
+
+
+class KVCache:
+    """The KV tensors of one generation, preallocated and bound to the decoder graph by pointer.
+
+    `shared`: one buffer per tensor, [1, kv_heads, capacity, head_dim]; the graph (GroupQueryAttention)
+    reads the filled prefix and writes the new positions in place, so a step moves nothing but the new
+    keys and values. The capacity is the whole planned context up front: pages are only touched (resident)
+    as positions fill, so the reservation costs address space, not memory.
+    Otherwise (graphs that concatenate past and new): two buffer sets used in turn, each tensor
+    [1, kv_heads, length, head_dim] contiguous at the start of its row; the capacity grows by doubling.
+    Never past `limit` (the model's planned context: edgevlm.memory).
     """
 
-    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int, limit: int | None = None):
-        self.tensors, self.kv_heads, self.head_dim = tensors, kv_heads, head_dim
+    def __init__(self, tensors: int, kv_heads: int, head_dim: int, capacity: int, limit: int | None = None,
+                 shared: bool = False):
+        self.tensors, self.kv_heads, self.head_dim, self.shared = tensors, kv_heads, head_dim, shared
         self.length, self.limit = 0, limit
-        self._alloc(capacity if limit is None else min(capacity, limit))
+        self.binding, self.binding_capacity = None, 0  # the decoder's IO binding of a shared cache
+        self._alloc(limit if shared and limit else capacity if limit is None else min(capacity, limit))
 
     def _alloc(self, capacity: int) -> None:
         self.capacity = capacity
         shape = (self.tensors, self.kv_heads * capacity * self.head_dim)
-        self._read, self._write = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        if self.shared:
+            self._read = self._write = _reserve(shape)
+        else:
+            self._read, self._write = np.empty(shape, np.float32), np.empty(shape, np.float32)
+
+    def _rows(self, n: int) -> np.ndarray:
+        """The first n positions as a [tensors, kv_heads, n, head_dim] view."""
+        width = self.capacity if self.shared else self.length
+        rows = self._read[:, :self.kv_heads * width * self.head_dim]
+        return rows.reshape(self.tensors, self.kv_heads, width, self.head_dim)[:, :, :n]
+
+    def _fill(self, rows: np.ndarray) -> None:
+        """Make `rows` ([tensors, kv_heads, n, head_dim]) the cache's contents."""
+        n = rows.shape[2]
+        self.length = n
+        self._rows(n)[...] = rows
 
     def reserve(self, length: int) -> None:
         if length <= self.capacity:
             return
-        old, used = self._read, self.kv_heads * self.length * self.head_dim
+        old = self._rows(self.length).copy()
         grown = max(length, 2 * self.capacity)
         self._alloc(grown if self.limit is None else max(length, min(grown, self.limit)))
-        self._read[:, :used] = old[:, :used]
+        self._fill(old)
 
-    def shape(self, length: int) -> list[int]:
-        return [1, self.kv_heads, length, self.head_dim]
+    def past_shape(self, length: int) -> list[int]:
+        return [1, self.kv_heads, self.capacity if self.shared else length, self.head_dim]
 
     def read_pointers(self) -> list[int]:
         return [row.ctypes.data for row in self._read]
@@ -82,23 +117,19 @@ class KVCache:
         return [row.ctypes.data for row in self._write]
 
     def nbytes(self) -> tuple[int, int]:
-        """(allocated, used): both buffer sets, and the cache's contents."""
+        """(allocated, used): the buffers reserved (both sets, unless shared), and the cache's contents."""
         per_position = self.tensors * self.kv_heads * self.head_dim * 4
-        return 2 * per_position * self.capacity, per_position * self.length
+        return (1 if self.shared else 2) * per_position * self.capacity, per_position * self.length
 
     def snapshot(self, n: int) -> tuple[np.ndarray, int]:
         """A copy of the first n positions, and n."""
-        rows = self._read[:, :self.kv_heads * self.length * self.head_dim]
-        rows = rows.reshape(self.tensors, self.kv_heads, self.length, self.head_dim)[:, :, :n]
-        return np.ascontiguousarray(rows).reshape(self.tensors, -1), n
+        return np.ascontiguousarray(self._rows(n)).reshape(self.tensors, -1), n
 
     def load(self, snapshot: tuple[np.ndarray, int], n: int) -> None:
         """Start from the first n positions of a snapshot."""
         data, length = snapshot
         self.reserve(n)
-        rows = data.reshape(self.tensors, self.kv_heads, length, self.head_dim)[:, :, :n]
-        self._read[:, :self.kv_heads * n * self.head_dim] = rows.reshape(self.tensors, -1)
-        self.length = n
+        self._fill(data.reshape(self.tensors, self.kv_heads, length, self.head_dim)[:, :, :n])
 
     def advance(self, new: int) -> None:
         """The graph has written length + new positions into the write set: it becomes the read set."""
@@ -205,7 +236,8 @@ class OrtModel:
         # Long prompts (an AnyRes image is thousands of tokens) go in chunks: attention scores for a chunk are
         # [heads, chunk, total] instead of [heads, total, total], which bounds prefill memory on small devices.
         kv = self.entry["kv"]
-        cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256, self.max_context)
+        cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256, self.max_context,
+                        shared=bool(kv.get("shared")))
         ids, reused = prepared.input_ids, 0
         # Only the text before an image can be shared: image slots hold features, not what their ids say.
         image_id = self.entry.get("preprocess", {}).get("image_token_id")
@@ -231,15 +263,21 @@ class OrtModel:
         seq, past = x.shape[1], cache.length
         total = past + seq
         cache.reserve(total)
-        binding = self.decoder.io_binding()
+        # A shared cache binds the same buffers at the same shape every step: bound once per generation
+        # (and again if it grows), a step then binds only its token, mask and position.
+        binding = cache.binding if cache.shared and cache.binding_capacity == cache.capacity else None
+        if binding is None:
+            binding = self.decoder.io_binding()
+            for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
+                binding.bind_input(name, "cpu", 0, np.float32, cache.past_shape(past), pointer)
+            binding.bind_output("logits", "cpu")
+            for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
+                binding.bind_output(name, "cpu", 0, np.float32, cache.past_shape(total), pointer)
+            if cache.shared:
+                cache.binding, cache.binding_capacity = binding, cache.capacity
         binding.bind_cpu_input(self._input_name, x)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
-        for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
-            binding.bind_input(name, "cpu", 0, np.float32, cache.shape(past), pointer)
-        binding.bind_output("logits", "cpu")
-        for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
-            binding.bind_output(name, "cpu", 0, np.float32, cache.shape(total), pointer)
         self.decoder.run_with_iobinding(binding)
         cache.advance(seq)
         return binding.get_outputs()[0].numpy()[0, -1]

@@ -76,11 +76,12 @@ def make_base_models(work: Path, items: list[dict], seed: int = SEED) -> tuple[P
 
 # ---------------------------------------------------------------- vision pretraining
 # The paper's extractor starts from a pretrained SigLIP tower; ours starts from scratch, so before visual
-# extraction tuning the tower and projector learn to see the scenes. Each cell's shape, colour, size and
-# text are predicted from the mean feature of that cell's own patches (one linear head shared by the nine
-# cells), so what a cell holds sits in the tokens where it is drawn: the language model then finds it by
-# attending to those tokens, as it would with a pretrained SigLIP's local features. (Heads on all tokens
-# at once spread the facts over the image, and the language model learned to ignore it.)
+# extraction tuning the tower and projector learn to see the scenes. Every patch token of the base view
+# learns to say what its cell holds (shape, colour, size, text) and which cell it is in: the facts sit in
+# the tokens where they are drawn, with a plain code of the place, so the language model finds the cell a
+# sentence names by attending to tokens that say that place, as it would with a pretrained SigLIP's local
+# features. (Heads on all tokens at once spread the facts over the image, and the language model learned
+# to ignore it; pooled per-cell heads left the place implicit and it read the wrong cells half the time.)
 def _label_groups():
     """(name, slots, classes): per-cell groups have 9 slots in reading order."""
     from edgevlm.calibration import scenes
@@ -104,22 +105,17 @@ def scene_labels(scene: dict) -> list[int]:
     return kind + color + size + text + [list(scenes.BACKGROUNDS).index(scene["background"])]
 
 
-def cell_pooling(side: int) -> np.ndarray:
-    """[9, side*side]: averages the patches of the base view (the whole image, squashed to a square) whose
-    centres fall in each cell of the 3x3 grid."""
-    centre = (np.arange(side) + 0.5) / side
-    cell_of = np.minimum((centre * 3).astype(int), 2)
-    pool = np.zeros((9, side * side), np.float32)
-    for r in range(side):
-        for c in range(side):
-            pool[cell_of[r] * 3 + cell_of[c], r * side + c] = 1
-    return pool / pool.sum(1, keepdims=True)
+def cell_of_patch(side: int) -> np.ndarray:
+    """[side*side]: the cell (0-8, reading order) of the 3x3 grid in which each patch's centre falls, for the
+    base view (the whole image, squashed to a square)."""
+    cell = np.minimum(((np.arange(side) + 0.5) / side * 3).astype(int), 2)
+    return (cell[:, None] * 3 + cell[None, :]).reshape(-1)
 
 
 def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISION_STEPS, batch_size: int = 32,
                     lr: float = 2e-3, seed: int = SEED, log=print) -> dict:
     """Train the extractor's vision tower and projector on scene labels; saves them in place. Returns the
-    held-out accuracy per label group."""
+    held-out accuracy per label group (per patch, for the cell groups and the patch's own cell)."""
     import torch
     from PIL import Image
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -140,16 +136,14 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
         if n % 1000 == 0:
             log(f"vision pretraining: preprocessed {n}/{len(paths)} images")
     pixels, labels = torch.stack(pixels), torch.tensor(labels)
-    groups = _label_groups()
+    groups = [*_label_groups(), ("cell", 0, 9)]
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     side = VISION["image_size"] // VISION["patch_size"]
-    pool = torch.from_numpy(cell_pooling(side))
+    cell = torch.from_numpy(cell_of_patch(side))
 
-    def features(batch):  # [b, views, 3, h, w] -> the base view's cells [b, 9, d] and its mean [b, d]
-        b = batch.shape[0]
+    def features(batch):  # [b, views, 3, h, w] -> the base view's patch tokens [b, side*side, d]
         hidden = tower(batch.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
-        base = projector(hidden).reshape(b, batch.shape[1], side * side, -1)[:, 0]
-        return torch.einsum("ct,btd->bcd", pool, base), base.mean(1)
+        return projector(hidden).reshape(batch.shape[0], batch.shape[1], side * side, -1)[:, 0]
 
     width = model.config.text_config.hidden_size
     heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n_classes) for name, _, n_classes in groups})
@@ -160,11 +154,15 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
     rng = np.random.default_rng(seed)
 
     def loss_and_hits(idx):
-        cells, whole = features(pixels[idx])
+        tokens = features(pixels[idx])
         loss, hits, at = 0.0, {}, 0
         for name, slots, _ in groups:
-            logits = heads[name](cells if slots == 9 else whole[:, None])  # [b, slots, classes]
-            target = labels[idx, at:at + slots]
+            if name == "cell":
+                logits, target = heads[name](tokens), cell.expand(len(idx), -1)
+            elif slots == 9:  # every patch names its cell's content
+                logits, target = heads[name](tokens), labels[idx, at:at + slots][:, cell]
+            else:
+                logits, target = heads[name](tokens.mean(1, keepdim=True)), labels[idx, at:at + slots]
             loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
             hits[name] = (logits.argmax(-1) == target).float().mean().item()
             at += slots
