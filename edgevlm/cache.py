@@ -53,6 +53,9 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: str) -> bool:  # a look that counts neither a hit nor a miss
+        return key in self._entries
+
     def get(self, key: str) -> Any | None:
         with self._lock:
             entry = self._entries.get(key)

@@ -151,11 +151,17 @@ class ModelCost:
         decode = kv + attention + body + prompt
         if not d.vision:
             return decode
-        v = d.vision
+        features, tower = self.vision_bytes()
+        return features + max(tower, decode)
+
+    def vision_bytes(self) -> tuple[int, int]:
+        """(the image features kept, the vision tower's activations on one batch of crops); 0s without one."""
+        v = self.dims.vision
+        if not v:
+            return 0, 0
         crops, batch, tokens = v["max_crops"], min(VISION_BATCH, v["max_crops"]), v["tokens"]
         features = crops * tokens * v["feature"] * 4
-        tower = batch * tokens * (6 * v["hidden"] + 2 * v["intermediate"] + 2 * v["heads"] * tokens) * 4
-        return features + max(tower, decode)
+        return features, batch * tokens * (6 * v["hidden"] + 2 * v["intermediate"] + 2 * v["heads"] * tokens) * 4
 
 
 @dataclass
@@ -165,6 +171,7 @@ class MemoryPlan:
     resident: dict[str, int]  # weights per model, caches, runtime
     max_context: dict[str, int]  # per role
     stage_peak: dict[str, int] = field(default_factory=dict)  # per role, at its planned context
+    overlap: bool = False  # the planner and the vision tower may run at once (both fit beside each other)
 
     @property
     def peak(self) -> int:
@@ -177,13 +184,14 @@ class MemoryPlan:
         for role, context in self.max_context.items():
             lines.append(f"  {role}: context {context} tokens; KV, activations and vision at it "
                          f"{gb(self.stage_peak[role])}")
+        lines.append(f"  planner beside the vision tower: {'fits' if self.overlap else 'does not fit (run in turn)'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"budget_mb": None if self.budget is None else round(self.budget / 1e6, 1), "source": self.source,
                 "estimate_mb": round(self.peak / 1e6, 1), "max_context": dict(self.max_context),
                 "resident_mb": {k: round(v / 1e6, 1) for k, v in self.resident.items()},
-                "stage_mb": {k: round(v / 1e6, 1) for k, v in self.stage_peak.items()}}
+                "stage_mb": {k: round(v / 1e6, 1) for k, v in self.stage_peak.items()}, "overlap": self.overlap}
 
 
 def costs(bundle: Bundle) -> list[ModelCost]:
@@ -230,7 +238,12 @@ def plan(bundle: Bundle, budget: int | None = None, *, source: str = "--memory-b
                 best, high = (mid, high) if m.stage_bytes(mid, prefill_chunk) <= room else (best, mid - 1)
         contexts[m.role] = best
         peaks[m.role] = m.stage_bytes(best, prefill_chunk)
-    return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks)
+    # Overlap (Pipeline): the planner decodes while the vision tower encodes the image, so both stages'
+    # memory is held at once; allowed when that fits too.
+    planner = bundle.stages.get("plan")
+    both = fixed + (peaks[planner] + max(sum(m.vision_bytes()) for m in models) if planner else 0)
+    overlap = planner is not None and (budget is None or both <= budget)
+    return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks, overlap)
 
 
 def budget_for(memory_budget: str | int | None, target: str | None) -> tuple[int | None, str]:

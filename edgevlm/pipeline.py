@@ -9,9 +9,11 @@ think (description + question -> answer); plus `extract` and `direct` modes.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -110,6 +112,7 @@ class _Call:
     rng: np.random.Generator
     fixed_tokens: int | None  # every stage generates exactly this many tokens (benchmarks)
     image_key: str | None = None  # the vision cache's key for the call's image (None: cache off)
+    vision: Future | None = None  # the image's features, being computed beside the planner (overlap)
 
 
 @dataclass
@@ -135,11 +138,19 @@ class Pipeline:
     second question about the same frame skips the vision tower. On ONNX Runtime each model also keeps the
     KV of recent prompts (`prefix_cache_mb` each; 0 = off): a prompt that starts like an earlier one (the
     planner's few-shot block) prefills only what differs.
+
+    `overlap`: on ONNX Runtime the planner needs no image, so the vision tower encodes it on a second
+    thread meanwhile. None (default) turns it on where there are cores to spare (4 or more, or a GPU)
+    and the memory plan fits both at once; on 2 cores the two sessions' thread pools contend.
     """
 
     def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB,
-                 prefix_cache_mb: float = PREFIX_CACHE_MB):
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, overlap: bool | None = None):
         self.extractor, self.reasoner = extractor, reasoner
+        if overlap is None:
+            overlap = (os.cpu_count() or 1) >= 4 or getattr(extractor, "device", "cpu") == "cuda"
+        self.overlap = overlap and getattr(extractor, "backend", "") == "onnxruntime" and extractor.family.vision
+        self._executor: ThreadPoolExecutor | None = None
         if vision_cache_mb < 0 or prefix_cache_mb < 0:
             raise UsageError("a cache size must be 0 (off) or more megabytes")
         self.vision_cache = FeatureCache(int(vision_cache_mb * 1e6))
@@ -182,7 +193,7 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
                     vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB,
-                    memory_budget: int | str | None = None) -> Pipeline:
+                    memory_budget: int | str | None = None, overlap: bool | None = None) -> Pipeline:
         """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256.
 
         Before loading, a memory plan (edgevlm.memory) gives each model the longest context that fits
@@ -198,7 +209,8 @@ class Pipeline:
         models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
                   for role in sorted(set(b.stages.values()))}
         pipe = cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")),
-                   vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
+                   vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
+                   overlap=overlap if plan.overlap else False)
         pipe.memory_plan = plan
         return pipe
 
@@ -281,6 +293,10 @@ class Pipeline:
             if self.reasoner is not None:
                 result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
             if instruction is None:
+                if self.overlap and (call.image_key is None or call.image_key not in self.vision_cache):
+                    if self._executor is None:
+                        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-vision")
+                    call.vision = self._executor.submit(self._encode_image, pil)
                 cap = min(prompts.PLAN.max_new_tokens, max_new_tokens or prompts.PLAN.max_new_tokens)
                 stage = yield from self._stage(result, call, "plan", self.reasoner,
                                                prompts.planner_prompt(question),
@@ -299,6 +315,14 @@ class Pipeline:
         result.total_ms = (time.perf_counter() - t0) * 1e3
         result.peak_rss_bytes = peak_rss_bytes()
         yield Event("done", result=result)
+
+    def _encode_image(self, image) -> tuple[np.ndarray, float, float]:
+        """The extractor's image features for `image` (the prompt around it does not matter), with the
+        start and end of the work; runs on the overlap thread."""
+        start = time.perf_counter()
+        prepared = self.extractor.prepare(render_prompt(self.extractor, "", with_image=True), image)
+        self.extractor.encode(prepared)
+        return prepared.image_features, start, time.perf_counter()
 
     def _think(self, result, call, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
         answer_budget = max_new_tokens or prompts.ANSWER_BUDGET
@@ -355,9 +379,16 @@ class Pipeline:
                 + (f" within the {self.memory_plan.budget / 1e9:.2f} GB memory budget ({self.memory_plan.source}); "
                    "raise --memory-budget, shrink the caches or " if planned else "; ")
                 + ("use a smaller image or shorter question" if image is not None else "shorten the question"))
-        cache = None
-        with call.prof.span(name, "vision"):
-            if image is not None and call.image_key is not None:
+        cache, overlapped = None, {}
+        with call.prof.span(name, "vision"):  # the time this stage spends on (or waits for) the vision tower
+            if image is not None and call.vision is not None:  # encoded beside the planner
+                prepared.image_features, start, end = call.vision.result()
+                call.vision = None
+                call.prof.add("vision (overlapped)", "vision", start, end)
+                overlapped = {"vision_overlapped_ms": round((end - start) * 1e3, 3)}
+                if call.image_key is not None:
+                    self.vision_cache.put(call.image_key, prepared.image_features)
+            elif image is not None and call.image_key is not None:
                 features = self.vision_cache.get(call.image_key)
                 cache = "miss" if features is None else "hit"
                 if features is None:
@@ -399,7 +430,7 @@ class Pipeline:
                                     first_token_at=first_token_at),
             memory={"backend": model.backend, "weights": dict(model.weight_bytes), "step_weights": model.step_bytes,
                     "kv_allocated": kv_allocated, "kv_used": kv_used, "prefix_tokens": reused,
-                    **({"vision_cache": cache} if cache else {})},
+                    **({"vision_cache": cache} if cache else {}), **overlapped},
         )
         result.stages[name] = stage
         yield Event("stage_end", name, stage.text)

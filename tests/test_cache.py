@@ -133,3 +133,25 @@ def test_planner_prompts_reuse_their_shared_prefix(tiny_bundle):
     assert hot.reused > 0 and full.reused == 0 and len(ids) == hot.prompt_len
     np.testing.assert_allclose(hot.logits, full.logits, atol=1e-4)
     np.testing.assert_allclose(hot.step(7), full.step(7), atol=1e-4)
+
+
+def test_the_vision_tower_runs_beside_the_planner_with_the_same_result(tiny_bundle, torch_models):
+    image = random_image(64, 48, seed=7)
+    options = dict(max_new_tokens=8, think_budget=8, temperature=0)
+    overlapped = Pipeline.from_bundle(str(tiny_bundle), overlap=True)
+    in_turn = Pipeline.from_bundle(str(tiny_bundle), overlap=False, vision_cache_mb=0)
+    assert overlapped.overlap and not in_turn.overlap
+    a, b = overlapped(image, "What is shown?", trace=True, **options), in_turn(image, "What is shown?", **options)
+    for stage in ("plan", "extract", "think"):
+        assert a.stages[stage].token_ids == b.stages[stage].token_ids
+    assert a.stages["extract"].memory["vision_overlapped_ms"] > 0 and "vision_overlapped_ms" not in b.stages[
+        "extract"].memory
+    tracks = {e["args"]["name"] for e in a.profile.trace_events() if e["name"] == "thread_name"}
+    assert "vision (overlapped)" in tracks  # its own track in the trace, beside the planner's
+    # the features went into the vision cache: the next question on the frame skips the tower
+    again = overlapped(image, "How many shapes?", **options)
+    assert again.stages["extract"].memory["vision_cache"] == "hit"
+    # nothing to overlap: an instruction given (no planner), or the PyTorch reference backend
+    given = overlapped(random_image(64, 48, seed=8), "What?", instruction="the shapes", **options)
+    assert "vision_overlapped_ms" not in given.stages["extract"].memory
+    assert not Pipeline(torch_models("llava_onevision"), torch_models("qwen3"), overlap=True).overlap
