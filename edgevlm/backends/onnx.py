@@ -191,6 +191,10 @@ class OrtModel:
         names = [i.name for i in self.decoder.get_inputs()]
         self._input_name, self._past_names = names[0], names[3:]
         self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
+        # The logits land in a buffer of ours: get_outputs() would wrap every present tensor too, each step.
+        vocab = self.decoder.get_outputs()[0].shape[-1]
+        vocab = vocab if isinstance(vocab, int) else entry.get("dims", {}).get("vocab")
+        self._logits = np.empty((1, 1, vocab), np.float32) if vocab else None
 
     # ---------------------------------------------------------------- Model protocol
     def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
@@ -270,7 +274,10 @@ class OrtModel:
             binding = self.decoder.io_binding()
             for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
                 binding.bind_input(name, "cpu", 0, np.float32, cache.past_shape(past), pointer)
-            binding.bind_output("logits", "cpu")
+            if self._logits is None:
+                binding.bind_output("logits", "cpu")
+            else:
+                binding.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
             for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
                 binding.bind_output(name, "cpu", 0, np.float32, cache.past_shape(total), pointer)
             if cache.shared:
@@ -280,4 +287,6 @@ class OrtModel:
         binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
         self.decoder.run_with_iobinding(binding)
         cache.advance(seq)
-        return binding.get_outputs()[0].numpy()[0, -1]
+        if self._logits is None:
+            return binding.get_outputs()[0].numpy()[0, -1]
+        return self._logits[0, -1].copy()  # the buffer is written again by the next step
