@@ -238,10 +238,13 @@ def plan(bundle: Bundle, budget: int | None = None, *, source: str = "--memory-b
                 best, high = (mid, high) if m.stage_bytes(mid, prefill_chunk) <= room else (best, mid - 1)
         contexts[m.role] = best
         peaks[m.role] = m.stage_bytes(best, prefill_chunk)
-    # Overlap (Pipeline): the planner decodes while the vision tower encodes the image, so both stages'
-    # memory is held at once; allowed when that fits too.
+    # Overlap (Pipeline): the planner decodes while the vision tower encodes the image, so both are held at
+    # once; allowed when that fits too. A planner prompt (a question and the few-shot block) stays within
+    # MIN_CONTEXT positions, and KV pages are resident only as they fill.
     planner = bundle.stages.get("plan")
-    both = fixed + (peaks[planner] + max(sum(m.vision_bytes()) for m in models) if planner else 0)
+    by_role = {m.role: m for m in models}
+    both = fixed + (by_role[planner].stage_bytes(min(contexts[planner], MIN_CONTEXT), prefill_chunk)
+                    + max(sum(m.vision_bytes()) for m in models) if planner else 0)
     overlap = planner is not None and (budget is None or both <= budget)
     return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks, overlap)
 

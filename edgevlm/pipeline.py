@@ -30,6 +30,9 @@ from edgevlm.tokenizer import StreamDecoder
 
 MODES = ("extract-think", "extract", "direct")
 MAX_QUESTION_CHARS = 100_000
+# The memory plan fits the overlapped vision tower beside a planner prompt of memory.MIN_CONTEXT positions
+# at most: longer questions run the stages in turn.
+OVERLAP_MAX_QUESTION_CHARS = 2_000
 VISION_CACHE_MB = 256  # default byte budget of the vision-feature cache (an AnyRes 0.6B image is ~20 MB)
 # Default byte budget of each model's prompt-prefix KV cache (ONNX Runtime backend): the planner's few-shot
 # block is ~50 MB of KV on Qwen3-1.7B.
@@ -293,7 +296,8 @@ class Pipeline:
             if self.reasoner is not None:
                 result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
             if instruction is None:
-                if self.overlap and (call.image_key is None or call.image_key not in self.vision_cache):
+                if (self.overlap and len(question) <= OVERLAP_MAX_QUESTION_CHARS
+                        and (call.image_key is None or call.image_key not in self.vision_cache)):
                     if self._executor is None:
                         self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-vision")
                     call.vision = self._executor.submit(self._encode_image, pil)
