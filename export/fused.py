@@ -75,15 +75,35 @@ def rotary_tables(body, positions: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Graph:
-    def __init__(self):
+    """Nodes and initializers of a graph being written. Weights of `external_bytes` or more go straight into
+    the data file as they come, so the graph never holds a second copy of the model: a 1.7B decoder's
+    weights would otherwise sit in memory three times over (tensors, initializer protos, the model proto)."""
+
+    external_bytes = 1024
+
+    def __init__(self, data, location: str):
         from onnx import helper
 
         self.helper, self.nodes, self.initializers = helper, [], []
+        self.data, self.location = data, location  # the open data file, and its name beside the graph
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
+        from onnx import TensorProto, numpy_helper
 
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if array.nbytes < self.external_bytes:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        offset = -self.data.tell() % 64 + self.data.tell()  # aligned, for memory-mapped loading
+        self.data.seek(offset)
+        self.data.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, data_type=self.helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.initializers.append(tensor)
         return name
 
     def const(self, name: str, values, dtype=np.int64) -> str:
@@ -100,6 +120,19 @@ def build_decoder(body, lm_head, config, path: Path, *, embeds: bool, positions:
     """Write the fused decoder graph of `body` (a transformers decoder: LlamaModel, Qwen2Model, Qwen3Model)
     and `lm_head` to `path` (weights in `path`.data). Call unsupported() first."""
     import onnx
+
+    path = Path(path)
+    data_path = Path(str(path) + ".data")
+    for stale in (path, data_path):
+        stale.unlink(missing_ok=True)
+    with open(data_path, "wb") as data:
+        model = _decoder_model(_Graph(data, data_path.name), body, lm_head, config, embeds, positions)
+    onnx.save_model(model, str(path))  # the weights are in the data file already
+    return path
+
+
+def _decoder_model(g: _Graph, body, lm_head, config, embeds: bool, positions: int | None):
+    import onnx
     import torch
     from onnx import TensorProto
 
@@ -110,7 +143,6 @@ def build_decoder(body, lm_head, config, path: Path, *, embeds: bool, positions:
     head_dim, heads, kv_heads = _head_dim(config), config.num_attention_heads, config.num_key_value_heads
     hidden, eps = config.hidden_size, float(config.rms_norm_eps)
     layers = config.num_hidden_layers
-    g = _Graph()
     cos, sin = rotary_tables(body, positions or int(config.max_position_embeddings))
     g.weight("rotary.cos", cos)
     g.weight("rotary.sin", sin)
@@ -212,12 +244,7 @@ def build_decoder(body, lm_head, config, path: Path, *, embeds: bool, positions:
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
                                                          onnx.helper.make_opsetid("com.microsoft", 1)],
                                    producer_name="edgevlm")
-    path = Path(path)
-    for stale in (path, Path(str(path) + ".data")):
-        stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    return path
+    return model
 
 
 def updates_cache_in_place(path: Path) -> bool:

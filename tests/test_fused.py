@@ -93,3 +93,22 @@ def test_kv_cache_keeps_its_contents_through_growth_snapshots_and_loads(shared):
     assert other.length == 3 and np.array_equal(other._rows(3), rows[:, :, :3])
     limited = KVCache(tensors=4, kv_heads=2, head_dim=16, capacity=8, limit=100, shared=shared)
     assert limited.capacity == (100 if shared else 8)  # shared: the whole planned context, reserved up front
+
+
+def test_weights_stream_to_the_data_file_as_the_graph_is_written(tiny_dir, tmp_path):
+    # the graph never holds the weights itself (a 1.7B decoder would be in memory three times over)
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from edgevlm.export import fused
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen3"))
+    path = fused.build_decoder(model.model, model.lm_head, model.config, tmp_path / "decoder.onnx", embeds=False)
+    big = [t for t in onnx.load(str(path), load_external_data=False).graph.initializer
+           if np.prod(t.dims) * 4 >= fused._Graph.external_bytes]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in big)
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in big]
+    assert all(o % 64 == 0 for o in offsets) and len(set(offsets)) == len(big)
+    weights = {k: v.detach().numpy() for k, v in model.model.state_dict().items()}
+    loaded = {t.name: onnx.numpy_helper.to_array(t, base_dir=str(tmp_path)) for t in big}
+    np.testing.assert_array_equal(loaded["layers.1.mlp.down_proj.weight"], weights["layers.1.mlp.down_proj.weight"].T)
