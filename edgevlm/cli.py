@@ -393,8 +393,11 @@ def describe_bundle(b) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
+@click.option("--memory-budget", metavar="SIZE", help="Bundles: plan the KV cache to fit SIZE (e.g. 6GB), or fail "
+              "saying what would fit (default: the bundle's target's budget, else the memory available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (per system and mode).")
-def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature, limit, seed, device, as_json):
+def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature, limit, seed, device, memory_budget,
+          as_json):
     """Accuracy on a question set, per mode and question type, for one or more systems side by side."""
     from edgevlm import evaluation
     from edgevlm.pipeline import Pipeline
@@ -406,6 +409,7 @@ def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature,
         raise UsageError(f"unknown mode {bad[0] if bad else modes!r}; choose from: extract-think, direct")
     if bundles and (extractor or reasoner or preset):
         raise UsageError("score either bundles (--bundle) or an HF pair (--extractor/--reasoner/--preset)")
+    _check_budget(memory_budget, bundles)
     if preset:
         get_preset(preset)
     if data is None:
@@ -420,7 +424,7 @@ def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature,
     systems = [("bundle", b) for b in bundles] or [("hf", None)]
     for kind, path in systems:
         if kind == "bundle":
-            pipe, label = Pipeline.from_bundle(path, device=device), _bundle_label(path)
+            pipe, label = Pipeline.from_bundle(path, device=device, memory_budget=memory_budget), _bundle_label(path)
         else:
             pipe = Pipeline.from_pretrained(extractor, reasoner, preset=preset, device=device,
                                             load_reasoner="extract-think" in mode_list)

@@ -113,6 +113,11 @@ def test_cli_budget_errors_are_one_line(tiny_bundle, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"image": str(image), "question": "What is shown?", "answer": "a"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", "eval", "--data", str(items), "--bundle", str(tiny_bundle),
+                           "--memory-budget", "1MB"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs at least" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_info_shows_the_plan(tiny_bundle):
