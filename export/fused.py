@@ -94,7 +94,7 @@ class _Graph:
         if array.nbytes < self.external_bytes:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
-        offset = -self.data.tell() % 64 + self.data.tell()  # aligned, for memory-mapped loading
+        offset = (self.data.tell() + 63) // 64 * 64  # aligned, for memory-mapped loading
         self.data.seek(offset)
         self.data.write(memoryview(array).cast("B"))
         tensor = TensorProto(name=name, data_type=self.helper.np_dtype_to_tensor_dtype(array.dtype),
