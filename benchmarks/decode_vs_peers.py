@@ -7,17 +7,20 @@ projections kept 8-bit); int4 by RTN, which decodes at the speed AWQ's would; tr
 onnxruntime-genai (its model builder's graph at fp32 / int4) and llama.cpp through llama-cpp-python on the
 GGUF (SmolLM2 only; skipped with a message where not installed). Each runtime and precision runs in its own
 process (its own peak RSS): a PROMPT-token prompt (fixed random ids), then NEW greedy tokens, end of
-sequence ignored; best of REPEATS in the process, and of ROUNDS of all the runtimes in turn (this
-machine's speed drifts by tens of percent over minutes: interleaving gives each runtime the same
-chances). Prints prefill tokens/s, time to first token, decode tokens/s, peak RSS, the weights a decode
-step reads and the GB/s that makes against this machine's copy bandwidth, and each edgevlm row's ratios
-to the peers at the same precision (llama.cpp Q4_1 beside int4).
+sequence ignored; REPEATS timed generations in the process, in each of ROUNDS of all the runtimes in turn
+(this machine's speed drifts by tens of percent over minutes, and one 64-token decode differs from the
+next by up to 15%: interleaving gives each runtime the same chances, and the figures come from all
+ROUNDS x REPEATS samples). Prints prefill tokens/s, time to first token, decode tokens/s (best and
+median), peak RSS, the weights a decode step reads and the GB/s that makes against this machine's copy
+bandwidth, and each edgevlm row's ratios to the peers at the same precision (llama.cpp Q4_1 beside int4),
+best over best and median over median.
 
-    python benchmarks/decode_vs_peers.py [--models smollm2,qwen3-0.6b] [--prompt 128] [--new 64]
-                                         [--threads 2] [--repeats 3] [--rounds 3] [--work DIR] [--json FILE]
+    python benchmarks/decode_vs_peers.py [--models smollm2,qwen3-0.6b] [--runtimes edgevlm,...]
+                                         [--precisions int4,q4_1] [--prompt 128] [--new 64] [--threads 2] [--repeats 3] [--rounds 3]
+                                         [--work DIR] [--json FILE]
 
 `--json FILE` writes one entry per runtime, precision and model: runtime, precision, model, prefill_tok_s,
-ttft_ms, decode_tok_s, peak_rss_mb (and step_mb, gb_s).
+ttft_ms, decode_tok_s (the best sample), peak_rss_mb (and decode_tok_s_median, samples, step_mb, gb_s).
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ def _prompt(vocab: int, n: int) -> list[int]:
 def _result(ttft: list[float], decode: list[float], n_prompt: int, n_new: int) -> dict:
     from edgevlm.profiler import peak_rss_bytes  # VmHWM: getrusage's maxrss keeps the parent's peak across exec
 
-    best_ttft, best_decode = min(ttft), min(decode)
+    best_ttft = min(ttft)
     return {"ttft_ms": round(best_ttft * 1e3, 2), "prefill_tok_s": round(n_prompt / best_ttft, 1),
-            "decode_tok_s": round((n_new - 1) / best_decode, 2),
+            "decode_samples": [round((n_new - 1) / d, 2) for d in decode],
             "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1)}
 
 
@@ -237,11 +240,14 @@ def run_child(runtime: str, path: Path, vocab: int, args) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,qwen3-0.6b")
+    parser.add_argument("--runtimes", default=",".join(CHILDREN), help="Which runtimes to run (edgevlm always).")
+    parser.add_argument("--precisions", default=None,
+                        help="Only these precisions (e.g. int4,q4_1); default all.")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds of all the runtimes in turn (best kept).")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of all the runtimes in turn.")
     parser.add_argument("--work", type=Path, default=None, help="Keep exports here (reused by the next run).")
     parser.add_argument("--json", dest="json_file", type=Path, default=None)
     parser.add_argument("--child", nargs=3, metavar=("RUNTIME", "PATH", "VOCAB"), help=argparse.SUPPRESS)
@@ -253,6 +259,10 @@ def main() -> None:
 
     from edgevlm.profiler import format_table, measure_bandwidth
 
+    wanted = set(args.runtimes.split(",")) | {"edgevlm"}
+    if wanted - set(CHILDREN):
+        parser.error(f"unknown runtime {', '.join(sorted(wanted - set(CHILDREN)))}; choose from {', '.join(CHILDREN)}")
+    precisions = set(args.precisions.split(",")) if args.precisions else None
     work = args.work or Path(tempfile.mkdtemp(prefix="edgevlm-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     bandwidth = measure_bandwidth()
@@ -272,31 +282,39 @@ def main() -> None:
                 log(f"{name}: llama.cpp skipped (llama-cpp-python is not installed)")
             else:
                 runs.append((name, m, "llama.cpp", "q4_1", m["gguf"]))
+    runs = [r for r in runs if r[2] in wanted and (precisions is None or r[3] in precisions)]
     best: dict[tuple, dict] = {}
+    samples: dict[tuple, list[float]] = {}
     for round_ in range(1, args.rounds + 1):
         for name, m, runtime, precision, path in runs:
             log(f"round {round_}/{args.rounds}: {name} {runtime} {precision}")
             figures = run_child(runtime, Path(path), m["vocab"], args)
+            if not figures:
+                continue
             key = (name, runtime, precision)
-            if figures and (key not in best or figures["decode_tok_s"] > best[key]["decode_tok_s"]):
-                gb_s = figures["decode_tok_s"] * figures["step_mb"] / 1e3
-                best[key] = {"runtime": runtime, "precision": precision, "model": name, **figures,
-                             "gb_s": round(gb_s, 2)}
+            samples.setdefault(key, []).extend(figures.pop("decode_samples"))
+            if key not in best or figures["ttft_ms"] < best[key]["ttft_ms"]:
+                best[key] = {"runtime": runtime, "precision": precision, "model": name, **figures}
+    for key, e in best.items():
+        e["decode_tok_s"], e["decode_tok_s_median"] = max(samples[key]), round(float(np.median(samples[key])), 2)
+        e["samples"] = len(samples[key])
+        e["gb_s"] = round(e["decode_tok_s"] * e["step_mb"] / 1e3, 2)
     entries = list(best.values())
     rows = [(e["model"], e["runtime"], e["precision"], e["prefill_tok_s"], e["ttft_ms"], e["decode_tok_s"],
-             e["peak_rss_mb"], e["step_mb"], e["gb_s"], f"{e['gb_s'] / bandwidth:.0%}") for e in entries]
-    print(f"\n{args.prompt}-token prompt, {args.new} new tokens, {args.threads} threads, best of {args.repeats} "
-          f"in each of {args.rounds} interleaved rounds; "
-          f"copy bandwidth {bandwidth:.1f} GB/s")
+             e["decode_tok_s_median"], e["peak_rss_mb"], e["step_mb"], e["gb_s"], f"{e['gb_s'] / bandwidth:.0%}")
+            for e in entries]
+    print(f"\n{args.prompt}-token prompt, {args.new} new tokens, {args.threads} threads, {args.repeats} generations "
+          f"in each of {args.rounds} interleaved rounds; copy bandwidth {bandwidth:.1f} GB/s")
     print("\n".join(format_table(("model", "runtime", "precision", "prefill tok/s", "TTFT ms", "decode tok/s",
-                                  "peak RSS MB", "step MB", "GB/s", "of copy"), rows)))
-    print("\nedgevlm's decode tokens/s over each peer's (same model; int4 also against llama.cpp Q4_1):")
+                                  "median", "peak RSS MB", "step MB", "GB/s", "of copy"), rows)))
+    print("\nedgevlm's decode tokens/s over each peer's, best / median "
+          "(same model; int4 also against llama.cpp Q4_1):")
     for e in (e for e in entries if e["runtime"] == "edgevlm"):
         peers = [p for p in entries if p["model"] == e["model"] and p["runtime"] != "edgevlm"
                  and (p["precision"] == e["precision"].removesuffix("-mixed")
                       or (e["precision"].startswith("int4") and p["runtime"] == "llama.cpp"))]
-        ratios = ", ".join(f"{p['runtime']} {p['precision']} {e['decode_tok_s'] / p['decode_tok_s']:.2f}x"
-                           for p in peers)
+        ratios = ", ".join(f"{p['runtime']} {p['precision']} {e['decode_tok_s'] / p['decode_tok_s']:.2f}x / "
+                           f"{e['decode_tok_s_median'] / p['decode_tok_s_median']:.2f}x" for p in peers)
         print(f"  {e['model']} {e['precision']}: {ratios or 'no peer at this precision'}")
     if args.json_file:
         args.json_file.write_text(json.dumps(entries, indent=2))
