@@ -16,7 +16,8 @@ bandwidth, and each edgevlm row's ratios to the peers at the same precision (lla
 best over best and median over median.
 
     python benchmarks/decode_vs_peers.py [--models smollm2,qwen3-0.6b] [--runtimes edgevlm,...]
-                                         [--precisions int4,q4_1] [--prompt 128] [--new 64] [--threads 2] [--repeats 3] [--rounds 3]
+                                         [--precisions int4,q4_1] [--prompt 128] [--new 64] [--threads 2]
+                                         [--repeats 3] [--rounds 3]
                                          [--work DIR] [--json FILE]
 
 `--json FILE` writes one entry per runtime, precision and model: runtime, precision, model, prefill_tok_s,
