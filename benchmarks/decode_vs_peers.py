@@ -17,8 +17,7 @@ best over best and median over median.
 
     python benchmarks/decode_vs_peers.py [--models smollm2,qwen3-0.6b] [--runtimes edgevlm,...]
                                          [--precisions int4,q4_1] [--prompt 128] [--new 64] [--threads 2]
-                                         [--repeats 3] [--rounds 3]
-                                         [--work DIR] [--json FILE]
+                                         [--repeats 3] [--rounds 3] [--work DIR] [--json FILE]
 
 `--json FILE` writes one entry per runtime, precision and model: runtime, precision, model, prefill_tok_s,
 ttft_ms, decode_tok_s (the best sample), peak_rss_mb (and decode_tok_s_median, samples, step_mb, gb_s).
