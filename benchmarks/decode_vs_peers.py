@@ -194,12 +194,13 @@ def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
 
 
 def edgevlm_bundle(name: str, hf: Path, precision: str, work: Path) -> Path:
-    from edgevlm import testing
+    from edgevlm import bundle, testing
     from edgevlm.export.exporter import QuantPlan, export_bundle
 
     out = work / f"{name}-edgevlm-{precision}"
-    if (out / "manifest.json").exists():
-        return out
+    manifest = out / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("format_version") == bundle.FORMAT_VERSION:
+        return out  # exported by this edgevlm's format
     extractor = work / "tiny-extractor"  # a bundle carries an extractor; the tiniest one does
     if not (extractor / "config.json").exists():
         testing.make_tiny("llava_onevision", extractor)

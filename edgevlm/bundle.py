@@ -28,7 +28,7 @@ from pathlib import Path
 from edgevlm.errors import EdgeVLMError
 
 FORMAT = "edgevlm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused decoders take their lengths from the position ids, not an attention_mask
 MANIFEST = "manifest.json"
 
 

@@ -20,7 +20,8 @@ class DecodeState(Protocol):
     prompt_len: int
 
     def step(self, token_id: int) -> np.ndarray:
-        """Append one token; return the next-token logits."""
+        """Append one token; return the next-token logits (which the state may overwrite at its next step:
+        copy them to keep them)."""
         ...
 
 

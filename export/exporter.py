@@ -115,10 +115,12 @@ def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, 
         model.encode(prepared)
         x = model.decoder_input(prepared)[:, :max_tokens]
         n = x.shape[1]
-        feed = {model.decoder.get_inputs()[0].name: x, "attention_mask": np.ones((1, n), np.int64),
-                "position_ids": np.arange(n, dtype=np.int64)[None]}
+        names = [i.name for i in model.decoder.get_inputs()]
+        feed = {names[0]: x, "position_ids": np.arange(n, dtype=np.int64)[None]}
+        if "attention_mask" in names:  # traced graphs; fused ones take the lengths from the positions
+            feed["attention_mask"] = np.ones((1, n), np.int64)
         empty = np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
-        feed.update({name: empty for name in (i.name for i in model.decoder.get_inputs()[3:])})
+        feed.update({name: empty for name in names if name.startswith("past.")})
         feeds.append(feed)
     return feeds
 

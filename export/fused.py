@@ -1,7 +1,7 @@
 """Decoder graphs written directly with ONNX Runtime's fused operators, for Llama-style text decoders
 (Llama/SmolLM2, Qwen2, Qwen3 and the text halves of VLMs built on them).
 
-Same inputs and outputs as the traced decoder (edgevlm.export.graphs), but each layer is
+The traced decoder's outputs (edgevlm.export.graphs) and its inputs less attention_mask, but each layer is
 SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, one packed QKV MatMul (fed to the
 attention packed, or split for Qwen3's per-head q/k norms), GroupQueryAttention with rotary embedding
 from cos/sin tables, one packed gate+up MatMul, QuickGelu(alpha=1) as SiLU, and the down MatMul: a dozen
@@ -9,9 +9,11 @@ kernels a layer instead of ~60, and MatMuls with constant weights that the quant
 MatMulNBits.
 
 GroupQueryAttention writes the new keys and values into the cache in place when `past` and `present` are
-bound to the same buffer (its sequence axis is then the buffer's capacity, and attention_mask's length
-says how much of it is filled): the runtime keeps one buffer per tensor for the whole generation instead
-of two that swap and copy the cache every step. Bound to separate tensors it behaves like the traced graph.
+bound to the same buffer (its sequence axis is then the buffer's capacity): the runtime keeps one buffer
+per tensor for the whole generation instead of two that swap and copy the cache every step. Bound to
+separate tensors it behaves like the traced graph. How much of the cache is filled comes from the last
+position id (rows of one unpadded sequence, as the runtime feeds): with no mask to rebind at each new
+length, a decode step's inputs are all bound once, and the step writes only its token and position.
 
 Models this cannot express exactly (a head size that is not a multiple of 16, which the CPU kernel's
 rotary needs; sliding windows; length-dependent rotary scaling; other activations) are left to the traced
@@ -25,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.export.graphs import (
-    ATTENTION_MASK,
     INPUT_IDS,
     INPUTS_EMBEDS,
     LOGITS,
@@ -152,12 +153,12 @@ def _decoder_model(g: _Graph, body, lm_head, config, embeds: bool, positions: in
     else:
         x = g.node("Gather", [g.weight("embed_tokens.weight", state["embed_tokens.weight"]), INPUT_IDS], 1,
                    "embed_tokens/Gather")
-    # GroupQueryAttention's lengths: the last filled position per row, and the total length, from the mask
-    filled = g.node("ReduceSum", [ATTENTION_MASK, g.const("axes.1", [1])], 1, "mask/ReduceSum", keepdims=0)
-    last = g.node("Sub", [filled, g.const("one", 1)], 1, "mask/Sub")
-    seqlens_k = g.node("Cast", [last], 1, "mask/seqlens_k", to=TensorProto.INT32)
-    total = g.node("Squeeze", [g.node("Shape", [ATTENTION_MASK], 1, "mask/Shape", start=1, end=2)], 1, "mask/total")
-    total = g.node("Cast", [total], 1, "mask/total_sequence_length", to=TensorProto.INT32)
+    # GroupQueryAttention's lengths from the positions: the last filled position per row, and the total length
+    last = g.node("ReduceMax", [POSITION_IDS], 1, "lengths/last", axes=[1], keepdims=0)
+    seqlens_k = g.node("Cast", [last], 1, "lengths/seqlens_k", to=TensorProto.INT32)
+    total = g.node("Add", [g.node("ReduceMax", [last], 1, "lengths/max", keepdims=0), g.const("one", 1)], 1,
+                   "lengths/total")
+    total = g.node("Cast", [total], 1, "lengths/total_sequence_length", to=TensorProto.INT32)
     if "layers.0.self_attn.q_norm.weight" in state:  # Qwen3's per-head norms
         head_shape, flat_shape = g.const("shape.heads", [0, 0, -1, head_dim]), g.const("shape.flat", [0, 0, -1])
 
@@ -234,7 +235,7 @@ def _decoder_model(g: _Graph, body, lm_head, config, embeds: bool, positions: in
     kv_shape = ["batch", kv_heads, "past_sequence", head_dim]
     first = (vi(INPUTS_EMBEDS, f32, ["batch", "sequence", hidden]) if embeds
              else vi(INPUT_IDS, i64, ["batch", "sequence"]))
-    inputs = [first, vi(ATTENTION_MASK, i64, ["batch", "total_sequence"]), vi(POSITION_IDS, i64, ["batch", "sequence"])]
+    inputs = [first, vi(POSITION_IDS, i64, ["batch", "sequence"])]
     outputs = [vi(LOGITS, f32, ["batch", 1, config.vocab_size])]
     for i in range(layers):
         inputs += [vi(past_name(i, kind), f32, kv_shape) for kind in ("key", "value")]

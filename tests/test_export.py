@@ -109,7 +109,7 @@ def test_manifest_describes_every_model_and_file(bundles):
     assert set(ex["graphs"]) == {"vision", "embed", "decoder"}
     assert all(g["quant"] == "fp32" for g in ex["graphs"].values())
     names = [i["name"] for i in ex["graphs"]["decoder"]["inputs"]]
-    assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"] and names[3] == "past.0.key"
+    assert names[:3] == ["inputs_embeds", "position_ids", "past.0.key"]  # fused: lengths from the positions
     assert ex["kv"] == {"layers": 2, "kv_heads": 2, "head_dim": 16, "max_sequence": 2048, "dtype": "float32",
                         "layout": "batch,kv_heads,sequence,head_dim", "shared": True}  # fused decoder
     assert ex["preprocess"]["image_token_id"] == 3 and ex["preprocess"]["num_image_tokens"] == 16
@@ -177,7 +177,8 @@ def test_info_shows_models_graphs_sizes_and_json(bundles):
     proc = _cli("info", bundles["llava"])
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
-    for needle in ("format 1", "extractor:", "reasoner:", "vision", "decoder", "fp32", "MB", "KV 2 layers"):
+    for needle in (f"format {bundle_mod.FORMAT_VERSION}", "extractor:", "reasoner:", "vision", "decoder", "fp32", "MB",
+                   "KV 2 layers"):
         assert needle in out
     proc = _cli("info", bundles["llava"], "--json")
     assert json.loads(proc.stdout)["models"]["reasoner"]["family"] == "causal_lm"

@@ -78,6 +78,7 @@ class KVCache:
         self.length, self.limit = 0, limit
         self.binding, self.binding_capacity = None, 0  # the decoder's IO binding of a shared cache
         self.step_bound = False  # whether that binding reads a step's token and position from step_*
+        self.logits: np.ndarray | None = None  # the generation's logits buffer, [1, 1, vocab], written each run
         self._alloc(limit if shared and limit else capacity if limit is None else min(capacity, limit))
 
     def _alloc(self, capacity: int) -> None:
@@ -85,9 +86,7 @@ class KVCache:
         shape = (self.tensors, self.kv_heads * capacity * self.head_dim)
         if self.shared:
             self._read = self._write = _reserve(shape)
-            # A decode step's inputs, bound by pointer with the buffers: the step writes its token and
-            # position in place and binds the mask at its new length (a view of the ones).
-            self.ones = np.ones((1, capacity), np.int64)
+            # A decode step's inputs, bound by pointer with the buffers: the step writes them in place.
             self.step_token, self.step_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
         else:
             self._read, self._write = np.empty(shape, np.float32), np.empty(shape, np.float32)
@@ -151,6 +150,7 @@ class OrtDecodeState:
         self.reused = reused  # prompt positions taken from the prefix cache
 
     def step(self, token_id: int) -> np.ndarray:
+        """The next-token logits: a view of this generation's buffer, which its next step overwrites."""
         ids = np.array([[token_id]], dtype=np.int64)
         self.logits = self._model.run_decoder(self._model.embed_ids(ids) if self._model.embeds else ids, self.cache)
         return self.logits
@@ -194,12 +194,13 @@ class OrtModel:
         self.step_bytes = self.weight_bytes["decoder"] - int(graphs["decoder"].get("lookup_bytes", 0))
         self.prefix_cache = PrefixCache(0)  # off until the pipeline gives it a budget
         names = [i.name for i in self.decoder.get_inputs()]
-        self._input_name, self._past_names = names[0], names[3:]
+        self._input_name, self._past_names = names[0], [n for n in names if n.startswith("past.")]
+        self._mask = "attention_mask" in names  # traced graphs; fused ones take the lengths from the positions
         self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
-        # The logits land in a buffer of ours: get_outputs() would wrap every present tensor too, each step.
+        # The logits land in a buffer of each generation's: get_outputs() would wrap every present tensor
+        # too, each step.
         vocab = self.decoder.get_outputs()[0].shape[-1]
-        vocab = vocab if isinstance(vocab, int) else entry.get("dims", {}).get("vocab")
-        self._logits = np.empty((1, 1, vocab), np.float32) if vocab else None
+        self._vocab = vocab if isinstance(vocab, int) else entry.get("dims", {}).get("vocab")
 
     # ---------------------------------------------------------------- Model protocol
     def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
@@ -247,6 +248,8 @@ class OrtModel:
         kv = self.entry["kv"]
         cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256, self.max_context,
                         shared=bool(kv.get("shared")))
+        if self._vocab:
+            cache.logits = np.empty((1, 1, self._vocab), np.float32)
         ids, reused = prepared.input_ids, 0
         # Only the text before an image can be shared: image slots hold features, not what their ids say.
         image_id = self.entry.get("preprocess", {}).get("image_token_id")
@@ -268,44 +271,44 @@ class OrtModel:
         return self.embedder.run(None, {"input_ids": ids})[0]
 
     def run_decoder(self, x: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Feed x (ids or embeddings) after the cache's contents; return the last position's logits."""
+        """Feed x (ids or embeddings) after the cache's contents; return the last position's logits (a view
+        of the cache's logits buffer where it has one, which the next run overwrites)."""
         seq, past = x.shape[1], cache.length
         total = past + seq
         cache.reserve(total)
         # A shared cache binds the same buffers at the same shape every step: bound once per generation
         # (and again if it grows). A one-token step then writes its token and position into arrays bound
-        # with them and binds only the mask's new length: SmolLM2's int4 step is ~10 ms, and building and
-        # binding fresh arrays in Python every step cost 2-3% of it.
+        # with them and calls nothing else before the run (a fused graph takes no mask to rebind at each new
+        # length): SmolLM2's int4 step is ~10 ms, and each binding call between two runs cost ~0.15 ms of it,
+        # on caches the run has just flushed. Likewise the logits are handed back as a view, not copied.
         binding = cache.binding if cache.shared and cache.binding_capacity == cache.capacity else None
         if binding is None:
             binding = self.decoder.io_binding()
             for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
                 binding.bind_input(name, "cpu", 0, np.float32, cache.past_shape(past), pointer)
-            if self._logits is None:
+            if cache.logits is None:
                 binding.bind_output("logits", "cpu")
             else:
-                binding.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
+                binding.bind_output("logits", "cpu", 0, np.float32, list(cache.logits.shape), cache.logits.ctypes.data)
             for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
                 binding.bind_output(name, "cpu", 0, np.float32, cache.past_shape(total), pointer)
             if cache.shared:
                 cache.binding, cache.binding_capacity, cache.step_bound = binding, cache.capacity, False
-        if not cache.shared:
+        if self._mask:
             binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        else:
-            binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, total], cache.ones.ctypes.data)
-            if seq == 1 and x.dtype == np.int64:
-                if not cache.step_bound:
-                    binding.bind_input(self._input_name, "cpu", 0, np.int64, [1, 1], cache.step_token.ctypes.data)
-                    binding.bind_input("position_ids", "cpu", 0, np.int64, [1, 1], cache.step_position.ctypes.data)
-                    cache.step_bound = True
-                cache.step_token[0, 0], cache.step_position[0, 0] = x[0, 0], past
-                x = None
+        if cache.shared and seq == 1 and x.dtype == np.int64:
+            if not cache.step_bound:
+                binding.bind_input(self._input_name, "cpu", 0, np.int64, [1, 1], cache.step_token.ctypes.data)
+                binding.bind_input("position_ids", "cpu", 0, np.int64, [1, 1], cache.step_position.ctypes.data)
+                cache.step_bound = True
+            cache.step_token[0, 0], cache.step_position[0, 0] = x[0, 0], past
+            x = None
         if x is not None:
             binding.bind_cpu_input(self._input_name, x)
             binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
             cache.step_bound = False
         self.decoder.run_with_iobinding(binding)
         cache.advance(seq)
-        if self._logits is None:
+        if cache.logits is None:
             return binding.get_outputs()[0].numpy()[0, -1]
-        return self._logits[0, -1].copy()  # the buffer is written again by the next step
+        return cache.logits[0, -1]
