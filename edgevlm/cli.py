@@ -438,7 +438,8 @@ def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature,
 
 
 @cli.command()
-@click.option("--model", required=True, metavar="DIR", help="The model to tune: a VLM (extractor) or a text LM.")
+@click.option("--model", required=True, metavar="ID|DIR|FILE.gguf",
+              help="The model to tune: a VLM (extractor) or a text LM.")
 @click.option("--data", required=True, metavar="FILE.jsonl", type=click.Path(dir_okay=False),
               help="Items: image, question, choices, answer, instruction, description (the extraction target), "
               "reasoning (optional).")
@@ -451,10 +452,12 @@ def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature,
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True,
               help="LoRA rank (peft), merged into the weights when saved; 0 = full fine-tuning.")
+@click.option("--adapter-only", is_flag=True,
+              help="With --lora: save the adapter alone (a few MB), merged into its base on first use.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.partial/.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, eval_every, resume, seed):
+def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapter_only, eval_every, resume, seed):
     """Visual extraction tuning (a VLM: image + instruction -> description) or reasoner tuning (a text LM)."""
     try:
         from edgevlm import tune as tunemod
@@ -465,7 +468,7 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, eval_
     val = load_items(val_data) if val_data else None
     scores = tunemod.tune(model, data, out, steps=steps, batch_size=batch_size, lr=lr, lora=lora, val_items=val,
                           teacher=teacher, eval_every=eval_every, save_every=eval_every, resume=resume, seed=seed,
-                          log=lambda m: click.echo(m, err=True))
+                          adapter_only=adapter_only, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"out": out, **scores}))
 
 

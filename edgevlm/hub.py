@@ -1,6 +1,7 @@
 """Finding a model: a local directory, or a hub id resolved through the local HF cache (downloading
 only when the hub is reachable and allowed). Checkpoints in the original LLaVA-NeXT format (the
-paper's released extractors) are converted to transformers format on first use and cached.
+paper's released extractors) are converted to transformers format on first use and cached; so are GGUF
+files (dequantized) and LoRA adapters (merged into their base).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def resolve(model: str, gguf_file: str | None = None) -> Path:
     """A local directory for `model` (a directory, a hub id, or a .gguf file), or a one-line ModelError.
 
     A GGUF file (`model` ending in .gguf, or `gguf_file` inside the directory `model`) is imported into
-    a transformers checkpoint on first use and cached.
+    a transformers checkpoint on first use and cached; a LoRA adapter directory (adapter_config.json) is
+    merged into the base model it names, likewise.
     """
     path = Path(model).expanduser()
     if gguf_file:
@@ -48,7 +50,9 @@ def resolve(model: str, gguf_file: str | None = None) -> Path:
 
         return gguf.converted(path, cache_dir() / "gguf")
     if path.is_dir():
-        return path
+        from edgevlm.export import adapter
+
+        return adapter.merged(path, cache_dir() / "merged") if adapter.is_adapter(path) else path
     if path.exists():
         raise ModelError(f"{model} is a file; a model is a directory (config.json, weights, tokenizer) "
                          "or a .gguf file")

@@ -16,7 +16,8 @@ question) -> reasoning and "Answer:" in thinking mode, or the answer alone witho
 no description are described by a `teacher` extractor first. The prompts are exactly those the runtime
 renders (edgevlm.prompts and the model's chat template), so a tuned model works in `edgevlm run` as is.
 
-Training is full fine-tuning, or LoRA (peft) merged into the weights when saved. A checkpoint is kept
+Training is full fine-tuning, or LoRA (peft): merged into the weights when saved, or saved alone
+(`adapter_only`: a few MB, merged into its base on first use by edgevlm.hub.resolve). A checkpoint is kept
 under OUT.partial/ every `save_every` steps; `resume=True` continues from it, with the same batches.
 Needs torch and transformers (``pip install edgevlm[export]``).
 """
@@ -216,7 +217,8 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
          batch_size: int = 16, lr: float = 1e-3, warmup: int = 50, lora: int = 0, extra_fraction: float = 0.25,
          val_items: list[dict] | None = None, val_fraction: float = 0.05, eval_every: int = 200,
          save_every: int = 200, resume: bool = False, teacher: str | None = None, seed: int = 0,
-         threads: int | None = None, log=print, on_step=None, label: str = "tuning") -> dict:
+         threads: int | None = None, adapter_only: bool = False, log=print, on_step=None,
+         label: str = "tuning") -> dict:
     """Tune the model in `model_dir` on `data` and save it to `out` (atomically). Returns the validation scores.
 
     The role follows the model: a VLM is tuned as the extractor, a text LM as the reasoner (and planner).
@@ -227,11 +229,16 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model_dir, out = Path(model_dir), Path(out)
+    from edgevlm.hub import resolve
+
+    source, out = str(model_dir), Path(out)
+    model_dir = resolve(source)  # a directory, hub id, .gguf file or adapter, like everywhere else
     vision = "vision_config" in read_config(model_dir)
     items = load_items(data) if isinstance(data, (str, Path)) else list(data)
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise UsageError("steps and batch size must be at least 1 and the learning rate above 0")
+    if adapter_only and not lora:
+        raise UsageError("--adapter-only saves a LoRA adapter: give its rank with --lora")
     if val_items is None:  # hold out whole images, so validation never sees a training image
         groups = sorted({str(i.get("image")) for i in items})
         order = np.random.default_rng(seed).permutation(len(groups))
@@ -333,9 +340,13 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
                             "steps": steps, "batch_size": batch_size}, tmp)
         if on_step:
             on_step(done)
-    if lora:
-        model = model.merge_and_unload()
-    save_model(model.eval(), model_dir, out)
+    if adapter_only:  # the adapter names its base as given (a local one by absolute path), not a cache dir
+        local = Path(source).expanduser()
+        model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else source
+        with atomic_directory(out, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+    else:
+        save_model((model.merge_and_unload() if lora else model).eval(), model_dir, out)
     shutil.rmtree(partial, ignore_errors=True)
     return {**scores, "history": history}
 

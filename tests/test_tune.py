@@ -1,4 +1,5 @@
-"""edgevlm tune: the training examples are the runtime's prompts, loss goes down, resume is exact, LoRA merges."""
+"""edgevlm tune: the training examples are the runtime's prompts, loss goes down, resume is exact, LoRA merges
+(at save, or from an adapter saved alone on first use)."""
 
 import json
 import re
@@ -104,6 +105,41 @@ def test_lora_is_merged_into_the_saved_weights(tiny_dir, scene_items, tmp_path):
     assert tuned.keys() == base.keys()  # no adapter tensors: merged
     changed = [k for k in base if not torch.equal(base[k], tuned[k])]
     assert changed and all("proj" in k for k in changed)  # LoRA touches the projections only
+
+
+def test_an_adapter_saved_alone_merges_into_its_base_on_first_use(tiny_dir, scene_items, tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from edgevlm.errors import ModelError
+    from edgevlm.export import adapter
+    from edgevlm.hub import resolve
+
+    monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "adapter"
+    tune.tune(tiny_dir("qwen3"), scene_items, out, steps=4, batch_size=4, lr=1e-2, lora=4, warmup=1,
+              val_fraction=0.2, eval_every=4, adapter_only=True, log=lambda m: None)
+    assert adapter.is_adapter(out) and not list(out.glob("model*.safetensors"))  # the adapter alone
+    merged = resolve(str(out))
+    assert merged.parent == tmp_path / "cache" / "merged" and (merged / "tokenizer.json").exists()
+    # the merged checkpoint computes what peft computes with the adapter on the base, and not what the base does
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen3"), dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(5, 40))])
+    with torch.no_grad():
+        plain = base(ids).logits
+        ref = peft.PeftModel.from_pretrained(base, out).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits
+    assert (ref - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    stamp = (merged / "model.safetensors").stat().st_mtime_ns
+    assert resolve(str(out)) == merged and (merged / "model.safetensors").stat().st_mtime_ns == stamp  # cached
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(ModelError, match="LoRA adapter on .*gone, which cannot be loaded"):
+        resolve(str(out))
+    with pytest.raises(tune.UsageError, match="--lora"):
+        tune.tune(tiny_dir("qwen3"), scene_items, tmp_path / "x", steps=1, adapter_only=True, log=lambda m: None)
 
 
 def test_cli_tune_reports_scores_and_rejects_bad_data(tiny_dir, scene_items, tmp_path):
