@@ -454,10 +454,13 @@ def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature,
               help="LoRA rank (peft), merged into the weights when saved; 0 = full fine-tuning.")
 @click.option("--adapter-only", is_flag=True,
               help="With --lora: save the adapter alone (a few MB), merged into its base on first use.")
+@click.option("--freeze-vision", is_flag=True,
+              help="An extractor's vision tower and projector stay as they are; only its language model learns.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in OUT.partial/.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapter_only, eval_every, resume, seed):
+def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapter_only, freeze_vision, eval_every,
+         resume, seed):
     """Visual extraction tuning (a VLM: image + instruction -> description) or reasoner tuning (a text LM)."""
     try:
         from edgevlm import tune as tunemod
@@ -468,7 +471,7 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
     val = load_items(val_data) if val_data else None
     scores = tunemod.tune(model, data, out, steps=steps, batch_size=batch_size, lr=lr, lora=lora, val_items=val,
                           teacher=teacher, eval_every=eval_every, save_every=eval_every, resume=resume, seed=seed,
-                          adapter_only=adapter_only, log=lambda m: click.echo(m, err=True))
+                          adapter_only=adapter_only, freeze_vision=freeze_vision, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"out": out, **scores}))
 
 

@@ -17,7 +17,8 @@ no description are described by a `teacher` extractor first. The prompts are exa
 renders (edgevlm.prompts and the model's chat template), so a tuned model works in `edgevlm run` as is.
 
 Training is full fine-tuning, or LoRA (peft): merged into the weights when saved, or saved alone
-(`adapter_only`: a few MB, merged into its base on first use by edgevlm.hub.resolve). A checkpoint is kept
+(`adapter_only`: a few MB, merged into its base on first use by edgevlm.hub.resolve); `freeze_vision` keeps
+an extractor's tower and projector as they are. A checkpoint is kept
 under OUT.partial/ every `save_every` steps; `resume=True` continues from it, with the same batches.
 Needs torch and transformers (``pip install edgevlm[export]``).
 """
@@ -44,6 +45,7 @@ from edgevlm.tokenizer import Tokenizer
 CHECKPOINT = "checkpoint.pt"
 MAX_VAL = 160  # validation examples scored at each evaluation (a random sample of the held-out items')
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "connector")  # kept by freeze_vision
 
 
 @dataclass(frozen=True)
@@ -217,8 +219,8 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
          batch_size: int = 16, lr: float = 1e-3, warmup: int = 50, lora: int = 0, extra_fraction: float = 0.25,
          val_items: list[dict] | None = None, val_fraction: float = 0.05, eval_every: int = 200,
          save_every: int = 200, resume: bool = False, teacher: str | None = None, seed: int = 0,
-         threads: int | None = None, adapter_only: bool = False, log=print, on_step=None,
-         label: str = "tuning") -> dict:
+         threads: int | None = None, adapter_only: bool = False, freeze_vision: bool = False, log=print,
+         on_step=None, label: str = "tuning") -> dict:
     """Tune the model in `model_dir` on `data` and save it to `out` (atomically). Returns the validation scores.
 
     The role follows the model: a VLM is tuned as the extractor, a text LM as the reasoner (and planner).
@@ -265,6 +267,10 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
     torch.manual_seed(seed)
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, dtype=torch.float32)
+    if freeze_vision:  # an extractor's tower and projector stay as they are; its language model learns to read them
+        for name, p in model.named_parameters():
+            if set(name.split(".")) & set(VISION_MODULES):
+                p.requires_grad_(False)
     if lora:
         try:
             from peft import LoraConfig, get_peft_model

@@ -95,6 +95,17 @@ def test_an_interrupted_tune_resumes_to_the_same_weights(tiny_dir, scene_items, 
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "idefics3"])
+def test_freeze_vision_tunes_the_language_model_only(tiny_dir, scene_items, tmp_path, family):
+    base = _weights(tiny_dir(family))
+    tune.tune(tiny_dir(family), scene_items, tmp_path / "tuned", steps=3, batch_size=2, lr=1e-2, warmup=1,
+              val_fraction=0.2, eval_every=3, freeze_vision=True, log=lambda m: None)
+    tuned = _weights(tmp_path / "tuned")
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    frozen = {k for k in base if set(k.split(".")) & set(tune.VISION_MODULES)}
+    assert frozen and changed and not changed & frozen  # the tower and projector as they were; the rest learned
+
+
 def test_lora_is_merged_into_the_saved_weights(tiny_dir, scene_items, tmp_path):
     pytest.importorskip("peft")
     base = _weights(tiny_dir("qwen3"))
