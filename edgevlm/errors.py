@@ -1,6 +1,12 @@
 """Errors a user can cause. Each carries a one-line message saying what was wrong and what to do."""
 
 
+def first_line(e: BaseException) -> str:
+    """A foreign exception's message, reduced to its first line (or its type, when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class EdgeVLMError(Exception):
     """A failure the user can act on. The CLI prints the message on one line and exits with `exit_code`."""
 

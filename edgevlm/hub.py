@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from edgevlm.errors import ModelError
+from edgevlm.errors import ModelError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model directory needs; never pickles, GGUF or ONNX folders.
@@ -69,7 +69,7 @@ def resolve(model: str, gguf_file: str | None = None) -> Path:
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub cannot be reached"
         raise ModelError(f"{model} is not in the local cache and {why}; {OFFLINE_HINT}") from None
     except (HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"cannot download {model}: {first}; {OFFLINE_HINT}") from None
 
 

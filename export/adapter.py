@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgevlm.errors import ModelError
+from edgevlm.errors import ModelError, first_line
 
 CONFIG = "adapter_config.json"
 
@@ -72,7 +72,7 @@ def merged(adapter: Path, cache: Path, log=lambda m: print(m, file=sys.stderr, f
     try:
         model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), adapter)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"cannot apply the adapter {adapter} to {base_name}: {first[:300]}") from None
     save_model(model.merge_and_unload().eval(), base, out)
     return out

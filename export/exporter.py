@@ -110,12 +110,12 @@ def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, 
     """Decoder inputs (fresh cache) for rendered prompts: what GPTQ calibrates on."""
     feeds = []
     kv = model.entry["kv"]
+    names = [i.name for i in model.decoder.get_inputs()]
     for rendered, image in inputs:
         prepared = model.prepare(rendered, image)
         model.encode(prepared)
         x = model.decoder_input(prepared)[:, :max_tokens]
         n = x.shape[1]
-        names = [i.name for i in model.decoder.get_inputs()]
         feed = {names[0]: x, "position_ids": np.arange(n, dtype=np.int64)[None]}
         if "attention_mask" in names:  # traced graphs; fused ones take the lengths from the positions
             feed["attention_mask"] = np.ones((1, n), np.int64)

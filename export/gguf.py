@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgevlm.errors import ModelError
+from edgevlm.errors import ModelError, first_line
 
 
 def _key(path: Path) -> str:
@@ -36,7 +36,7 @@ def convert(gguf: Path, out: Path, log=lambda m: print(m, file=sys.stderr, flush
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"cannot read {gguf}: {first}") from None
     # transformers marks the model as GGUF-quantized and refuses to save it; its weights are plain floats now
     model.hf_quantizer = None

@@ -18,7 +18,7 @@ from PIL import Image
 from edgevlm.backends.base import Prepared
 from edgevlm.bundle import Bundle, graph_bytes
 from edgevlm.cache import PrefixCache
-from edgevlm.errors import DeviceError, ModelError
+from edgevlm.errors import DeviceError, ModelError, first_line
 from edgevlm.families import Family, family_module
 from edgevlm.memory import VISION_BATCH
 from edgevlm.tokenizer import Tokenizer
@@ -37,7 +37,7 @@ def _session(path, device: str, threads: int | None):
     try:
         session = ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
     except Exception as e:  # onnxruntime raises its own exception types for bad or unsupported graphs
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"cannot load {path.name}: {first[:300]}") from None
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu lists CUDA but silently falls back to CPU without the CUDA libraries

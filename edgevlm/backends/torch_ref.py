@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from edgevlm.backends.base import Prepared
-from edgevlm.errors import DeviceError, ModelError
+from edgevlm.errors import DeviceError, ModelError, first_line
 from edgevlm.families import Family, idefics3, llava_onevision
 from edgevlm.tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ class TorchModel:
         except ImportError as e:
             raise ModelError(f"--quant {quant} needs bitsandbytes ({e}); pip install bitsandbytes==0.50.2") from None
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ModelError(f"cannot load {self.name}: {first}") from None
         self.processor = PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
         self.weight_bytes = _weight_bytes(self.model)
