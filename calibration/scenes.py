@@ -1,6 +1,6 @@
 """Procedural scenes: coloured shapes and text in the cells of a 3x3 grid, with questions of several types
 whose answers, instructions, descriptions (the question-relevant cells, in reading order: what an
-extractor following the instruction reports) and step-by-step reasoning come from the scene graph.
+extractor following the instruction reports; `cells` lists them) and step-by-step reasoning come from the scene graph.
 Seeded and reproducible.
 
 They feed calibration and fidelity measurement (the three stages need an image, a question, an
@@ -107,17 +107,26 @@ def _cells(scene: Scene) -> dict[tuple[int, int], str]:
     return cells
 
 
-def describe(scene: Scene, only: list[tuple[int, int]] | None = None, none: str = "") -> str:
+SKIPPED = "-"  # a cell the instruction does not ask about, in slot descriptions
+
+
+def describe(scene: Scene, only: list[tuple[int, int]] | None = None, none: str = "", slots: bool = False) -> str:
     """A description from the scene graph, one sentence per cell in reading order, named as questions name
     places ("At the bottom left, a small red square."). By default the background and all nine cells
     (empty ones as "nothing"); with `only`, just those cells: the question-relevant details an
-    instruction asks for, or `none` when there are none."""
+    instruction asks for, or `none` when there are none. `slots` keeps all nine sentences with `only` and
+    writes the others as SKIPPED ("At the top left, -."): every cell has its place in the text, which a
+    small extractor learns far more easily than which sentences to leave out."""
     cells = _cells(scene)
     if only is None:
         parts = [f"The background is {scene.background}."]
         parts += [f"At the {place(r, c)}, {cells.get((r, c), 'nothing')}." for r in range(3) for c in range(3)]
         return " ".join(parts)
-    parts = [f"At the {place(r, c)}, {cells[(r, c)]}." for r, c in sorted(set(only))]
+    wanted = {tuple(cell) for cell in only}
+    if slots:
+        return " ".join(f"At the {place(r, c)}, {cells[(r, c)] if (r, c) in wanted else SKIPPED}."
+                        for r in range(3) for c in range(3))
+    parts = [f"At the {place(r, c)}, {cells[(r, c)]}." for r, c in sorted(wanted)]
     return " ".join(parts) or none
 
 
@@ -162,7 +171,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
             reasoning += f" {answer} is option {letter}."
         out.append({"type": kind, "question": question, "choices": choices, "answer": letter,
                     "instruction": instruction, "description": describe(scene, cells, none),
-                    "reasoning": reasoning})
+                    "cells": sorted(set(cells)), "reasoning": reasoning})
 
     color = str(rng.choice([s.color for s in scene.shapes] + [str(rng.choice(list(COLORS)))]))
     same = [s for s in scene.shapes if s.color == color]

@@ -160,6 +160,10 @@ class _Batcher:
 
             self.processor = PROCESSOR_LOADERS[extractor_family(model_dir).name](model_dir)
         self._cache: dict = {}
+        # An image's pixels, and a prompt's ids with its image tokens expanded (which depends on the image's
+        # size alone), each made once: an image is asked about many times, an instruction about many images.
+        self._pixels: dict = {}
+        self._prompts: dict = {}
 
     def encode(self, ex: Example):
         key = (ex.prompt, ex.target, ex.image)
@@ -168,16 +172,23 @@ class _Batcher:
             if ex.image is None:
                 prompt, pixels = self.tok.encode(ex.prompt), None
             else:
-                from PIL import Image
-
-                with Image.open(ex.image) as im:
-                    image = im.convert("RGB")
-                out = self.processor(text=ex.prompt, images=image, return_tensors="pt",
-                                     input_data_format="channels_last")
-                prompt = out["input_ids"][0].tolist()
-                pixels = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+                prompt, pixels = self._with_image(ex.prompt, ex.image)
             self._cache[key] = (prompt, target, pixels)
         return self._cache[key]
+
+    def _with_image(self, text: str, path: Path):
+        from PIL import Image
+
+        if path in self._pixels and (text, self._pixels[path][1]) in self._prompts:
+            pixels, size = self._pixels[path]
+            return self._prompts[(text, size)], pixels
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        out = self.processor(text=text, images=image, return_tensors="pt", input_data_format="channels_last")
+        pixels = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        self._pixels[path] = (pixels, image.size)
+        self._prompts[(text, image.size)] = out["input_ids"][0].tolist()
+        return self._prompts[(text, image.size)], pixels
 
     def batch(self, examples: list[Example]) -> dict:
         import torch

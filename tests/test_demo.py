@@ -37,7 +37,7 @@ def test_each_patch_knows_its_cell():
     assert np.all(np.diff(cell.reshape(8, 8), axis=1) >= 0)  # reading order along each row
 
 
-def test_descriptions_hold_the_question_relevant_cells_only():
+def test_descriptions_hold_the_question_relevant_cells_only_also_as_slots():
     import re
 
     import numpy as np
@@ -49,6 +49,9 @@ def test_descriptions_hold_the_question_relevant_cells_only():
         for q in scenes.questions(scene, rng):
             cells = re.findall(r"At the ([a-z ]+), ([^.]+)\.", q["description"])
             assert all(f"At the {place}, {what}." in full for place, what in cells)  # true facts of the scene
+            slots = re.findall(r"At the ([a-z ]+), ([^.]+)\.", scenes.describe(scene, q["cells"], slots=True))
+            assert [place for place, _ in slots] == [scenes.place(r, c) for r in range(3) for c in range(3)]
+            assert [s for s in slots if s[1] != scenes.SKIPPED] == cells  # the same cells, the rest "-"
             answer = q["choices"]["ABCD".index(q["answer"])] if q["choices"] else q["answer"]
             if q["type"] == "count":
                 assert len(cells) == int(answer) and all(q["question"].split()[2] in what for _, what in cells)
@@ -70,7 +73,7 @@ def test_demo_train_builds_installs_and_scores(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "edgevlm.demo", "train", "--out", out, "--work", tmp_path / "work",
                            "--scenes", "6,2,2", "--vision-steps", "2", "--extractor-steps", "2",
-                           "--reasoner-steps", "2"], capture_output=True, env=ENV, timeout=600)
+                           "--reasoner-steps", "2", "--copy-steps", "2"], capture_output=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert "extractor: visual extraction tuning" in proc.stderr.decode()
     for name in ("extractor", "reasoner"):
@@ -146,3 +149,45 @@ def test_int8_and_int4_demo_bundles_keep_the_accuracy(tmp_path):
     fp32, int8, int4 = (results[label]["extract-think"]["accuracy"] for label in results)
     assert fp32 >= DEMO_SAMPLE_FLOOR
     assert int8 >= fp32 - 0.02 and int4 >= fp32 - 0.05  # 160 questions: 1 and 3 points on the whole split
+
+
+def test_the_previous_token_head_attends_one_token_back(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgevlm import testing
+
+    testing._make_qwen3(tmp_path / "m", 0, text_extra=demo.TEXT)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation="eager")
+    before = [w.clone() for w in (model.model.layers[0].self_attn.q_proj.weight, model.lm_head.weight)]
+    demo.previous_token_head(model)
+    ids = torch.randint(4, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        heads = model(input_ids=ids, output_attentions=True).attentions[0][:, :2]  # layer 0, heads 0 and 1
+    i = torch.arange(1, 300)
+    built, other = heads[:, 0, i, i - 1], heads[:, 1, i, i - 1]
+    assert built.min() > 0.9 and other.mean() < 0.5  # the built head looks one back at every position
+    assert not torch.equal(before[0], model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(before[1], model.lm_head.weight)
+
+
+def test_copy_pretraining_trains_in_place_and_keeps_the_previous_token_head(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edgevlm import testing
+
+    testing._make_qwen3(tmp_path / "m", 0)
+    demo._with_previous_token_head(tmp_path / "m")
+    before = load_file(tmp_path / "m" / "model.safetensors")
+    lines = []
+    score = demo.pretrain_copying(tmp_path / "m", max_steps=50, batch_size=8, log=lines.append)
+    assert 0.0 <= score <= 1.0 and len(lines) == 1 and f"{score:.3f}" in lines[0]
+    after = load_file(tmp_path / "m" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation="eager")
+    ids = torch.randint(4, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        head = model(input_ids=ids, output_attentions=True).attentions[0][0, 0]
+    assert head[torch.arange(1, 64), torch.arange(63)].mean() > 0.8

@@ -106,6 +106,23 @@ def test_freeze_vision_tunes_the_language_model_only(tiny_dir, scene_items, tmp_
     assert frozen and changed and not changed & frozen  # the tower and projector as they were; the rest learned
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "idefics3"])
+def test_an_image_and_a_prompt_are_processed_once_with_the_same_result(tiny_dir, scene_items, family):
+    first = next(i for i in scene_items if i.get("choices"))
+    same_image = [i for i in scene_items if i["image"] == first["image"] and i is not first]
+    examples = tune.extractor_examples(tiny_dir(family), [first, *same_image], extra_fraction=0)
+    shared, fresh = tune._Batcher(tiny_dir(family), True), tune._Batcher(tiny_dir(family), True)
+    for ex in examples:
+        shared.encode(ex)
+    assert len(shared._pixels) == 1  # one image, processed once
+    for ex in examples[1:]:
+        (ids, target, pixels), (ids2, target2, pixels2) = shared.encode(ex), fresh.encode(ex)
+        fresh._pixels.clear()
+        assert ids == ids2 and target == target2
+        for key in pixels2:
+            torch.testing.assert_close(pixels[key], pixels2[key])
+
+
 def test_lora_is_merged_into_the_saved_weights(tiny_dir, scene_items, tmp_path):
     pytest.importorskip("peft")
     base = _weights(tiny_dir("qwen3"))

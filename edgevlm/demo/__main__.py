@@ -14,7 +14,7 @@ from pathlib import Path
 from edgevlm import demo
 from edgevlm.bundle import atomic_directory, atomic_file
 
-EXTRACTOR_STEPS, REASONER_STEPS = 560, 800
+EXTRACTOR_STEPS, REASONER_STEPS = 900, 600
 COMMON = dict(batch_size=16, lr=2e-3, eval_every=100, save_every=100)
 
 
@@ -52,26 +52,33 @@ def _ship_example(test: Path, out: Path) -> None:
 
 
 def train(out: Path, work: Path, seed: int, extractor_steps: int, reasoner_steps: int, vision_steps: int,
-          scenes: dict[str, int]) -> None:
+          copy_steps: int, scenes: dict[str, int]) -> None:
     import multiprocessing
+
+    import torch
 
     from edgevlm import tune
     from edgevlm.evaluation import load_items
 
     t0 = time.perf_counter()
     sets = demo.make_data(work, seed=seed, counts=scenes, log=_log)
-    items, val = load_items(sets["train"]), load_items(sets["val"])
-    extractor, reasoner = demo.make_base_models(work, items, seed=seed)
+    items, val = demo.slot_items(load_items(sets["train"])), demo.slot_items(load_items(sets["val"]))
+    extractor, reasoner = demo.make_base_models(work, items + demo.whole_scene_items(items), seed=seed)
     _log(f"{len(items)} training questions on {scenes['train']} scenes")
     # The two models train at once, one core each: small models use two threads poorly.
-    job = multiprocessing.get_context("spawn").Process(
+    context = multiprocessing.get_context("spawn")
+    reasoner_done = context.Event()  # then the extractor, the longer job, takes both cores
+    job = context.Process(
         target=demo.train_extractor,
-        args=(extractor, sets, work / "extractor", extractor_steps, vision_steps, seed, 1, COMMON))
+        args=(extractor, sets, work / "extractor", extractor_steps, vision_steps, seed, 1, COMMON, reasoner_done))
     job.start()
     try:
+        torch.set_num_threads(1)
+        demo.pretrain_copying(reasoner, max_steps=copy_steps, seed=seed, log=lambda m: _log(f"reasoner: {m}"))
         _log(f"reasoner: tuning ({reasoner_steps} steps)")
         tune.tune(reasoner, items, work / "reasoner", steps=reasoner_steps, val_items=val, threads=1,
                   label="reasoner", log=lambda m: _log(f"reasoner: {m}"), **COMMON, seed=seed)
+        reasoner_done.set()
         job.join()
     finally:
         if job.is_alive():
@@ -100,6 +107,7 @@ def main() -> None:
     p.add_argument("--extractor-steps", type=int, default=EXTRACTOR_STEPS)
     p.add_argument("--reasoner-steps", type=int, default=REASONER_STEPS)
     p.add_argument("--vision-steps", type=int, default=demo.VISION_STEPS)
+    p.add_argument("--copy-steps", type=int, default=demo.COPY_STEPS, help="At most, for copy pretraining.")
     p.add_argument("--scenes", default=",".join(map(str, demo.SCENES.values())), metavar="TRAIN,VAL,TEST",
                    help="How many scenes per split (about 7.5 questions each).")
     args = parser.parse_args()
@@ -107,17 +115,18 @@ def main() -> None:
         scenes = dict(zip(demo.SCENES, map(int, args.scenes.split(",")), strict=True))
     except ValueError:
         parser.error(f"--scenes takes three counts, TRAIN,VAL,TEST; got {args.scenes!r}")
-    if min(args.extractor_steps - 1, args.reasoner_steps, args.vision_steps) < 1:
+    if min(args.extractor_steps - 1, args.reasoner_steps, args.vision_steps, args.copy_steps) < 1:
         parser.error("the extractor needs at least 2 steps (whole scenes, then relevant details), the others 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        train(args.out, args.work, args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps, scenes)
+        train(args.out, args.work, args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps,
+              args.copy_steps, scenes)
     else:
         with tempfile.TemporaryDirectory(prefix="edgevlm-demo-") as work:
             train(args.out, Path(work), args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps,
-                  scenes)
+                  args.copy_steps, scenes)
 
 
 if __name__ == "__main__":
