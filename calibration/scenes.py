@@ -1,7 +1,7 @@
 """Procedural scenes: coloured shapes and text in the cells of a 3x3 grid, with questions of several types
 whose answers, instructions, descriptions (the question-relevant cells, in reading order: what an
-extractor following the instruction reports; `cells` lists them) and step-by-step reasoning come from the scene graph.
-Seeded and reproducible.
+extractor following the instruction reports; `cells` lists them) and step-by-step reasoning come from
+the scene graph. Seeded and reproducible.
 
 They feed calibration and fidelity measurement (the three stages need an image, a question, an
 instruction and a description), and are the seed of the demo models' training data.

@@ -108,16 +108,21 @@ def test_freeze_vision_tunes_the_language_model_only(tiny_dir, scene_items, tmp_
 
 @pytest.mark.parametrize("family", ["llava_onevision", "idefics3"])
 def test_an_image_and_a_prompt_are_processed_once_with_the_same_result(tiny_dir, scene_items, family):
-    first = next(i for i in scene_items if i.get("choices"))
-    same_image = [i for i in scene_items if i["image"] == first["image"] and i is not first]
-    examples = tune.extractor_examples(tiny_dir(family), [first, *same_image], extra_fraction=0)
-    shared, fresh = tune._Batcher(tiny_dir(family), True), tune._Batcher(tiny_dir(family), True)
-    for ex in examples:
-        shared.encode(ex)
-    assert len(shared._pixels) == 1  # one image, processed once
-    for ex in examples[1:]:
-        (ids, target, pixels), (ids2, target2, pixels2) = shared.encode(ex), fresh.encode(ex)
-        fresh._pixels.clear()
+    from dataclasses import replace
+
+    images = sorted({i["image"] for i in scene_items})[:2]
+    first = [i for i in scene_items if i["image"] == images[0]]
+    two = tune.extractor_examples(tiny_dir(family), first, extra_fraction=0)[:2]
+    assert two[0].prompt != two[1].prompt
+    examples = two + [replace(ex, image=images[1]) for ex in two]  # two images, two prompts, in all four pairs
+    shared = tune._Batcher(tiny_dir(family), True)
+    calls = []
+    processor = shared.processor
+    shared.processor = lambda **kw: calls.append(kw["text"]) or processor(**kw)
+    encoded = [shared.encode(ex) for ex in examples]
+    assert len(calls) == 3  # the fourth pair's image and prompt were both processed before
+    for ex, (ids, target, pixels) in zip(examples, encoded, strict=True):
+        ids2, target2, pixels2 = tune._Batcher(tiny_dir(family), True).encode(ex)
         assert ids == ids2 and target == target2
         for key in pixels2:
             torch.testing.assert_close(pixels[key], pixels2[key])

@@ -10,8 +10,8 @@ SigLIP tower + projector + Qwen3 extractor, a Qwen3 reasoner with a built previo
 tokenizer trained on the scenes' language), pretrains the extractor's tower to see the scenes and the
 reasoner to copy, tunes the extractor (visual extraction tuning: image + perception prompt ->
 description, tower frozen) and the reasoner (plan; description + question -> reasoning + answer) with
-edgevlm.tune, and replaces the shipped weights. The held-out test split (`test/`) is what `edgevlm eval --preset demo`
-scores.
+edgevlm.tune, and replaces the shipped weights. The held-out test split (`test/`) is what
+`edgevlm eval --preset demo` scores.
 """
 
 from __future__ import annotations
