@@ -127,6 +127,8 @@ def pretrain_copying(model_dir: Path, *, max_steps: int = COPY_STEPS, target: fl
     import torch
     from transformers import AutoModelForCausalLM
 
+    from edgevlm.tune import _token_accuracy
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     vocab = model.get_output_embeddings().weight.shape[0]
     rng = np.random.default_rng(seed)
@@ -143,11 +145,9 @@ def pretrain_copying(model_dir: Path, *, max_steps: int = COPY_STEPS, target: fl
     def accuracy():
         model.eval()
         with torch.no_grad():
-            predicted = model(input_ids=held_out[0]).logits[:, :-1].argmax(-1)
+            correct, total = _token_accuracy(model(input_ids=held_out[0]).logits, held_out[1])
         model.train()
-        target_ids = held_out[1][:, 1:]
-        keep = target_ids != -100
-        return float(((predicted == target_ids) & keep).sum() / keep.sum())
+        return correct / total
 
     torch.manual_seed(seed)
     model.train()
