@@ -8,7 +8,9 @@ A set is a JSONL file, image paths relative to it:
      "choices": ["1", "2", "3", "4"], "answer": "B", "type": "count"}
 
 Multiple-choice answers are letters (compared case-insensitively); open answers are compared after
-normalisation (case, surrounding punctuation and quotes, hyphens and repeated spaces).
+normalisation (case, surrounding punctuation and quotes, hyphens and repeated spaces). An item whose prompt
+does not fit a model's context (say a description too long for the reasoner) is scored wrong, with a line
+on stderr, and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from edgevlm.errors import UsageError
+from edgevlm.errors import InputTooLongError, UsageError
 
 
 def load_items(path: str | Path) -> list[dict]:
@@ -76,9 +78,15 @@ def evaluate(pipe, items: list[dict], *, mode: str, label: str = "", progress: b
     for n, item in enumerate(items, 1):
         if item.get("image") is None:
             raise UsageError(f"item {n} has no image")
-        result = pipe(item["image"], str(item["question"]), choices=item.get("choices") or None, mode=mode, **options)
-        records.append((str(item.get("type") or "untyped"),
-                        is_correct(result.answer, item["answer"], result.multiple_choice)))
+        kind = str(item.get("type") or "untyped")
+        try:
+            result = pipe(item["image"], str(item["question"]), choices=item.get("choices") or None, mode=mode,
+                          **options)
+        except InputTooLongError as e:  # e.g. a runaway description the reasoner cannot read: no answer
+            sys.stderr.write(f"{label} {mode}: item {n}: {e}; scored wrong\n")
+            records.append((kind, False))
+        else:
+            records.append((kind, is_correct(result.answer, item["answer"], result.multiple_choice)))
         if progress and (sys.stderr.isatty() or n % 50 == 0 or n == len(items)):
             accuracy = sum(hit for _, hit in records) / n
             end = "\n" if n == len(items) or not sys.stderr.isatty() else ""

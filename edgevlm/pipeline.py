@@ -382,7 +382,8 @@ class Pipeline:
                 f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}"
                 + (f" within the {self.memory_plan.budget / 1e9:.2f} GB memory budget ({self.memory_plan.source}); "
                    "raise --memory-budget, shrink the caches or " if planned else "; ")
-                + ("use a smaller image or shorter question" if image is not None else "shorten the question"))
+                + ("use a smaller image or shorter question" if image is not None
+                   else "shorten the question or the description" if name == "think" else "shorten the question"))
         cache, overlapped = None, {}
         with call.prof.span(name, "vision"):  # the time this stage spends on (or waits for) the vision tower
             if image is not None and call.vision is not None:  # encoded beside the planner

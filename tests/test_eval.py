@@ -43,6 +43,23 @@ def test_eval_scores_bundles_and_modes_side_by_side(tiny_bundle, scene_set):
         assert sum(t["n"] for t in result["per_type"].values()) == 3
 
 
+def test_an_item_whose_prompt_does_not_fit_is_scored_wrong_and_the_run_goes_on(pipelines, scene_set, capsys):
+    from edgevlm.evaluation import load_items
+
+    pipe = pipelines("llava_onevision")
+    items = load_items(scene_set)[:2]
+    context = pipe.reasoner.max_context
+    pipe.reasoner.max_context = 60  # the think prompt (role, description, question) is longer
+    try:
+        result = evaluation.evaluate(pipe, items, mode="extract-think", label="tiny", max_new_tokens=4,
+                                     think_budget=4, instruction="the shapes")
+    finally:
+        pipe.reasoner.max_context = context
+    assert result["n"] == 2 and result["accuracy"] == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "scored wrong" in ln]
+    assert len(lines) == 2 and "the think prompt is" in lines[0] and "the description" in lines[0]
+
+
 def test_eval_bad_input_is_one_line(tiny_bundle, tmp_path, scene_set):
     assert_one_line_error(edgevlm("eval", "--bundle", tiny_bundle), 2, "--data")
     assert_one_line_error(edgevlm("eval", "--data", tmp_path / "none.jsonl", "--bundle", tiny_bundle), 2, "not found")
