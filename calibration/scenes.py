@@ -100,8 +100,8 @@ def _name(s: Shape) -> str:
     return f"{'large' if s.big else 'small'} {s.color} {s.kind}"
 
 
-def _cells(scene: Scene) -> dict[tuple[int, int], str]:
-    cells = {(s.row, s.col): f"a {_name(s)}" for s in scene.shapes}
+def _cells(scene: Scene, sizes: bool = True) -> dict[tuple[int, int], str]:
+    cells = {(s.row, s.col): f"a {_name(s) if sizes else f'{s.color} {s.kind}'}" for s in scene.shapes}
     if scene.text:
         cells[tuple(scene.text_cell)] = f'the text "{scene.text}"'
     return cells
@@ -110,24 +110,30 @@ def _cells(scene: Scene) -> dict[tuple[int, int], str]:
 SKIPPED = "-"  # a cell the instruction does not ask about, in slot descriptions
 
 
-def describe(scene: Scene, only: list[tuple[int, int]] | None = None, none: str = "", slots: bool = False) -> str:
-    """A description from the scene graph, one sentence per cell in reading order, named as questions name
-    places ("At the bottom left, a small red square."). By default the background and all nine cells
-    (empty ones as "nothing"); with `only`, just those cells: the question-relevant details an
-    instruction asks for, or `none` when there are none. `slots` keeps all nine sentences with `only` and
-    writes the others as SKIPPED ("At the top left, -."): every cell has its place in the text, which a
-    small extractor learns far more easily than which sentences to leave out."""
-    cells = _cells(scene)
+def _sentence(what: str, row: int, col: int) -> str:
+    return f"{what[0].upper()}{what[1:]} at the {place(row, col)}."
+
+
+def describe(scene: Scene, only: list[tuple[int, int]] | None = None, slots: bool = False) -> str:
+    """A description from the scene graph, one sentence per cell in reading order, what is there first and
+    then where, named as questions name places ("A small red square at the bottom left."). By default the
+    background and all nine cells (empty ones as "nothing"); with `only`, just those cells: the
+    question-relevant details an instruction asks for. `slots` keeps all nine sentences with `only` and
+    writes the others as SKIPPED ("- at the top left."): every cell has its place in the text, which a
+    small extractor learns far more easily than which sentences to leave out. The place comes after what
+    is there so that a reasoner can find a shape's place by copying forward from the shape's name (a small
+    model's induction heads copy what follows a match); the demo models scored about the same with the
+    place first."""
+    cells = _cells(scene, sizes=only is None)  # no question asks about sizes: only a whole scene has them
     if only is None:
         parts = [f"The background is {scene.background}."]
-        parts += [f"At the {place(r, c)}, {cells.get((r, c), 'nothing')}." for r in range(3) for c in range(3)]
+        parts += [_sentence(cells.get((r, c), "nothing"), r, c) for r in range(3) for c in range(3)]
         return " ".join(parts)
     wanted = {tuple(cell) for cell in only}
     if slots:
-        return " ".join(f"At the {place(r, c)}, {cells[(r, c)] if (r, c) in wanted else SKIPPED}."
+        return " ".join(_sentence(cells[(r, c)] if (r, c) in wanted else SKIPPED, r, c)
                         for r in range(3) for c in range(3))
-    parts = [f"At the {place(r, c)}, {cells[(r, c)]}." for r, c in sorted(wanted)]
-    return " ".join(parts) or none
+    return " ".join(_sentence(cells[(r, c)], r, c) for r, c in sorted(wanted))
 
 
 def _at(shapes: list[Shape]) -> list[tuple[int, int]]:
@@ -146,11 +152,19 @@ def _count_choices(count: int, rng: np.random.Generator) -> list[str]:
 def _listing(shapes: list[Shape]) -> str:
     """The shapes in the description's order (reading order)."""
     ordered = sorted(shapes, key=lambda s: (s.row, s.col))
-    return "; ".join(f"the {_name(s)} at the {place(s.row, s.col)}" for s in ordered) or "none"
+    return "; ".join(f"a {s.color} {s.kind} at the {place(s.row, s.col)}" for s in ordered) or "none"
 
 
 def _count_text(shapes: list[Shape], what: str) -> str:
     return f"The {what} shapes in the description: {_listing(shapes)}. That makes {len(shapes)} {what} shapes."
+
+
+# Instructions name what to observe, over all the objects, the way the paper's planner examples do ("What is
+# the value of the smallest bar?" -> "the heights of all bars and their values"): selecting the red shapes, or
+# the one red circle, is the reasoner's work, on text. An extractor filtering the image by an instruction's
+# colour word ("the red shapes") was what the demo extractor could not learn: 0 of 11 counts exact.
+COLORS_OF_ALL = "the colors of all the shapes"
+POSITIONS_OF_ALL = "the positions of all the shapes"
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
@@ -164,38 +178,37 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
     """
     out = []
 
-    def add(kind, question, answer, instruction, cells, reasoning, choices=None, none=""):
+    def add(kind, question, answer, instruction, cells, reasoning, choices=None):
         letter = answer
         if choices is not None:
             choices, letter = _letters(choices, answer)
-            reasoning += f" {answer} is option {letter}."
+            reasoning += f" So the answer is {answer}, option {letter}."
         out.append({"type": kind, "question": question, "choices": choices, "answer": letter,
-                    "instruction": instruction, "description": describe(scene, cells, none),
+                    "instruction": instruction, "description": describe(scene, cells),
                     "cells": sorted(set(cells)), "reasoning": reasoning})
 
     color = str(rng.choice([s.color for s in scene.shapes] + [str(rng.choice(list(COLORS)))]))
     same = [s for s in scene.shapes if s.color == color]
-    add("count", f"How many {color} shapes are there?", str(len(same)), f"the {color} shapes", _at(same),
-        _count_text(same, color), _count_choices(len(same), rng), none=f"There are no {color} shapes.")
+    add("count", f"How many {color} shapes are there?", str(len(same)), COLORS_OF_ALL, _at(scene.shapes),
+        _count_text(same, color), _count_choices(len(same), rng))
 
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     where = place(s.row, s.col)
     opts = [s.color] + [str(c) for c in rng.choice([c for c in COLORS if c != s.color], size=3, replace=False)]
     rng.shuffle(opts)
     add("color", f"What color is the {s.kind} at the {where}?", s.color, f"the shape at the {where}", _at([s]),
-        f"At the {where}, the description has a {_name(s)}. Its color is {s.color}.", opts)
+        f"The description has a {s.color} {s.kind} at the {where}. Its color is {s.color}.", opts)
 
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     where = place(s.row, s.col)
     add("shape", f"What shape is at the {where}?", s.kind, f"the shape at the {where}", _at([s]),
-        f"At the {where}, the description has a {_name(s)}. The shape is a {s.kind}.")
+        f"The description has a {s.color} {s.kind} at the {where}. The shape is a {s.kind}.")
 
     unique = [s for s in scene.shapes if sum((t.color, t.kind) == (s.color, s.kind) for t in scene.shapes) == 1]
     if unique:
         s = unique[int(rng.integers(len(unique)))]
-        add("position", f"Where is the {s.color} {s.kind}?", place(s.row, s.col),
-            f"the position of the {s.color} {s.kind}", _at([s]),
-            f"The description has the {_name(s)} at the {place(s.row, s.col)}.")
+        add("position", f"Where is the {s.color} {s.kind}?", place(s.row, s.col), POSITIONS_OF_ALL, _at(scene.shapes),
+            f"The description has a {s.color} {s.kind} at the {place(s.row, s.col)}.")
 
     if scene.text:
         add("text", "What does the text in the image say?", scene.text, "the text written in the image",
@@ -211,10 +224,10 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
     a, b = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
     na, nb = (sum(s.color == c for s in scene.shapes) for c in (a, b))
     add("compare", f"Are there more {a} shapes than {b} shapes?", "yes" if na > nb else "no",
-        f"the {a} shapes and the {b} shapes", _at([s for s in scene.shapes if s.color in (a, b)]),
+        COLORS_OF_ALL, _at(scene.shapes),
         f"{_count_text([s for s in scene.shapes if s.color == a], a)} "
         f"{_count_text([s for s in scene.shapes if s.color == b], b)} "
-        f"{na} is {'more' if na > nb else 'not more'} than {nb}.", none=f"There are no {a} or {b} shapes.")
+        f"{na} is {'more' if na > nb else 'not more'} than {nb}.")
 
     if len(unique) >= 2:
         i, j = rng.choice(len(unique), size=2, replace=False)
@@ -223,9 +236,9 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
         yes = s.col < t.col if side == "left" else s.col > t.col
         cols = ("left", "center", "right")
         add("relation", f"Is the {s.color} {s.kind} to the {side} of the {t.color} {t.kind}?", "yes" if yes else "no",
-            f"the positions of the {s.color} {s.kind} and the {t.color} {t.kind}", _at([s, t]),
-            f"The description has the {s.color} {s.kind} at the {place(s.row, s.col)}, in the {cols[s.col]} "
-            f"column, and the {t.color} {t.kind} is at the {place(t.row, t.col)}, in the {cols[t.col]} column. "
+            POSITIONS_OF_ALL, _at(scene.shapes),
+            f"The description has a {s.color} {s.kind} at the {place(s.row, s.col)}, in the {cols[s.col]} "
+            f"column, and a {t.color} {t.kind} at the {place(t.row, t.col)}, in the {cols[t.col]} column. "
             f"So the {s.color} {s.kind} is {'' if yes else 'not '}to the {side} of the {t.color} {t.kind}.")
     return out
 

@@ -42,31 +42,35 @@ def test_descriptions_hold_the_question_relevant_cells_only_also_as_slots():
 
     import numpy as np
 
+    def sentences(text):  # "A red square at the top left." -> ("top left", "a red square")
+        found = re.findall(r"([^.]+) at the ([a-z ]+)\.", text)
+        return [(place, what.strip()[0].lower() + what.strip()[1:]) for what, place in found]
+
     rng = np.random.default_rng(1)
     for _ in range(60):
         scene = scenes.random_scene(rng)
-        full = scenes.describe(scene)
+        full = dict(sentences(scenes.describe(scene)))
+        assert len(full) == 9
         for q in scenes.questions(scene, rng):
-            cells = re.findall(r"At the ([a-z ]+), ([^.]+)\.", q["description"])
-            assert all(f"At the {place}, {what}." in full for place, what in cells)  # true facts of the scene
-            slots = re.findall(r"At the ([a-z ]+), ([^.]+)\.", scenes.describe(scene, q["cells"], slots=True))
+            cells = sentences(q["description"])
+            for place, what in cells:  # true facts of the scene, without sizes (no question asks about them)
+                assert what == re.sub(r" (small|large) ", " ", full[place])
+            slots = sentences(scenes.describe(scene, q["cells"], slots=True))
             assert [place for place, _ in slots] == [scenes.place(r, c) for r in range(3) for c in range(3)]
             assert [s for s in slots if s[1] != scenes.SKIPPED] == cells  # the same cells, the rest "-"
             answer = q["choices"]["ABCD".index(q["answer"])] if q["choices"] else q["answer"]
-            if q["type"] == "count":
-                assert len(cells) == int(answer) and all(q["question"].split()[2] in what for _, what in cells)
-            elif q["type"] in ("color", "shape"):
+            shapes = {scenes.place(s.row, s.col): f"a {s.color} {s.kind}" for s in scene.shapes}
+            if q["type"] in ("color", "shape"):  # the one cell the question names
                 (place, what), = cells
                 assert q["question"].endswith(f"at the {place}?") and answer in what
-            elif q["type"] == "position":
-                assert [place for place, _ in cells] == [answer]
             elif q["type"] == "text":
                 assert cells == [(scenes.place(*scene.text_cell), f'the text "{answer}"')]
-            elif q["type"] == "arithmetic":
-                assert len(cells) == len(scene.shapes)
-            elif q["type"] == "relation":
-                assert len(cells) == 2
-            assert q["description"]  # never empty: "There are no ... shapes." when nothing matches
+            else:  # the colors or positions of all the shapes, or all of them: every shape, no text
+                assert dict(cells) == shapes
+            if q["type"] == "count":
+                assert sum(f" {q['question'].split()[2]} " in what for what in shapes.values()) == int(answer)
+            elif q["type"] == "position":
+                assert q["question"][len("Where is the "):-1] in shapes[answer]
 
 
 def test_demo_train_builds_installs_and_scores(tmp_path):
@@ -151,7 +155,7 @@ def test_int8_and_int4_demo_bundles_keep_the_accuracy(tmp_path):
     assert int8 >= fp32 - 0.02 and int4 >= fp32 - 0.05  # 160 questions: 1 and 3 points on the whole split
 
 
-def test_the_previous_token_head_attends_one_token_back(tmp_path):
+def test_the_built_heads_attend_one_and_two_tokens_back(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -160,15 +164,18 @@ def test_the_previous_token_head_attends_one_token_back(tmp_path):
     testing._make_qwen3(tmp_path / "m", 0, text_extra=demo.TEXT)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation="eager")
     before = [w.clone() for w in (model.model.layers[0].self_attn.q_proj.weight, model.lm_head.weight)]
-    demo.previous_token_head(model)
+    demo.previous_token_head(model, offsets=(1, 2))
     ids = torch.randint(4, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        heads = model(input_ids=ids, output_attentions=True).attentions[0][:, :2]  # layer 0, heads 0 and 1
-    i = torch.arange(1, 300)
-    built, other = heads[:, 0, i, i - 1], heads[:, 1, i, i - 1]
-    assert built.min() > 0.9 and other.mean() < 0.5  # the built head looks one back at every position
+        heads = model(input_ids=ids, output_attentions=True).attentions[0]  # layer 0: [batch, head, query, key]
+    i = torch.arange(2, 300)
+    one, two, other = heads[:, 0, i, i - 1], heads[:, 1, i, i - 2], heads[:, 2, i, i - 1]
+    assert one.min() > 0.9 and two.min() > 0.9  # at every position
+    assert other.mean() < 0.5  # a head not built does not
     assert not torch.equal(before[0], model.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(before[1], model.lm_head.weight)
+    with pytest.raises(ValueError, match="key-value group"):
+        demo.previous_token_head(model, offsets=(1, 2, 3))  # 4 heads in 2 groups: 2 share a key
 
 
 def test_copy_pretraining_trains_in_place_and_keeps_the_previous_token_head(tmp_path):

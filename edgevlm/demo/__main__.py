@@ -14,7 +14,7 @@ from pathlib import Path
 from edgevlm import demo
 from edgevlm.bundle import atomic_directory, atomic_file
 
-EXTRACTOR_STEPS, REASONER_STEPS = 900, 600
+EXTRACTOR_STEPS, REASONER_STEPS = 900, 1500
 COMMON = dict(batch_size=16, lr=2e-3, eval_every=100, save_every=100)
 
 
@@ -65,19 +65,26 @@ def train(out: Path, work: Path, seed: int, extractor_steps: int, reasoner_steps
     items, val = demo.slot_items(load_items(sets["train"])), demo.slot_items(load_items(sets["val"]))
     extractor, reasoner = demo.make_base_models(work, items + demo.whole_scene_items(items), seed=seed)
     _log(f"{len(items)} training questions on {scenes['train']} scenes")
-    # The two models train at once, one core each: small models use two threads poorly.
+    # The two models train at once, one core each (small models use two threads poorly); the one that
+    # finishes first hands its core to the other.
     context = multiprocessing.get_context("spawn")
-    reasoner_done = context.Event()  # then the extractor, the longer job, takes both cores
+    reasoner_done = context.Event()
     job = context.Process(
         target=demo.train_extractor,
         args=(extractor, sets, work / "extractor", extractor_steps, vision_steps, seed, 1, COMMON, reasoner_done))
     job.start()
+
+    def on_step(step):
+        if not job.is_alive() and torch.get_num_threads() < 2:
+            torch.set_num_threads(2)
+            _log("reasoner: the extractor is done: going on with two threads")
+
     try:
         torch.set_num_threads(1)
         demo.pretrain_copying(reasoner, max_steps=copy_steps, seed=seed, log=lambda m: _log(f"reasoner: {m}"))
         _log(f"reasoner: tuning ({reasoner_steps} steps)")
         tune.tune(reasoner, items, work / "reasoner", steps=reasoner_steps, val_items=val, threads=1,
-                  label="reasoner", log=lambda m: _log(f"reasoner: {m}"), **COMMON, seed=seed)
+                  label="reasoner", log=lambda m: _log(f"reasoner: {m}"), on_step=on_step, **COMMON, seed=seed)
         reasoner_done.set()
         job.join()
     finally:
