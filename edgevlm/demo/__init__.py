@@ -1,7 +1,7 @@
 """The demo models: a small extractor and reasoner trained here with the paper's method on procedural
 scenes (edgevlm.calibration.scenes), shipped inside the package so `--preset demo` works offline.
 
-Rebuild them from scratch (fixed seed; about 20 minutes on 2 CPU cores):
+Rebuild them from scratch (fixed seed; 11 to 30 minutes on 2 CPU cores, by the day's machine speed):
 
     python -m edgevlm.demo train
 
