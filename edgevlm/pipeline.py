@@ -383,7 +383,7 @@ class Pipeline:
                 + (f" within the {self.memory_plan.budget / 1e9:.2f} GB memory budget ({self.memory_plan.source}); "
                    "raise --memory-budget, shrink the caches or " if planned else "; ")
                 + ("use a smaller image or shorter question" if image is not None
-                   else "shorten the question or the description" if name == "think" else "shorten the question"))
+                   else "shorten the question" + (" or the description" if name == "think" else "")))
         cache, overlapped = None, {}
         with call.prof.span(name, "vision"):  # the time this stage spends on (or waits for) the vision tower
             if image is not None and call.vision is not None:  # encoded beside the planner

@@ -332,6 +332,19 @@ def whole_scene_items(items: list[dict]) -> list[dict]:
     return out
 
 
+def two_threads_once(other_done, log, other: str):
+    """An on_step hook for tune: once `other_done()` (the model training beside this one has finished), go
+    on with two threads."""
+    import torch
+
+    def on_step(step):
+        if torch.get_num_threads() < 2 and other_done():
+            torch.set_num_threads(2)
+            log(f"{other} is done: going on with two threads")
+
+    return on_step
+
+
 def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_steps: int, seed: int, threads: int,
                     options: dict, cores_free=None) -> None:
     """Vision pretraining, then visual extraction tuning with the tower and projector frozen (runs in its own
@@ -348,11 +361,7 @@ def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_s
     def log(message):
         print(f"[{time.strftime('%H:%M:%S')}] extractor: {message}", file=sys.stderr, flush=True)
 
-    def on_step(step):
-        if cores_free is not None and cores_free.is_set() and torch.get_num_threads() < 2:
-            torch.set_num_threads(2)
-            log("the reasoner is done: going on with two threads")
-
+    on_step = two_threads_once(lambda: cores_free is not None and cores_free.is_set(), log, "the reasoner")
     options = {**options, "freeze_vision": True, "on_step": on_step}
 
     log("pretraining the vision tower on the scene labels")

@@ -73,11 +73,7 @@ def train(out: Path, work: Path, seed: int, extractor_steps: int, reasoner_steps
         target=demo.train_extractor,
         args=(extractor, sets, work / "extractor", extractor_steps, vision_steps, seed, 1, COMMON, reasoner_done))
     job.start()
-
-    def on_step(step):
-        if not job.is_alive() and torch.get_num_threads() < 2:
-            torch.set_num_threads(2)
-            _log("reasoner: the extractor is done: going on with two threads")
+    on_step = demo.two_threads_once(lambda: not job.is_alive(), lambda m: _log(f"reasoner: {m}"), "the extractor")
 
     try:
         torch.set_num_threads(1)
