@@ -96,6 +96,37 @@ def test_demo_train_builds_installs_and_scores(tmp_path):
     assert result["extract-think"]["n"] == 2 and result["direct"]["n"] == 2
 
 
+def test_the_extractor_stops_when_the_demo_training_is_killed(tmp_path):
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgevlm.demo", "train", "--out", tmp_path / "out", "--work",
+                             tmp_path / "work", "--scenes", "6,2,2", "--vision-steps", "2", "--extractor-steps",
+                             "100000", "--reasoner-steps", "100000", "--copy-steps", "2"],
+                            stderr=subprocess.PIPE, env=ENV, text=True)
+    try:
+        for line in proc.stderr:  # the extractor's process is tuning
+            if "extractor: visual extraction tuning" in line:
+                break
+        (child,) = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                    if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        proc.send_signal(signal.SIGKILL)  # no cleanup runs in the parent
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":  # exited; not yet reaped
+                break
+            time.sleep(0.5)
+        alive = Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z"
+        if alive:
+            os.kill(child, signal.SIGKILL)
+        assert not alive, "the extractor trained on after its parent was killed"
+        assert not (tmp_path / "out" / "extractor").exists()  # nothing half-trained was installed
+    finally:
+        proc.kill()
+
+
 def test_the_demo_preset_says_how_to_build_it_when_absent():
     if demo.available():
         pytest.skip("this checkout has the demo models")

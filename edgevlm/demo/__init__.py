@@ -16,6 +16,7 @@ edgevlm.tune, and replaces the shipped weights. The held-out test split (`test/`
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -349,7 +350,8 @@ def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_s
                     options: dict, cores_free=None) -> None:
     """Vision pretraining, then visual extraction tuning with the tower and projector frozen (runs in its own
     process beside the reasoner's). Tuned with them, the extractor stopped reading the image: it wrote one
-    plausible shape into every occupied cell. When `cores_free` (an Event) is set, it goes on with two threads."""
+    plausible shape into every occupied cell. When `cores_free` (an Event) is set, it goes on with two threads;
+    when the process that started it is gone, it stops."""
     import torch
 
     from edgevlm import tune
@@ -361,7 +363,14 @@ def train_extractor(extractor: Path, sets: dict, out: Path, steps: int, vision_s
     def log(message):
         print(f"[{time.strftime('%H:%M:%S')}] extractor: {message}", file=sys.stderr, flush=True)
 
-    on_step = two_threads_once(lambda: cores_free is not None and cores_free.is_set(), log, "the reasoner")
+    parent = os.getppid()
+    more_threads = two_threads_once(lambda: cores_free is not None and cores_free.is_set(), log, "the reasoner")
+
+    def on_step(step):
+        if os.getppid() != parent:  # the process that started this one was killed: do not train on as an orphan
+            raise SystemExit("the demo's training process is gone; the extractor stops too")
+        more_threads(step)
+
     options = {**options, "freeze_vision": True, "on_step": on_step}
 
     log("pretraining the vision tower on the scene labels")
