@@ -54,12 +54,14 @@ def test_descriptions_hold_the_question_relevant_cells_only_also_as_slots():
         for q in scenes.questions(scene, rng):
             cells = sentences(q["description"])
             for place, what in cells:  # true facts of the scene, without sizes (no question asks about them)
-                assert what == re.sub(r" (small|large) ", " ", full[place])
+                article = "an" if what.split()[1][0] in "aeiou" else "a"  # "a small orange ..." -> "an orange ..."
+                assert what == re.sub(r"^an? (small|large) ", f"{article} ", full[place])
             slots = sentences(scenes.describe(scene, q["cells"], slots=True))
             assert [place for place, _ in slots] == [scenes.place(r, c) for r in range(3) for c in range(3)]
             assert [s for s in slots if s[1] != scenes.SKIPPED] == cells  # the same cells, the rest "-"
             answer = q["choices"]["ABCD".index(q["answer"])] if q["choices"] else q["answer"]
-            shapes = {scenes.place(s.row, s.col): f"a {s.color} {s.kind}" for s in scene.shapes}
+            shapes = {scenes.place(s.row, s.col): f"{'an' if s.color == 'orange' else 'a'} {s.color} {s.kind}"
+                      for s in scene.shapes}
             if q["type"] in ("color", "shape"):  # the one cell the question names
                 (place, what), = cells
                 assert q["question"].endswith(f"at the {place}?") and answer in what
@@ -71,6 +73,71 @@ def test_descriptions_hold_the_question_relevant_cells_only_also_as_slots():
                 assert sum(f" {q['question'].split()[2]} " in what for what in shapes.values()) == int(answer)
             elif q["type"] == "position":
                 assert q["question"][len("Where is the "):-1] in shapes[answer]
+
+
+def test_reasoning_scans_the_shapes_in_order_with_verdicts_from_the_scene():
+    import re
+
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    checked = set()
+    for _ in range(60):
+        scene = scenes.random_scene(rng)
+        ordered = sorted(scene.shapes, key=lambda s: (s.row, s.col))
+        for q in scenes.questions(scene, rng):
+            reasoning, kind = q["reasoning"], q["type"]
+            if q["choices"]:  # the options in order up to the answer's, which is the only yes
+                scan = re.search(r"The options: (.*)\. So the answer is (.+), option ([A-D])\.$", reasoning)
+                steps = re.findall(r"([A-D]): ([^,;]+), (yes|no)", scan.group(1))
+                assert [letter for letter, _, _ in steps] == list("ABCD"[:len(steps)])
+                assert [verdict for _, _, verdict in steps] == ["no"] * (len(steps) - 1) + ["yes"]
+                chosen = q["choices"]["ABCD".index(q["answer"])]
+                assert steps[-1][:2] == (q["answer"], scan.group(2)) == (q["answer"], chosen)
+            if kind in ("count", "compare"):
+                colors = re.findall(r"(\w+) shapes", q["question"])
+                steps = re.findall(r"an? (\w+) (\w+) at the ([a-z ]+): (\w+), (\w+), ([\d and]+)", reasoning)
+                assert [(c, k, p) for c, k, p, _, _, _ in steps] == [(s.color, s.kind, scenes.place(s.row, s.col))
+                                                                      for s in ordered]
+                for n, (color, _, _, again, verdict, counts) in enumerate(steps):
+                    counted = color in colors
+                    assert again == color and verdict == ("no" if not counted else "yes" if kind == "count" else color)
+                    assert counts == " and ".join(str(sum(s.color == c for s in ordered[:n + 1])) for c in colors)
+                final = [sum(s.color == c for s in ordered) for c in colors]
+                if kind == "count":
+                    assert (q["choices"]["ABCD".index(q["answer"])] if q["choices"] else q["answer"]) == str(final[0])
+                    assert reasoning.endswith(".") and f"That makes {final[0]} {colors[0]} shape" in reasoning
+                else:
+                    assert (q["answer"] == "yes") == (final[0] > final[1])
+            elif kind in ("position", "relation"):
+                names = re.findall(r"Looking for the (\w+ \w+)", reasoning)
+                scans = re.findall(r"Looking for [^:]+: (.*?)\.(?: |$)", reasoning)
+                found = []
+                for name, scan in zip(names, scans, strict=True):
+                    steps = re.findall(r"an? (\w+) (\w+) at the ([a-z ]+): (\w+), (yes|no), (\w+), (yes|no)", scan)
+                    assert [step[:3] for step in steps] == [(s.color, s.kind, scenes.place(s.row, s.col))
+                                                            for s in ordered[:len(steps)]]
+                    for color, shape, _, color_again, same_color, shape_again, same_shape in steps:
+                        assert (color_again, shape_again) == (color, shape)
+                        wanted_color, wanted_shape = name.split()
+                        assert same_color == ("yes" if color == wanted_color else "no")
+                        assert same_shape == ("yes" if shape == wanted_shape else "no")
+                    assert f"{steps[-1][0]} {steps[-1][1]}" == name  # it stops at the shape the question names
+                    assert all(f"{color} {shape}" != name for color, shape, *_ in steps[:-1])
+                    found.append(next(s for s in ordered if f"{s.color} {s.kind}" == name))
+                if kind == "position":
+                    assert q["answer"] == scenes.place(found[0].row, found[0].col)
+                else:
+                    side = re.search(r"to the (left|right) of", q["question"]).group(1)
+                    a, b = (s.col for s in found)
+                    assert (q["answer"] == "yes") == (a < b if side == "left" else a > b)
+                    order = "left of" if a < b else "right of" if a > b else "the same as"
+                    assert f" column is {order} the " in reasoning and f"the {side}: {q['answer']}. So" in reasoning
+            checked.add((kind, bool(q["choices"])))
+    assert {kind for kind, _ in checked} == {"count", "color", "shape", "position", "text", "arithmetic", "compare",
+                                             "relation"}
+    assert {kind for kind, options in checked if options} == {"count", "color"}  # with options and without
+    assert {("count", False), ("color", False)} <= checked
 
 
 def test_demo_train_builds_installs_and_scores(tmp_path):

@@ -1,7 +1,7 @@
 """The demo models: a small extractor and reasoner trained here with the paper's method on procedural
 scenes (edgevlm.calibration.scenes), shipped inside the package so `--preset demo` works offline.
 
-Rebuild them from scratch (fixed seed; 11 to 30 minutes on 2 CPU cores, by the day's machine speed):
+Rebuild them from scratch (fixed seed; about 15 minutes on 2 CPU cores on a fast day, see README.md):
 
     python -m edgevlm.demo train
 
@@ -85,13 +85,13 @@ def make_base_models(work: Path, items: list[dict], seed: int = SEED) -> tuple[P
 # of the current token and copies what followed it), which need a previous-token head below them. From
 # scratch, a 4-layer model of this size did not form one in our step budget: repeating a random sequence
 # was 13% right after 1750 steps. With layer 0's first head built to attend to the previous token, it is 93%
-# right after 350-450 (the induction head forms abruptly). A second head looks two tokens back, for lookups
-# that span two tokens (the option letter before its text in "B: black"); it has not taught the reasoner that
-# lookup yet. The extractor, which reads its facts from image features, got nothing from the prior (24 of 80
+# right after 350-800 (the induction head forms abruptly). A second head looks two tokens back: the
+# reasoning's verdicts ("a red circle at the top left: red, yes") judge the word or two just behind them. The
+# extractor, which reads its facts from image features, got nothing from the prior (24 of 80
 # validation extractions exact with it, 30 without), so it has none.
 PREVIOUS_TOKEN_PAIRS = 6  # the highest RoPE frequencies, which together peak at one position back
 PREVIOUS_TOKEN_GAIN = 3.5  # q/k-norm gain on them: ~8 logits between the previous token and its neighbours
-COPY_STEPS = 1000  # at most, for copy pretraining (it stops once the model copies)
+COPY_STEPS = 2000  # at most, for copy pretraining (it stops once the model copies: after 550-800 steps)
 LOOKBACK = (1, 2)  # the built heads' offsets (1, 2, 3, 4 scored the same: 199 against 203 of 303 on gold)
 
 
