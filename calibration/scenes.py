@@ -47,6 +47,9 @@ class Scene:
     text_cell: tuple[int, int] = (0, 1)  # row, col of a cell no shape occupies
 
 
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
+
+
 def place(row: int, col: int) -> str:
     """A cell's name: row, then column ("top left", "middle right", "bottom center"), and "center".
 
@@ -56,7 +59,7 @@ def place(row: int, col: int) -> str:
     extractions were "the shape at the left" or "at the right"; with these names it missed 5."""
     if (row, col) == (1, 1):
         return "center"
-    return f"{('top', 'middle', 'bottom')[row]} {('left', 'center', 'right')[col]}"
+    return f"{ROWS[row]} {COLUMNS[col]}"
 
 
 def random_scene(rng: np.random.Generator, size: tuple[int, int] = (384, 288)) -> Scene:
@@ -189,9 +192,6 @@ def _count_scan(shapes: list[Shape], colors: list[str]) -> str:
             f"That makes {total}.")
 
 
-COLUMNS = ("left", "center", "right")
-
-
 def _find_scan(shapes: list[Shape], wanted: Shape, column: bool = False, against: str | None = None) -> str:
     """The shapes in order until the wanted one, each with its color and a verdict on that, then its kind and
     a verdict on that: one word compared at a time (judging both at once, the demo reasoner often matched the
@@ -297,7 +297,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
         i, j = rng.choice(len(unique), size=2, replace=False)
         s, t = unique[int(i)], unique[int(j)]
         side = "left" if rng.random() < 0.5 else "right"
-        yes = s.col < t.col if side == "left" else s.col > t.col
+        yes = _order(s.col, t.col) == f"{side} of"
         add("relation", f"Is the {s.color} {s.kind} to the {side} of the {t.color} {t.kind}?", "yes" if yes else "no",
             POSITIONS_OF_ALL, _at(scene.shapes),
             f"{_find_scan(scene.shapes, s, column=True)} "
