@@ -38,8 +38,9 @@ def main() -> None:
     parser.add_argument("--methods", default="int8,int8-bs32,rtn,rtn-keep8,awq,awq-keep8,hqq,hqq-keep8",
                         help="comma list of METHOD[-OPTION...]: int8 (weight-only) or an int4 method (rtn, awq, hqq, "
                              "gptq: slow); options: head32 (LM head stays fp32), keep8 (head and MLP down "
-                             "projections in int8: the export default), down32 (MLP down projections stay fp32), bsN "
-                             "(block size N), accN (MatMulNBits accuracy_level N)")
+                             "projections in int8: the export default; keep8head, keep8down: one of them), k8bsN "
+                             "(block size N of those int8 layers; default 64), down32 (MLP down projections stay "
+                             "fp32), bsN (block size N), accN (MatMulNBits accuracy_level N)")
     args = parser.parse_args()
 
     from edgevlm.backends.onnx import OrtModel
@@ -81,13 +82,16 @@ def main() -> None:
     rows = [("fp32", ref_size, None, _speed(reference))]
     for method in args.methods.split(","):
         out = work / method / "decoder.onnx"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out.parent, ignore_errors=True)  # onnx appends to an existing external data file
+        out.parent.mkdir(parents=True)
         name, *opts = method.split("-")
         exclude = [head] if "head32" in opts else []
         if "down32" in opts:
             exclude += [n for n in quantize.sensitive_matmuls(ref_dir / "decoder.onnx", ["down"])]
         acc = int(next((o[3:] for o in opts if o.startswith("acc")), 4))
-        keep = quantize.sensitive_matmuls(ref_dir / "decoder.onnx") if "keep8" in opts else []
+        kept = {"keep8": quantize.SENSITIVE, "keep8head": ["head"], "keep8down": ["down"]}
+        keep = [n for o in opts if o in kept for n in quantize.sensitive_matmuls(ref_dir / "decoder.onnx", kept[o])]
+        keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
         block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
         t = time.perf_counter()
         if name == "int8":
@@ -96,7 +100,7 @@ def main() -> None:
         else:
             reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
             quantize.int4(ref_dir / "decoder.onnx", out, method=name, block_size=block, reader=reader,
-                          exclude=exclude, keep_int8=keep)
+                          exclude=exclude, keep_int8=keep, keep_block_size=keep_block)
         quant_s = time.perf_counter() - t
         candidate = OrtModel(Bundle(work, {"models": {"m": {**entry, "graphs": {"decoder": {
             "file": str(out.relative_to(work))}}}}}), "m")

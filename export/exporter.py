@@ -24,7 +24,7 @@ import numpy as np
 from edgevlm import bundle
 from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, UsageError
-from edgevlm.export.quantize import INT4_METHODS, QUANTS, SENSITIVE
+from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE
 
 FORMATS = ("onnx",)
 REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
@@ -55,7 +55,7 @@ class QuantPlan:
     def describe(self) -> dict:
         return {"extractor": self.extractor, "reasoner": self.reasoner, "vision": self.for_graph("extractor", "vision"),
                 "embed": self.embed, "int4_method": self.int4_method, "block_size": self.block_size,
-                "keep_int8": list(self.keep_int8)}
+                "keep_int8": list(self.keep_int8), "keep_int8_block_size": KEEP_INT8_BLOCK}
 
     def validate(self) -> None:
         for q in (self.extractor, self.reasoner, self.vision or "fp32", self.embed):

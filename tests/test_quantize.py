@@ -144,5 +144,43 @@ def test_int4_keeps_the_sensitive_layers_in_int8(quantized):
     # tiny Qwen3, fused decoder: packed QKV, output, packed gate+up and down per layer, + the head;
     # the down projections and the head are 8-bit
     eight = {"lm_head/MatMul_Q8"} | {f"layers.{i}.mlp.down_proj/MatMul_Q8" for i in range(2)}
-    assert len(bits) == 4 * 2 + 1 and {name for name, b in bits.items() if b == 8} == eight
+    assert len(bits) == 4 * 2 + 1 and {name for name, n in bits.items() if n == 8} == eight
     assert set(bits.values()) == {4, 8}
+    blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node if n.name in eight}
+    assert blocks == {b.manifest["quantization"]["keep_int8_block_size"]} == {64}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_awq_folds_its_input_scales_into_the_layers_before(tiny_dir, tmp_path, family):
+    """AWQ's per-channel input scales go into the RMSNorm weights (QKV, gate/up, LM head), the value
+    projection's columns (o_proj) and the up projection's (down): the same function as with the Mul nodes,
+    and the graph's nodes those of the fp32 graph it came from."""
+    from contextlib import nullcontext
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgevlm.backends.onnx import OrtModel
+    from edgevlm.bundle import Bundle
+    from edgevlm.export import causal_lm, quantize
+    from edgevlm.export.exporter import decoder_feeds
+
+    entry = causal_lm.export_model(tiny_dir(family), tmp_path / "fp32", tmp_path, step=lambda what: nullcontext())
+    model = OrtModel(Bundle(tmp_path, {"models": {"m": entry}}), "m")
+    prompts = [(model.tokenizer.apply_chat_template(model.family.messages(q)), None)
+               for q in ("Describe a red square.", "How many circles are there?", "Is it raining?")]
+    feeds = decoder_feeds(model, prompts)
+    src = tmp_path / entry["graphs"]["decoder"]["file"]
+    outputs, muls = {}, {}
+    for fold in (False, True):
+        dst = tmp_path / f"awq-{fold}.onnx"
+        quantize.awq_scale(src, dst, quantize.FeedReader(feeds), fold=fold)
+        graph = onnx.load(str(dst), load_external_data=False).graph
+        muls[fold] = sum(n.op_type == "Mul" for n in graph.node)
+        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        outputs[fold] = [session.run(["logits"], feed)[0] for feed in feeds]
+    layers = json.loads((tiny_dir(family) / "config.json").read_text())["num_hidden_layers"]
+    source = sum(n.op_type == "Mul" for n in onnx.load(str(src), load_external_data=False).graph.node)
+    assert muls[False] - muls[True] == 4 * layers + 1 and muls[True] == source
+    for unfolded, folded in zip(outputs[False], outputs[True], strict=True):
+        np.testing.assert_allclose(folded, unfolded, rtol=1e-4, atol=1e-4 * np.abs(unfolded).max())
