@@ -51,6 +51,18 @@ def smollm2_gguf() -> Path | None:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
 
 
+def median_ratio_interval(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float]:
+    """The 95% bootstrap interval of median(a) / median(b): an interval that holds 1 is a tie."""
+    rng = np.random.default_rng(0)
+    ratio = (np.median(rng.choice(a, (draws, len(a))), axis=1) / np.median(rng.choice(b, (draws, len(b))), axis=1))
+    low, high = np.percentile(ratio, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _key(entry: dict) -> tuple:
+    return entry["model"], entry["runtime"], entry["precision"]
+
+
 # ---------------------------------------------------------------- children: one runtime, one process
 def _prompt(vocab: int, n: int) -> list[int]:
     return np.random.default_rng(0).integers(100, min(vocab, 30000), n).tolist()
@@ -308,14 +320,16 @@ def main() -> None:
           f"in each of {args.rounds} interleaved rounds; copy bandwidth {bandwidth:.1f} GB/s")
     print("\n".join(format_table(("model", "runtime", "precision", "prefill tok/s", "TTFT ms", "decode tok/s",
                                   "median", "peak RSS MB", "step MB", "GB/s", "of copy"), rows)))
-    print("\nedgevlm's decode tokens/s over each peer's, best / median "
-          "(same model; int4 also against llama.cpp Q4_1):")
+    print("\nedgevlm's decode tokens/s over each peer's, best / median (the median's 95% bootstrap interval; "
+          "same model; int4 also against llama.cpp Q4_1):")
     for e in (e for e in entries if e["runtime"] == "edgevlm"):
         peers = [p for p in entries if p["model"] == e["model"] and p["runtime"] != "edgevlm"
                  and (p["precision"] == e["precision"].removesuffix("-mixed")
                       or (e["precision"].startswith("int4") and p["runtime"] == "llama.cpp"))]
         ratios = ", ".join(f"{p['runtime']} {p['precision']} {e['decode_tok_s'] / p['decode_tok_s']:.2f}x / "
-                           f"{e['decode_tok_s_median'] / p['decode_tok_s_median']:.2f}x" for p in peers)
+                           f"{e['decode_tok_s_median'] / p['decode_tok_s_median']:.2f}x "
+                           "({:.2f}-{:.2f})".format(*median_ratio_interval(samples[_key(e)], samples[_key(p)]))
+                           for p in peers)
         print(f"  {e['model']} {e['precision']}: {ratios or 'no peer at this precision'}")
     if args.json_file:
         args.json_file.write_text(json.dumps(entries, indent=2))
