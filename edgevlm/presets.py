@@ -37,5 +37,5 @@ def get_preset(name: str) -> Preset:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
     if name == "demo" and not demo.available():
         raise ModelError("the demo models are not in this checkout: build them with `python -m edgevlm.demo train` "
-                         "(about 15 minutes on 2 cores; README.md, Demo models)")
+                         "(about 20 minutes on 2 cores; README.md, Demo models)")
     return preset

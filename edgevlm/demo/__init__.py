@@ -1,7 +1,7 @@
 """The demo models: a small extractor and reasoner trained here with the paper's method on procedural
 scenes (edgevlm.calibration.scenes), shipped inside the package so `--preset demo` works offline.
 
-Rebuild them from scratch (fixed seed; about 15 minutes on 2 CPU cores on a fast day, see README.md):
+Rebuild them from scratch (fixed seed; about 20 minutes on 2 CPU cores on a fast day, see README.md):
 
     python -m edgevlm.demo train
 

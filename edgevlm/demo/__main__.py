@@ -14,7 +14,7 @@ from pathlib import Path
 from edgevlm import demo
 from edgevlm.bundle import atomic_directory, atomic_file
 
-EXTRACTOR_STEPS, REASONER_STEPS = 1200, 1000
+EXTRACTOR_STEPS, REASONER_STEPS = 1200, 1500
 COMMON = dict(batch_size=16, lr=2e-3, eval_every=100, save_every=100)
 
 
