@@ -16,6 +16,7 @@ graph at `src` and writes the quantized one at `dst` (weights in `dst`.data); `s
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Iterable
@@ -42,6 +43,22 @@ def _quiet():
         yield
     finally:
         root.setLevel(level)
+
+
+def _mnb():
+    """ORT's MatMulNBits quantizer module. Importing it calls logging.basicConfig(level=INFO), which would
+    leave every library's INFO messages printing in the caller's process from then on (ONNX exports of
+    the next graphs included): the root logger is put back as it was."""
+    import sys
+
+    name = "onnxruntime.quantization.matmul_nbits_quantizer"
+    if name not in sys.modules:
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        importlib.import_module(name)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return sys.modules[name]
 
 
 class FeedReader:
@@ -99,7 +116,7 @@ def sensitive_matmuls(path: Path, which: Iterable[str] = SENSITIVE) -> list[str]
 
 def _nbits(src: Path, dst: Path, bits: int, *, include: list[str] | None = None,
            exclude: list[str] | None = None, block_size: int = 32, accuracy_level: int = 4) -> None:
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+    mnb = _mnb()
 
     config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                               bits=bits)
@@ -114,7 +131,7 @@ def _nbits(src: Path, dst: Path, bits: int, *, include: list[str] | None = None,
 
 def int4_embedding(src: Path, dst: Path) -> None:
     """A token-embedding graph's Gather as GatherBlockQuantized with 4-bit blocks (ORT has no 8-bit Gather)."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+    mnb = _mnb()
 
     axes = (("Gather", 1),)
     config = mnb.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4,
@@ -151,7 +168,7 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
             for f in (half, Path(str(half) + ".data")):
                 f.unlink(missing_ok=True)
         return
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+    mnb = _mnb()
 
     if method == "awq":
         if reader is None:

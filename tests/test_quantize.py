@@ -184,3 +184,25 @@ def test_awq_folds_its_input_scales_into_the_layers_before(tiny_dir, tmp_path, f
     assert muls[False] - muls[True] == 4 * layers + 1 and muls[True] == source
     for unfolded, folded in zip(outputs[False], outputs[True], strict=True):
         np.testing.assert_allclose(folded, unfolded, rtol=1e-4, atol=1e-4 * np.abs(unfolded).max())
+
+
+def test_quantizing_leaves_the_callers_logging_alone(tmp_path):
+    """ORT's quantizer module calls logging.basicConfig(level=INFO) on import: every library's INFO lines
+    would print in the caller's process from then on (a second export's ONNX passes, for one)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    code = ("import logging, sys; from pathlib import Path; from edgevlm.export import quantize; "
+            "quantize.int8_weight_only(Path(sys.argv[1]), Path(sys.argv[2])); "
+            "logging.getLogger('onnx_ir.passes').info('chatter'); "
+            "print(len(logging.getLogger().handlers), logging.getLogger().level)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert "MatMulNBits" in ops(tmp_path / "q.onnx")
+    assert proc.stdout.split() == ["0", "30"] and "chatter" not in proc.stderr  # no handler, WARNING
