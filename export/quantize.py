@@ -55,9 +55,11 @@ def _mnb():
     if name not in sys.modules:
         root = logging.getLogger()
         handlers, level = list(root.handlers), root.level
-        importlib.import_module(name)
-        root.handlers[:] = handlers
-        root.setLevel(level)
+        try:
+            importlib.import_module(name)
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
     return sys.modules[name]
 
 
@@ -248,7 +250,8 @@ def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32,
     output error of int4 round-to-nearest, then store W * s and feed the MatMul x / s (a Mul node).
     Salient input channels so keep more precision; each block's range is then clipped where that lowers the
     error. Writes the fp32 graph to `dst` (function unchanged up to the clipping), with the scales folded
-    into the layers before where that is exact (`fold`: fold_input_scales); returns how many changed."""
+    into the layers before where that is exact (`fold`: fold_input_scales; the cached values then come out
+    scaled); returns how many changed."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -339,7 +342,9 @@ def fold_input_scales(graph) -> int:
     half included); and into the value projection's columns before o_proj, the attention being linear in
     the values (awq_scale shares one scale among the query heads that read a value head); through the
     last-position Slice to the final norm, for the LM head. A decode step then runs one elementwise kernel
-    fewer per projection: the graph has the nodes of the one it was made from. Returns how many were folded."""
+    fewer per projection: the graph has the nodes of the one it was made from. The values it caches are then
+    the model's times inv, which is the same function as long as the cache it reads is one it wrote (as the
+    runtime's always is). Returns how many were folded."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
@@ -348,13 +353,13 @@ def fold_input_scales(graph) -> int:
     for name in [i for node in graph.node for i in node.input] + [o.name for o in graph.output]:
         uses[name] = uses.get(name, 0) + 1
 
-    def constant(name: str, inv: np.ndarray, columns: slice) -> np.ndarray | None:
-        """The constant `name` (a vector, or a MatMul weight [K, N]) with its last-axis `columns` times inv,
-        or None if it is not a constant used once with that many columns."""
+    def constant(name: str, inv: np.ndarray, columns: slice, ndim: int = 1) -> np.ndarray | None:
+        """The constant `name` (a vector, or with ndim 2 a MatMul weight [K, N]) with its last-axis `columns`
+        times inv, or None if it is not a constant of that rank used once with that many columns."""
         if name not in inits or uses.get(name) != 1:
             return None
         array = numpy_helper.to_array(inits[name]).astype(np.float32)
-        if array.ndim not in (1, 2) or array[..., columns].shape[-1] != inv.size:
+        if array.ndim != ndim or array[..., columns].shape[-1] != inv.size:
             return None
         array[..., columns] *= inv
         return array
@@ -369,7 +374,7 @@ def fold_input_scales(graph) -> int:
             weight = constant(inputs[NORMS[op]], inv, columns)
             return None if weight is None else [(inputs[NORMS[op]], weight)]
         if op == "MatMul":
-            weight = constant(inputs[1], inv, columns)
+            weight = constant(inputs[1], inv, columns, ndim=2)
             return None if weight is None else [(inputs[1], weight)]
         if op == "Add" and inputs[1] in inits:  # a bias
             bias, rest = constant(inputs[1], inv, columns), fold(inputs[0], inv, columns)
@@ -381,8 +386,9 @@ def fold_input_scales(graph) -> int:
                 weight = constant(c, inv, columns)
                 return None if weight is None else [(c, weight)]
             return fold(b, inv, columns) or fold(a, inv, columns)
-        if op == "Slice" and len(inputs) > 3 and inputs[3] in inits and set(
-                numpy_helper.to_array(inits[inputs[3]]).tolist()) <= {0, 1}:  # positions, not channels
+        if op == "Slice" and columns == slice(None) and len(inputs) > 3 and inputs[3] in inits and set(
+                numpy_helper.to_array(inits[inputs[3]]).tolist()) <= {0, 1}:  # positions (a channel slice
+            # of a [tokens, K] tensor fails the width check below, unless it keeps every channel)
             return fold(inputs[0], inv, columns)
         if op == "Split" and len(inputs) > 1 and inputs[1] in inits and _attr(producer, "axis") == -1:
             if columns != slice(None):
