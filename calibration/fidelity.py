@@ -19,11 +19,12 @@ from edgevlm.calibration.data import Item
 from edgevlm.calibration.metrics import Fidelity, summarize
 from edgevlm.images import load_image
 from edgevlm.pipeline import render_prompt
+from edgevlm.tokenizer import Prompt
 
 STAGES = {"plan": "reasoner", "extract": "extractor", "think": "reasoner"}
 
 
-def measure(reference: Model, candidate: Model, inputs: list[tuple[str, Image.Image | None]],
+def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str, Image.Image | None]],
             tokens: int = 32) -> Fidelity:
     """Compare `candidate` with `reference` on rendered prompts (with their image, if any)."""
     ref_all, test_all, matches = [], [], []

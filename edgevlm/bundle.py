@@ -7,8 +7,9 @@
 
 The manifest says, per model (role), its family, graphs (file, inputs, outputs, quantization), KV
 layout, preprocessing parameters, tokenizer directory, generation defaults and source; the stages
-map plan/extract/think to roles. `load` refuses any bundle whose format version, files or
-checksums do not match, with one line saying which.
+map plan/extract/think to roles. `load` refuses, with one line naming the field or file, a manifest that
+breaks bundle.schema.json (edgevlm.manifest), and any bundle whose format version, files or checksums do not
+match, that names a path leaving the bundle, or whose folders hold a file its table does not list.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevlm.errors import EdgeVLMError
+from edgevlm.errors import EdgeVLMError, UsageError, first_line
+from edgevlm.manifest import is_relpath, named_paths, problem
 
 FORMAT = "edgevlm-bundle"
 FORMAT_VERSION = 2  # 2: fused decoders take their lengths from the position ids, not an attention_mask
@@ -38,6 +41,10 @@ class BundleError(EdgeVLMError):
 
 @dataclass
 class Bundle:
+    """A bundle's folder and manifest. Open its files through `file` and `dir` only: they refuse any path
+    that leaves the bundle or that the manifest's file table does not list. A Bundle made in code without
+    a table (an export in progress) has its paths confined, not listed."""
+
     path: Path
     manifest: dict
 
@@ -49,8 +56,91 @@ class Bundle:
     def stages(self) -> dict[str, str]:
         return self.manifest["stages"]
 
-    def file(self, relpath: str) -> Path:
-        return self.path / relpath
+    def file(self, relpath: str, field: str | None = None) -> Path:
+        """The regular file at `relpath`, once it stays inside the bundle (symlinks resolved) and is listed;
+        else a one-line BundleError naming the path (and `field`, the manifest field that named it)."""
+        return _checked(self.path, relpath, self.manifest.get("files"), "file", field)
+
+    def graph(self, relpath: str, field: str | None = None) -> Path:
+        """An ONNX graph, as `file`, whose folder holds only listed files: ONNX Runtime opens external data
+        anywhere under the graph's folder (and refuses it outside, since 1.17), never elsewhere."""
+        return _checked(self.path, relpath, self.manifest.get("files"), "graph", field)
+
+    def dir(self, relpath: str, field: str | None = None) -> Path:
+        """The folder at `relpath`, once it stays inside the bundle and everything under it is listed: a reader
+        of the folder (the tokenizer) then opens only listed files."""
+        return _checked(self.path, relpath, self.manifest.get("files"), "folder", field)
+
+
+_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _shown(rel) -> str:
+    """A path for a one-line message: as is when printable, else JSON-quoted."""
+    if isinstance(rel, str):
+        return rel if rel.isprintable() else json.dumps(rel)
+    return repr(rel)[:80]
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def _checked(root: Path, rel: str, table: dict | None, kind: str, field: str | None) -> Path:
+    """root/rel after the checks of Bundle.file, .graph or .dir (`kind`: file, graph, folder)."""
+    where = f"{root}: {_shown(rel)}" + (f" ({field})" if field else "")
+    folder = kind == "folder"
+    if not is_relpath(rel):
+        raise BundleError(f"{where} is not a relative path inside the bundle ('/'-separated, no '.' or '..' "
+                          "parts); the manifest was altered, re-export the bundle")
+    if table is not None and not folder and rel not in table:
+        raise BundleError(f"{where} is not in the manifest's file table, so it cannot be trusted; re-export the bundle")
+    base = root.resolve()
+    try:
+        target = (base / rel).resolve()
+        inside = target.is_relative_to(base)
+        mode = os.stat(target).st_mode if inside else 0
+    except FileNotFoundError:
+        raise BundleError(f"{where} is missing; the bundle is incomplete, re-export it") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise BundleError(f"{where} cannot be read ({first_line(e)}); re-export the bundle") from None
+    if not inside:
+        raise BundleError(f"{where} leads outside the bundle (to {target}); a bundle's files are its own, "
+                          "re-export it")
+    if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        raise BundleError(f"{where} is {_kind(mode)}, where a {'folder' if folder else 'regular file'} is expected; "
+                          "re-export the bundle")
+    if kind != "file" and table is not None:
+        # The folder as named and, through a symlink, as stored: a reader may open any file under either.
+        named, stored = (rel, target) if folder else (rel.rpartition("/")[0], target.parent)
+        for sub in dict.fromkeys((named, "" if stored == base else stored.relative_to(base).as_posix())):
+            if (extra := _unlisted(root, sub, table)) is not None:
+                raise BundleError(f"{root}: {_shown(extra)} is in {sub or '.'}/, which the runtime reads, but not "
+                                  "in the manifest's file table; remove it or re-export the bundle")
+    return root / rel
+
+
+def _unlisted(root: Path, folder: str, table: dict) -> str | None:
+    """The first entry under `folder` (relative to root; "" for the bundle itself) that the table does not
+    list; folders are entered, symlinks never followed, the manifest itself is exempt."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(root / current) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as e:
+            raise BundleError(f"{root}: cannot list {current or '.'}/ ({first_line(e)})") from None
+        for entry in entries:
+            rel = f"{current}/{entry.name}" if current else entry.name
+            if rel in table or rel == MANIFEST:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            else:
+                return rel
+    return None
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -62,17 +152,20 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
-    """Read and check a bundle: format, version, every listed file's presence, size and (verify) sha256."""
+    """Read and check a bundle: format, version, the manifest against bundle.schema.json, every listed file's
+    confinement, kind, size and (verify) sha256, and every path the models name: listed, and in folders
+    that hold only listed files. Any failure is a one-line BundleError naming the field or file."""
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory")
     manifest_path = root / MANIFEST
     if not manifest_path.exists():
         raise BundleError(f"{root} is not an edgevlm bundle (no {MANIFEST}); make one with `edgevlm export`")
+    _checked(root, MANIFEST, None, "file", None)  # not a FIFO (reading one would hang), not a link out
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{manifest_path} is unreadable: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise BundleError(f"{manifest_path} is unreadable: {first_line(e)[:200]}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path} is not an edgevlm bundle manifest")
     version = manifest.get("format_version")
@@ -81,25 +174,41 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
 
         raise BundleError(f"{root} has bundle format version {version}; edgevlm {__version__} reads version "
                           f"{FORMAT_VERSION}: re-export it with this edgevlm, or use the edgevlm that made it")
-    for rel, meta in manifest.get("files", {}).items():
-        f = root / rel
-        if not f.is_file():
-            raise BundleError(f"{root}: {rel} is missing; the bundle is incomplete, re-export it")
-        if f.stat().st_size != meta["bytes"]:
-            raise BundleError(f"{root}: {rel} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}; "
+    found = problem(manifest)
+    if found:
+        raise BundleError(f"{manifest_path}: {found}; the manifest is malformed, re-export the bundle")
+    b = Bundle(root, manifest)
+    for rel, meta in manifest["files"].items():
+        f = b.file(rel)
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise BundleError(f"{root}: {rel} has {size} bytes, the manifest says {meta['bytes']}; "
                               "the bundle is damaged, re-export it")
         if verify and sha256(f) != meta["sha256"]:
             raise BundleError(f"{root}: {rel} does not match its sha256 in the manifest; the bundle is damaged "
                               "or was altered, re-export it")
-    return Bundle(root, manifest)
+    for field, rel, kind in named_paths(manifest):
+        _checked(root, rel, manifest["files"], kind, field)
+    return b
 
 
 def file_table(root: Path) -> dict[str, dict]:
-    """sha256 and size of every file under root except the manifest, keyed by relative path."""
+    """sha256 and size of every file under root except the manifest, keyed by relative path. What `load`
+    would refuse (a symlink out of root, a FIFO, a name it cannot list) is refused here, before it is written."""
     table = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        table[f.relative_to(root).as_posix()] = {"sha256": sha256(f), "bytes": f.stat().st_size}
-    return table
+    stack = [""]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(root / folder) as scan:
+            entries = list(scan)
+        for entry in entries:
+            rel = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            elif rel != MANIFEST:
+                f = _checked(root, rel, None, "file", None)
+                table[rel] = {"sha256": sha256(f), "bytes": f.stat().st_size}
+    return dict(sorted(table.items()))
 
 
 def graph_bytes(path: str | Path) -> int:
@@ -120,38 +229,236 @@ def atomic_file(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+# Every directory edgevlm writes (models, caches, demo outputs) except a bundle, whose manifest lists its files,
+# gets a marker listing the files it wrote there: edgevlm replaces a directory only when a record it wrote
+# (the marker, or the manifest) lists everything in it, so a file someone put beside them is never deleted.
+MARKER = ".edgevlm"
+MARKER_TEXT = ("edgevlm wrote this directory and the files listed here; it may replace them (--overwrite, "
+               "tune --out), and refuses to while anything else is in it.")
+
+
+def write_marker(folder: str | Path) -> None:
+    """Record in `folder`'s marker every file now under it (relative paths; folders entered, symlinks listed,
+    never followed): what edgevlm wrote there, and so may replace."""
+    folder = Path(folder)
+    files, stack = [], [""]
+    while stack:
+        current = stack.pop()
+        with os.scandir(folder / current) as scan:
+            for entry in scan:
+                rel = f"{current}/{entry.name}" if current else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                elif rel != MARKER:
+                    files.append(rel)
+    (folder / MARKER).write_text(json.dumps({"note": MARKER_TEXT, "files": sorted(files)}, indent=1) + "\n")
+
+
+def written_by_edgevlm(path: str | Path) -> bool:
+    """Whether edgevlm wrote everything in directory `path`, so that it may replace it: a bundle whose manifest
+    lists every file in it, or a directory whose marker does (see `_foreign`)."""
+    try:
+        return _foreign(Path(path)) is None
+    except (OSError, BundleError):
+        return False
+
+
+def _foreign(root: Path) -> str | None:
+    """The first entry under directory `root` that no record of edgevlm's lists; None when all are listed.
+
+    In a bundle (an edgevlm manifest) its file table lists them, and a malformed table lists nothing; elsewhere
+    the marker does. A marker of the old plain-text form, or one that is not a listing, lists nothing but
+    itself. Without either, nothing is edgevlm's. Folders are entered, symlinks never followed."""
+    manifest = _bundle_manifest(root)
+    if manifest is not None:
+        table = manifest.get("files")
+        return _unlisted(root, "", _files_named(root, table)) if isinstance(table, dict) else MANIFEST
+    if not _is_regular(root / MARKER):
+        return min(os.listdir(root), default=None)
+    record = _json_file(root / MARKER)
+    names = record.get("files") if isinstance(record, dict) else None
+    listed = _files_named(root, names if isinstance(names, list) else []) | {MARKER}
+    if MANIFEST not in listed and os.path.lexists(root / MANIFEST):  # _unlisted passes it: this is no bundle
+        inside = _unlisted(root, MANIFEST, listed) if stat.S_ISDIR(_mode(root / MANIFEST)) else MANIFEST
+        if inside is not None:
+            return inside
+    return _unlisted(root, "", listed)
+
+
+def _bundle_manifest(root: Path) -> dict | None:
+    """`root`'s manifest when it is an edgevlm bundle's (a regular file, its format ours); else None."""
+    manifest = _json_file(root / MANIFEST)
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _files_named(root: Path, names) -> set[str]:
+    """The strings in `names` that are not folders under `root`: a listed folder would pass all it holds."""
+    return {name for name in names if isinstance(name, str) and not stat.S_ISDIR(_mode(root / name))}
+
+
+def _mode(path: Path) -> int:
+    """`path`'s mode, its symlinks not followed; 0 when there is nothing there."""
+    try:
+        return os.lstat(path).st_mode
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return 0
+
+
+def _is_regular(path: Path) -> bool:
+    return stat.S_ISREG(_mode(path))
+
+
+def _json_file(path: Path):
+    """The JSON in `path` if it is a regular file (a FIFO would hang the read, a link may lead anywhere) of at
+    most 16 MiB; else None."""
+    try:
+        if not _is_regular(path) or os.lstat(path).st_size > 1 << 24:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+        return None
+
+
+def check_output(out: str | Path, *, overwrite: bool) -> None:
+    """Refuse, in one line, an output directory a write must not replace: `out` may be absent or empty, or
+    (with `overwrite`) a directory edgevlm wrote all of (written_by_edgevlm); else the line names the first
+    entry no record of edgevlm's lists. Nothing edgevlm did not write is ever deleted."""
+    out = Path(out)
+    if out.is_symlink():
+        raise UsageError(f"{out} is a symbolic link; give the directory itself, or another output directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory; choose another output directory")
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise UsageError(f"{out} cannot be read ({e.strerror}); choose another output directory") from None
+    if empty:
+        return
+    if not overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another output directory or pass --overwrite")
+    try:
+        foreign = _foreign(out)
+    except BundleError as e:  # a folder in it cannot be listed, so what it holds cannot be known
+        raise UsageError(f"{e}; choose another output directory") from None
+    except OSError as e:
+        raise UsageError(f"{out} cannot be read ({e.strerror}); choose another output directory") from None
+    if foreign is not None:
+        raise UsageError(f"{out} holds {_shown(foreign)}, which edgevlm did not write; remove it, or choose another "
+                         "output directory")
+
+
 @contextmanager
-def atomic_directory(out: Path, *, overwrite: bool = False):
-    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
+def atomic_directory(out: str | Path, *, overwrite: bool = False):
+    """Yield a temporary directory beside `out`; on success it takes `out`'s place in one step.
+
+    `out` may be absent or empty; one with files in it is replaced only with `overwrite`, and only if edgevlm
+    wrote all of it (check_output). What is written gets a marker listing its files (unless it is a bundle,
+    whose manifest lists them) and the modes a plain mkdir and open would give under the umask. On Linux the
+    new directory and the old `out` swap in one call, so a reader finds one or the other, never neither;
+    elsewhere the old one is renamed aside first and put back if the second rename fails or is interrupted.
 
     An interrupted or failed write leaves only a hidden temp directory (removed here when possible),
     never a partial bundle at `out`. One left by a killed writer (its pid is in the name) is removed by
     the next write to the same `out`, once that process is gone: exports are gigabytes.
     """
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise EdgeVLMError(f"{out} exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
+    check_output(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        if _bundle_manifest(tmp) is None:  # a bundle's manifest lists its files already
+            write_marker(tmp)  # now, after every file exists: it lists them all
+        _honour_umask(tmp)
+        check_output(out, overwrite=overwrite)  # again: an export takes minutes, and `out` may have appeared
+        _swap_in(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap, the old `out`
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put directory `new` at `out`. An old `out` ends up at `new`'s path, for the caller to remove."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if _exchange(new, out):
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap paths `a` and `b` in one call (Linux renameat2 with RENAME_EXCHANGE). False where the OS, its C
+    library or the file system has no such call: the caller then renames twice."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # an old kernel; NFS, some FUSE
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _honour_umask(root: Path) -> None:
+    """Give what was written under `root` the modes a plain mkdir and open would: mkdtemp makes 0700
+    directories (and mkstemp 0600 files), which would hide a bundle from users the umask lets read it."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            # a hard link shares its mode with a file outside `root`, which is not edgevlm's to change
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                os.chmod(path, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    try:  # Linux 4.7+ shows it; os.umask can only read it by setting it, for every thread at once
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the strictest for the moment it is set
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale(out: Path) -> None:
-    """Delete `.NAME.partial-PID-*` / `.NAME.old-PID` siblings of `out` whose writer process no longer runs."""
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+)(?:-.*)?", path.name)
-        if m and path.is_dir() and not _alive(int(m.group(1))):
+    """Delete `.NAME.partial-PID-*` / `.NAME.old-PID-*` siblings of `out` whose writer process no longer runs.
+    An old `out` whose writer died between its two renames (no swap call) goes back in its place instead."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)(?:-.*)?", path.name)
+        if not m or not path.is_dir() or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists() and not out.is_symlink():
+            os.replace(path, out)
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 

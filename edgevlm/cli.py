@@ -36,6 +36,28 @@ def _note(message: str) -> None:
         click.echo(f"edgevlm: {message}", err=True)
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click.FloatRange lets NaN through (every comparison with it is false), and infinity past a lower bound."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """An output file's folder must exist and be writable before the work starts, not after minutes of it."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path} cannot be written (permission denied)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgevlm")
 @click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
@@ -66,7 +88,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--choice", "choices", multiple=True, metavar="TEXT",
               help="An answer option (repeat for each); makes the question multiple choice (A, B, ...).")
 @click.option("--instruction", metavar="TEXT", help="Skip the planner: what the extractor should pay attention to.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, callback=_finite,
               help="Override the reasoner's sampling temperature (0 = greedy; default: the paper's 0.6 / 0.7).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda", help="Where the models run.")
@@ -81,7 +103,7 @@ def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, pres
         max_new_tokens, choices, instruction, temperature, seed, device, memory_budget, stream, as_json, profile,
         trace_file):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
-    from edgevlm.images import load_image
+    from edgevlm.images import load_image, read_stream
     from edgevlm.pipeline import MODES, Pipeline
     from edgevlm.presets import get_preset
 
@@ -95,10 +117,13 @@ def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, pres
     if quant and quant not in ("int8", "nf4"):
         raise UsageError(f"unknown --quant {quant!r}; choose int8 or nf4 (bundles carry their own precision)")
     _check_budget(memory_budget, bundle_dir)
+    _check_output(trace_file, "--trace")
     if preset:
         get_preset(preset)  # an unknown name is a usage error before anything loads
     # Read the image before loading any model: a bad path should fail in milliseconds, not after a load.
-    pil = load_image(sys.stdin.buffer.read() if image == "-" else image)
+    if image == "-" and (sys.stdin is None or sys.stdin.isatty()):  # a terminal would wait for bytes forever
+        raise UsageError("IMAGE is - but standard input is not a pipe; pipe the image in: edgevlm run - QUESTION < IMG")
+    pil = load_image(read_stream(sys.stdin.buffer, "standard input") if image == "-" else image)
     _note("loading models")
     if bundle_dir:
         pipe = Pipeline.from_bundle(bundle_dir, device=device, memory_budget=memory_budget)
@@ -123,6 +148,9 @@ def run(image, question, bundle_dir, extractor, reasoner, gguf_file, quant, pres
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
         click.echo(f"Answer: {result.answer}" if stream else result.answer)
+        if not result.answer:  # say why there is none; other notes (a clamped budget) are in --json
+            for note in result.notes:
+                click.echo(f"edgevlm: {note}", err=True)
     if profile:
         click.echo(profile_table(result), err=True)
     if trace_file:
@@ -197,9 +225,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
     if bundles and (extractor or reasoner or preset):
         raise UsageError("time either bundles (--bundle) or an HF pair (--extractor/--reasoner/--preset)")
     _check_budget(memory_budget, bundles)
-    for path in (json_file, plot_file):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"cannot write {path}: its folder does not exist")
+    _check_output(json_file, "--json")
+    _check_output(plot_file, "--plot")
     items = benchmod.load_items(list(images), list(questions), data)
     bandwidth = _bandwidth(target)
     options = {"mode": mode, "think": think, "think_budget": think_budget, "fixed_tokens": fixed_tokens}
@@ -292,11 +319,12 @@ def _bundle_label(path: str) -> str:
               help="Held-out prompts per stage for the fidelity report (0: skip).")
 @click.option("--fidelity-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens per prompt for the fidelity report.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail unless every stage's top-1 agreement "
-              "with fp32 reaches this.")
-@click.option("--max-kl", type=click.FloatRange(min=0), help="Fail if any stage's mean KL from fp32 exceeds this.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), callback=_finite,
+              help="Fail unless every stage's top-1 agreement with fp32 reaches this.")
+@click.option("--max-kl", type=click.FloatRange(min=0), callback=_finite,
+              help="Fail if any stage's mean KL from fp32 exceeds this.")
 @click.option("--target", default="cpu", show_default=True, metavar="NAME", help="Where the bundle will run.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
 def export(out, extractor, reasoner, gguf_file, no_reasoner, preset, fmt, quant, extractor_quant, reasoner_quant,
            vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, calibration, fidelity_samples,
            fidelity_tokens, min_agreement, max_kl, target, overwrite):
@@ -389,7 +417,8 @@ def describe_bundle(b) -> str:
 @click.option("--modes", default="extract-think", show_default=True, metavar="M1,M2",
               help="Comma-separated modes to score: extract-think, direct.")
 @click.option("--think/--no-think", default=True, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="The reasoner's (0 = greedy).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, callback=_finite,
+              help="The reasoner's (0 = greedy).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda")
@@ -443,13 +472,14 @@ def eval_(data, bundles, preset, extractor, reasoner, modes, think, temperature,
 @click.option("--data", required=True, metavar="FILE.jsonl", type=click.Path(dir_okay=False),
               help="Items: image, question, choices, answer, instruction, description (the extraction target), "
               "reasoning (optional).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the tuned model.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Where to save the tuned model (replaces only a directory edgevlm wrote).")
 @click.option("--val-data", metavar="FILE.jsonl", type=click.Path(dir_okay=False),
               help="Validation items (default: 5% of --data held out).")
 @click.option("--teacher", metavar="ID|DIR", help="An extractor that writes the descriptions items lack.")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, callback=_finite)
 @click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True,
               help="LoRA rank (peft), merged into the weights when saved; 0 = full fine-tuning.")
 @click.option("--adapter-only", is_flag=True,
@@ -468,7 +498,7 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
         raise EdgeVLMError(f"tune needs torch and transformers ({e}); pip install 'edgevlm[export]'") from None
     from edgevlm.evaluation import load_items
 
-    val = load_items(val_data) if val_data else None
+    val = load_items(val_data, image=False) if val_data else None  # items without an image only tune a reasoner
     scores = tunemod.tune(model, data, out, steps=steps, batch_size=batch_size, lr=lr, lora=lora, val_items=val,
                           teacher=teacher, eval_every=eval_every, save_every=eval_every, resume=resume, seed=seed,
                           adapter_only=adapter_only, freeze_vision=freeze_vision, log=lambda m: click.echo(m, err=True))
@@ -479,7 +509,7 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
 @click.argument("family")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if edgevlm wrote it; nothing else.")
 def make_tiny(family, out_dir, seed, overwrite):
     """Build a tiny random model of FAMILY (qwen3, llava_onevision, idefics3) in OUT_DIR, offline.
 
@@ -499,33 +529,33 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every failure becomes one line on stderr and an exit code."""
+    from edgevlm.signals import sigterm_as_interrupt
+
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
-    try:
-        code = cli.main(args=args, prog_name="edgevlm", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("edgevlm: interrupted", err=True)
-        code = 130
-    except click.UsageError as e:
-        click.echo(f"edgevlm: error: {_one_line(e.format_message())} (see --help)", err=True)
-        code = 2
-    except click.ClickException as e:
-        click.echo(f"edgevlm: error: {_one_line(e.format_message())}", err=True)
-        code = e.exit_code
-    except EdgeVLMError as e:
-        if debug:
-            raise
-        click.echo(f"edgevlm: error: {_one_line(e)}", err=True)
-        code = e.exit_code
-    except KeyboardInterrupt:
-        click.echo("edgevlm: interrupted", err=True)
-        code = 130
-    except Exception as e:  # a bug, not bad input: still one line unless --debug
-        if debug:
-            raise
-        click.echo(f"edgevlm: internal error: {type(e).__name__}: {_one_line(e)[:300]} "
-                   "(rerun with --debug for the traceback)", err=True)
-        code = 1
+    with sigterm_as_interrupt() as terminated:
+        try:
+            code = cli.main(args=args, prog_name="edgevlm", standalone_mode=False)
+        except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort, outside it stays as is
+            click.echo(f"edgevlm: {'terminated' if terminated else 'interrupted'}", err=True)
+            code = 128 + terminated[0] if terminated else 130
+        except click.UsageError as e:
+            click.echo(f"edgevlm: error: {_one_line(e.format_message())} (see --help)", err=True)
+            code = 2
+        except click.ClickException as e:
+            click.echo(f"edgevlm: error: {_one_line(e.format_message())}", err=True)
+            code = e.exit_code
+        except EdgeVLMError as e:
+            if debug:
+                raise
+            click.echo(f"edgevlm: error: {_one_line(e)}", err=True)
+            code = e.exit_code
+        except Exception as e:  # a bug, not bad input: still one line unless --debug
+            if debug:
+                raise
+            click.echo(f"edgevlm: internal error: {type(e).__name__}: {_one_line(e)[:300]} "
+                       "(rerun with --debug for the traceback)", err=True)
+            code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

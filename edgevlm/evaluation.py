@@ -8,44 +8,36 @@ A set is a JSONL file, image paths relative to it:
      "choices": ["1", "2", "3", "4"], "answer": "B", "type": "count"}
 
 Multiple-choice answers are letters (compared case-insensitively); open answers are compared after
-normalisation (case, surrounding punctuation and quotes, hyphens and repeated spaces). An item whose prompt
-does not fit a model's context (say a description too long for the reasoner) is scored wrong, with a line
-on stderr, and the run goes on.
+normalisation (case, surrounding punctuation and quotes, hyphens and repeated spaces). Every line is checked
+before the run starts (edgevlm.calibration.data.item_problem): a malformed one is a usage error naming FILE:LINE.
+An item whose image cannot be read, or whose prompt does not fit a model's context (say a description too long
+for the reasoner), is scored wrong, with a line on stderr naming it, and the run goes on.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from edgevlm.errors import InputTooLongError, UsageError
+from edgevlm.calibration.data import read_items
+from edgevlm.errors import ImageError, InputTooLongError, UsageError
 
 
-def load_items(path: str | Path) -> list[dict]:
-    """The items of a JSONL file, image paths made absolute; a one-line error for anything malformed."""
+def load_items(path: str | Path, *, image: bool = True) -> list[dict]:
+    """The items of a JSONL file (eval's and tune's), every line checked first, image paths made absolute; a
+    one-line UsageError naming FILE:LINE for anything malformed. `_line` holds each item's line number.
+    `image=False`: items may be text alone (a reasoner's tuning data)."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path} not found")
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            if not str(item["question"]).strip() or "answer" not in item:
-                raise KeyError("question/answer")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"{path} line {n}: not an item with image, question and answer ({e})") from None
-        if item.get("image"):
+    for n, item in read_items(path, image=image):
+        if item.get("image") is not None:
             item["image"] = path.parent / item["image"]
             if not item["image"].is_file():
-                raise UsageError(f"{path} line {n}: image {item['image']} not found")
+                raise UsageError(f"{path}:{n}: image {item['image']} not found")
+        item["_line"] = n
         items.append(item)
-    if not items:
-        raise UsageError(f"{path} has no items")
     return items
 
 
@@ -82,8 +74,9 @@ def evaluate(pipe, items: list[dict], *, mode: str, label: str = "", progress: b
         try:
             result = pipe(item["image"], str(item["question"]), choices=item.get("choices") or None, mode=mode,
                           **options)
-        except InputTooLongError as e:  # e.g. a runaway description the reasoner cannot read: no answer
-            sys.stderr.write(f"{label} {mode}: item {n}: {e}; scored wrong\n")
+        except (ImageError, InputTooLongError) as e:  # an unreadable image, a runaway description: no answer
+            where = f"line {item['_line']}" if "_line" in item else f"item {n}"
+            sys.stderr.write(f"{label} {mode}: {where}: {e}; scored wrong\n")
             records.append((kind, False))
         else:
             records.append((kind, is_correct(result.answer, item["answer"], result.multiple_choice)))

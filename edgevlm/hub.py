@@ -6,8 +6,10 @@ files (dequantized) and LoRA adapters (merged into their base).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import stat
 from pathlib import Path
 
 from edgevlm.errors import ModelError, first_line
@@ -27,6 +29,30 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgevlm"
     )
     return Path(base)
+
+
+def source_key(*paths: str | os.PathLike) -> str:
+    """A short digest naming the present version of the files at `paths` (of a directory: the files in it),
+    the key of what edgevlm derives from them (converted checkpoints, imported GGUF files, merged adapters).
+
+    It digests each file's name, size, mtime_ns, ctime_ns and inode, not its bytes: sha256 runs at 1.6 GB/s
+    on this project's machine before any disk read, seconds on every run for a 1-8 GB checkpoint, while
+    any write to a file moves its mtime and its ctime (the kernel's, which cp -p, rsync -t or tar, setting
+    mtime back, cannot), and a file replaced by another has another inode. So a checkpoint retrained in
+    place gets a fresh conversion; the price is that a touch, chmod or copy of a source converts it again.
+    """
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else [path]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:  # a dangling link: nothing to convert
+                continue
+            if stat.S_ISREG(st.st_mode):
+                digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]
 
 
 def _offline() -> bool:

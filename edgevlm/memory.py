@@ -17,13 +17,17 @@ host, the memory available when the bundle loads is used, so the defaults never 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from edgevlm.bundle import Bundle, graph_bytes
 from edgevlm.errors import UsageError
+from edgevlm.images import MAX_PIXELS
 
-RUNTIME_BYTES = 150_000_000  # Python + onnxruntime + tokenizers imported, sessions' arenas, one decoded frame
+RUNTIME_BYTES = 150_000_000  # Python + onnxruntime + tokenizers imported, sessions' arenas
+# Decoding the largest frame load_image accepts: 8192x8192 raised peak RSS by 325-331 MB (edgevlm.images).
+FRAME_BYTES = 5 * MAX_PIXELS
 MIN_CONTEXT = 1024  # text room a plan must leave (a question, an instruction, an answer), besides an image
 VISION_BATCH = 4  # crops per vision-tower run (OrtModel.encode): bounds the tower's attention memory
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -36,7 +40,11 @@ class MemoryBudgetError(UsageError):
 
 def parse_size(text: str | int | float) -> int:
     """'6GB', '6.5G', '512MiB', 1e9 -> bytes; a one-line UsageError for anything else."""
+    if isinstance(text, bool):
+        raise UsageError(f"cannot read {text!r} as a memory size; write it like 6GB, 512MB or 1.5GiB")
     if isinstance(text, int | float):
+        if not math.isfinite(text):
+            raise UsageError(f"a memory budget must be a finite size; got {text!r}")
         value, unit = float(text), ""
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
@@ -218,6 +226,7 @@ def plan(bundle: Bundle, budget: int | None = None, *, source: str = "--memory-b
     resident["vision cache"] = int(vision_cache_mb * 1e6)
     resident["prefix caches"] = int(prefix_cache_mb * 1e6) * len(models)
     resident["runtime"] = RUNTIME_BYTES
+    resident["largest frame"] = FRAME_BYTES
     fixed = sum(resident.values())
     contexts, peaks = {}, {}
     for m in models:

@@ -9,12 +9,14 @@ think (description + question -> answer); plus `extract` and `direct` modes.
 
 from __future__ import annotations
 
+import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from edgevlm.generation import ThinkControl, generate
 from edgevlm.images import ImageInput, load_image
 from edgevlm.profiler import Profiler, StageTimings, peak_rss_bytes
 from edgevlm.prompts import Decoding
-from edgevlm.tokenizer import StreamDecoder
+from edgevlm.tokenizer import Prompt, StreamDecoder
 
 MODES = ("extract-think", "extract", "direct")
 MAX_QUESTION_CHARS = 100_000
@@ -37,6 +39,9 @@ VISION_CACHE_MB = 256  # default byte budget of the vision-feature cache (an Any
 # Default byte budget of each model's prompt-prefix KV cache (ONNX Runtime backend): the planner's few-shot
 # block is ~50 MB of KV on Qwen3-1.7B.
 PREFIX_CACHE_MB = 128
+# When the reasoner's context cannot hold the thinking budget and the answer budget, the answer keeps a
+# quarter of the room, and at least this many tokens.
+MIN_ANSWER_TOKENS = 32
 
 
 @dataclass
@@ -84,6 +89,9 @@ class Result:
     image_ms: float = 0.0  # reading and normalising the image, before any stage
     total_ms: float = 0.0
     peak_rss_bytes: int = 0  # of the process, so far
+    # what the caller should know about how the answer came about: a clamped thinking budget, an answer that
+    # is not one of the options, thinking that never ended
+    notes: list[str] = field(default_factory=list)
     profile: Profiler | None = field(default=None, repr=False)  # the spans (write_trace turns them into a trace)
 
     def to_dict(self) -> dict:
@@ -104,6 +112,7 @@ class Result:
             "memory": {"peak_rss_mb": round(self.peak_rss_bytes / 1e6, 1),
                        **{name: s.memory_dict() for name, s in self.stages.items()}},
             "models": self.models,
+            "notes": self.notes,
         }
 
 
@@ -116,6 +125,17 @@ class _Call:
     fixed_tokens: int | None  # every stage generates exactly this many tokens (benchmarks)
     image_key: str | None = None  # the vision cache's key for the call's image (None: cache off)
     vision: Future | None = None  # the image's features, being computed beside the planner (overlap)
+    letters: str | None = None  # the valid answer letters of a multiple-choice question, where known
+    cancel: threading.Event | None = None  # set by a stream's consumer that went away: stop between tokens
+
+
+class _Cancelled(Exception):
+    """The consumer of a stream closed it: the run stops at a token boundary."""
+
+
+def _check_cancel(call: _Call) -> None:
+    if call.cancel is not None and call.cancel.is_set():
+        raise _Cancelled
 
 
 @dataclass
@@ -128,10 +148,133 @@ class Event:
     result: Result | None = None
 
 
-def render_prompt(model: Model, prompt: str, *, with_image: bool = False, enable_thinking: bool | None = None) -> str:
-    """A stage's prompt as the model sees it: its family's messages through its chat template."""
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return model.tokenizer.apply_chat_template(model.family.messages(prompt, with_image=with_image), **kwargs)
+@dataclass(frozen=True)
+class Options:
+    """What one call may set: `Pipeline.__call__` and `Pipeline.stream` take these as keywords.
+
+    choices: answer options (the question becomes multiple choice, answered by an option's letter).
+    mode: extract-think (default), extract (stop after the description) or direct (the VLM answers).
+    think: Qwen3 thinking mode for the reasoner, bounded by `think_budget` tokens (and by the room its
+    context leaves: Result.notes says when that clamped it).
+    max_new_tokens: cap on each stage's visible output (thinking excluded); default per stage.
+    instruction: skip the planner and use this "contents to observe" instruction.
+    temperature: override the reasoner's sampling temperature in the think stage (0 = greedy).
+    seed: the sampling seed. bgr: a numpy image is in OpenCV's BGR order.
+    fixed_tokens: every stage generates exactly this many tokens, end-of-sequence ignored (benchmarks).
+    trace: also record each decode step and the sampling between steps (Result.profile; `--trace`).
+    Every value is checked here: a wrong type, a NaN or an unknown option is a UsageError.
+    """
+
+    choices: list[str] | None = None
+    mode: str = "extract-think"
+    think: bool = True
+    think_budget: int = prompts.THINK_BUDGET
+    max_new_tokens: int | None = None
+    instruction: str | None = None
+    temperature: float | None = None
+    seed: int = 0
+    bgr: bool = False
+    fixed_tokens: int | None = None
+    trace: bool = False
+
+    @classmethod
+    def of(cls, options: dict) -> Options:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]!r}; the options are: {', '.join(names)}")
+        return cls(**options)
+
+    def __post_init__(self):
+        if self.choices is not None:
+            if isinstance(self.choices, str) or not isinstance(self.choices, (list, tuple)):
+                raise UsageError(f"choices must be a list of strings, got {type(self.choices).__name__}")
+            for choice in self.choices:
+                _check_text(choice, "a choice")
+        if self.instruction is not None:
+            _check_text(self.instruction, "the instruction")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        for name in ("think", "bgr", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_int(self.think_budget, "the thinking budget")
+        _check_int(self.seed, "the seed", minimum=0)
+        for name in ("max_new_tokens", "fixed_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name)
+        if self.temperature is not None and not _finite_number(self.temperature, minimum=0):
+            raise UsageError(f"the temperature must be a finite number, 0 (greedy) or more; got {self.temperature!r}")
+
+
+def _finite_number(value, minimum: float) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(value) and value >= minimum)
+
+
+def _check_text(value, what: str) -> None:
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise UsageError(f"{what} is empty")
+    if len(value) > MAX_QUESTION_CHARS:
+        raise UsageError(f"{what} is {len(value)} characters; the limit is {MAX_QUESTION_CHARS}")
+
+
+def _check_int(value, what: str, minimum: int | None = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"{what} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{what} must be at least {minimum}, got {value}")
+
+
+def _checked_answer(result: Result, answer: str, letters: str | None) -> str:
+    """A multiple-choice answer must be one of the options' letters (in either case); anything else is no
+    answer, with a note."""
+    if not letters:
+        return answer
+    letter = answer.strip().upper()
+    if len(letter) == 1 and letter in letters:
+        return letter
+    result.notes.append(f"the model answered {answer!r}, which is not one of the options "
+                        f"({', '.join(letters)}); there is no answer")
+    return ""
+
+
+def _fit_thinking(result: Result, think: ThinkControl, decoding: Decoding, room: int) -> tuple[ThinkControl,
+                                                                                                 Decoding]:
+    """Clamp the thinking budget to the room the reasoner's context leaves after the prompt, keeping a share
+    for the answer: without it a 4096-token budget on a 1024-token model thinks to the end of the context and
+    never answers."""
+    if decoding.max_new_tokens <= room:
+        return think, decoding
+    answer = max(decoding.max_new_tokens - think.budget, 1)
+    budget = max(2, room - min(answer, max(MIN_ANSWER_TOKENS, room // 4)))  # 2: the forced "\n" and </think>
+    if budget >= think.budget:
+        return think, replace(decoding, max_new_tokens=room)
+    result.notes.append(f"the thinking budget was clamped from {think.budget} to {budget} tokens: the prompt "
+                        f"leaves {room} of the reasoner's context")
+    return replace(think, budget=budget), replace(decoding, max_new_tokens=room)
+
+
+def _consume(events: queue.SimpleQueue, cancel: threading.Event, producer: threading.Thread) -> Iterator[Event]:
+    """A stream's events as its producer thread puts them; closing this iterator (or dropping it) cancels the
+    run, which stops at its next token and lets the models go."""
+    producer.start()
+    try:
+        while (event := events.get()) is not None:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        cancel.set()
+
+
+def render_prompt(model: Model, prompt: str, *, with_image: bool = False,
+                  enable_thinking: bool | None = None) -> Prompt:
+    """A stage's prompt as the model sees it: its family's messages through its chat template, `prompt` (the
+    method's wording around the user's text) literal: only the template's markers are control tokens."""
+    return model.family.render(model.tokenizer, prompt, with_image=with_image, enable_thinking=enable_thinking)
 
 
 class Pipeline:
@@ -154,8 +297,9 @@ class Pipeline:
             overlap = (os.cpu_count() or 1) >= 4 or getattr(extractor, "device", "cpu") == "cuda"
         self.overlap = overlap and getattr(extractor, "backend", "") == "onnxruntime" and extractor.family.vision
         self._executor: ThreadPoolExecutor | None = None
-        if vision_cache_mb < 0 or prefix_cache_mb < 0:
-            raise UsageError("a cache size must be 0 (off) or more megabytes")
+        for name, value in (("vision_cache_mb", vision_cache_mb), ("prefix_cache_mb", prefix_cache_mb)):
+            if not _finite_number(value, minimum=0):
+                raise UsageError(f"{name}: the cache size must be 0 (off) or a finite number of megabytes, got {value!r}")
         self.vision_cache = FeatureCache(int(vision_cache_mb * 1e6))
         for model in (extractor, reasoner):
             if hasattr(model, "prefix_cache"):
@@ -218,71 +362,72 @@ class Pipeline:
         return pipe
 
     def __call__(self, image: ImageInput, question: str, **options) -> Result:
-        """Answer `question` about `image`; options as for `stream`."""
-        for event in self.stream(image, question, **options):
-            if event.kind == "done":
-                return event.result
-        raise AssertionError("stream ended without a result")  # unreachable
+        """Answer `question` about `image`; `options` are those of `Options`."""
+        run = self._start(image, question, Options.of(options))
+        with self._lock:  # held only while the models compute: nothing here waits on the caller
+            for event in run:
+                if event.kind == "done":
+                    return event.result
+        raise AssertionError("the run ended without a result")  # unreachable
 
-    def stream(
-        self,
-        image: ImageInput,
-        question: str,
-        *,
-        choices: list[str] | None = None,
-        mode: str = "extract-think",
-        think: bool = True,
-        think_budget: int = prompts.THINK_BUDGET,
-        max_new_tokens: int | None = None,
-        instruction: str | None = None,
-        temperature: float | None = None,
-        seed: int = 0,
-        bgr: bool = False,
-        fixed_tokens: int | None = None,
-        trace: bool = False,
-    ) -> Iterator[Event]:
-        """Run the pipeline, yielding events as it goes; the last one carries the Result.
+    def stream(self, image: ImageInput, question: str, **options) -> Iterator[Event]:
+        """Run the pipeline, yielding events as they come (stage_start, token, stage_end; `done` carries the
+        Result). `options` are those of `Options`, checked before this returns (UsageError).
 
-        mode: extract-think (default), extract (stop after the description) or direct (the VLM answers).
-        think: Qwen3 thinking mode for the reasoner, bounded by `think_budget` tokens.
-        max_new_tokens: cap on each stage's visible output (thinking excluded); default per stage.
-        instruction: skip the planner and use this "contents to observe" instruction.
-        temperature: override the reasoner's sampling temperature in the think stage (0 = greedy).
-        fixed_tokens: every stage generates exactly this many tokens, end-of-sequence ignored (benchmarks).
-        trace: also record each decode step and the sampling between steps (Result.profile; `--trace`).
+        The models run on a thread of their own and the events wait in a queue, so a consumer that pauses,
+        nests another call or never finishes holds nothing: runs still take the models one at a time, and
+        closing (or dropping) the iterator stops its run at the next token.
         """
-        if mode not in MODES:
-            raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-        if not isinstance(question, str) or not question.strip():
-            raise UsageError("the question is empty")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise UsageError(f"the question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise UsageError("max_new_tokens must be at least 1")
-        if think_budget < 1:
-            raise UsageError("the thinking budget must be at least 1 token")
-        if temperature is not None and temperature < 0:
-            raise UsageError("the temperature must be 0 (greedy) or more")
-        if fixed_tokens is not None and fixed_tokens < 1:
-            raise UsageError("fixed_tokens must be at least 1")
-        if self.reasoner is None and not (mode == "direct" or (mode == "extract" and instruction is not None)):
-            raise UsageError(f"mode {mode!r} needs a reasoner; this pipeline was loaded without one")
-        question = prompts.format_question(question, choices)
-        multiple_choice = bool(choices) or prompts.is_multiple_choice(question)
-        with self._lock:
-            yield from self._run(image, question, multiple_choice, mode, think, think_budget, max_new_tokens,
-                                 instruction, temperature, bgr,
-                                 _Call(Profiler(detail=trace), np.random.default_rng(seed), fixed_tokens))
+        cancel = threading.Event()
+        run = self._start(image, question, Options.of(options), cancel)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+
+        def produce():
+            try:
+                with self._lock:
+                    for event in run:
+                        events.put(event)
+            except _Cancelled:
+                pass
+            except BaseException as e:  # handed to the consumer, who raises it in its own thread
+                events.put(e)
+            finally:
+                events.put(None)
+
+        return _consume(events, cancel, threading.Thread(target=produce, name="edgevlm-run", daemon=True))
+
+    def _start(self, image: ImageInput, question: str, opts: Options,
+               cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Check what the options cannot check alone (UsageError, before any model runs); the run's events."""
+        _check_text(question, "the question")
+        if self.reasoner is None and not (opts.mode == "direct"
+                                          or (opts.mode == "extract" and opts.instruction is not None)):
+            raise UsageError(f"mode {opts.mode!r} needs a reasoner; this pipeline was loaded without one")
+        letters = prompts.option_letters(question, opts.choices)
+        question = prompts.format_question(question, opts.choices)
+        multiple_choice = bool(opts.choices) or prompts.is_multiple_choice(question)
+        call = _Call(Profiler(detail=opts.trace), np.random.default_rng(opts.seed), opts.fixed_tokens,
+                     letters=letters if multiple_choice else None, cancel=cancel)
+        return self._run(image, question, multiple_choice, opts, call)
 
     # ------------------------------------------------------------------ stages
-    def _run(self, image, question, multiple_choice, mode, think, think_budget, max_new_tokens, instruction,
-             temperature, bgr, call: _Call) -> Iterator[Event]:
+    def _run(self, image, question: str, multiple_choice: bool, opts: Options, call: _Call) -> Iterator[Event]:
+        try:
+            yield from self._stages(image, question, multiple_choice, opts, call)
+        finally:
+            # a run stopped during the plan: its overlapped vision tower ends before the next run's may start
+            if call.vision is not None and not call.vision.cancel():
+                call.vision.exception()
+
+    def _stages(self, image, question: str, multiple_choice: bool, opts: Options, call: _Call) -> Iterator[Event]:
+        _check_cancel(call)
         t0 = time.perf_counter()
+        mode, max_new_tokens, instruction = opts.mode, opts.max_new_tokens, opts.instruction
         result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
                         models={"extractor": self.extractor.name}, profile=call.prof)
         # Decoded up front so a bad image fails before any model runs; timed apart from the stages.
         start = time.perf_counter()
-        pil = load_image(image, bgr=bgr)
+        pil = load_image(image, bgr=opts.bgr)
         call.image_key = image_key(pil) if self.vision_cache.max_bytes else None
         result.image_ms = (time.perf_counter() - start) * 1e3
 
@@ -291,7 +436,8 @@ class Pipeline:
             stage = yield from self._stage(result, call, "direct", self.extractor, prompt,
                                            prompts.DIRECT.with_max_new_tokens(max_new_tokens), image=pil)
             result.response = stage.text.strip()
-            result.answer = prompts.parse_answer(stage.text, multiple_choice=multiple_choice)
+            result.answer = _checked_answer(result, prompts.parse_answer(stage.text, multiple_choice=multiple_choice),
+                                            call.letters)
         else:
             if self.reasoner is not None:
                 result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
@@ -314,8 +460,7 @@ class Pipeline:
             if mode == "extract":
                 result.answer = result.response = result.extraction
             else:
-                yield from self._think(result, call, question, multiple_choice, think, think_budget,
-                                       max_new_tokens, temperature)
+                yield from self._think(result, call, question, multiple_choice, opts)
         result.total_ms = (time.perf_counter() - t0) * 1e3
         result.peak_rss_bytes = peak_rss_bytes()
         yield Event("done", result=result)
@@ -328,8 +473,9 @@ class Pipeline:
         self.extractor.encode(prepared)
         return prepared.image_features, start, time.perf_counter()
 
-    def _think(self, result, call, question, multiple_choice, think, think_budget, max_new_tokens, temperature):
-        answer_budget = max_new_tokens or prompts.ANSWER_BUDGET
+    def _think(self, result: Result, call: _Call, question: str, multiple_choice: bool, opts: Options):
+        think, think_budget, temperature = opts.think, opts.think_budget, opts.temperature
+        answer_budget = opts.max_new_tokens or prompts.ANSWER_BUDGET
         # A reasoner without </think> in its vocabulary still reasons step by step, just without the budget.
         control = self._think_control(think_budget) if think else None
         if think:
@@ -352,7 +498,11 @@ class Pipeline:
             reasoning, response = "", stage.text
         result.reasoning = reasoning.replace("<think>", "", 1).strip() or None
         result.response = response.strip()
-        result.answer = prompts.parse_answer(response, multiple_choice=multiple_choice)
+        if control is not None and control.think_end_id not in ids and stage.stop_reason != "eos":
+            result.notes.append(f"the reasoner was still thinking when it stopped ({stage.stop_reason}); "
+                                "there is no answer")
+        result.answer = _checked_answer(result, prompts.parse_answer(response, multiple_choice=multiple_choice),
+                                        call.letters)
 
     def _think_control(self, budget: int) -> ThinkControl | None:
         """Thinking-mode controls for the reasoner, or None when its vocabulary has no </think>."""
@@ -368,6 +518,7 @@ class Pipeline:
                prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,
                think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
         """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
+        _check_cancel(call)
         yield Event("stage_start", name)
         eos_ids = model.eos_ids
         if call.fixed_tokens:  # benchmarks: the same length every run, whatever the model says
@@ -384,6 +535,8 @@ class Pipeline:
                    "raise --memory-budget, shrink the caches or " if planned else "; ")
                 + ("use a smaller image or shorter question" if image is not None
                    else "shorten the question" + (" or the description" if name == "think" else "")))
+        if think is not None and think.budget is not None:
+            think, decoding = _fit_thinking(result, think, decoding, model.max_context - n_prompt)
         cache, overlapped = None, {}
         with call.prof.span(name, "vision"):  # the time this stage spends on (or waits for) the vision tower
             if image is not None and call.vision is not None:  # encoded beside the planner
@@ -419,6 +572,7 @@ class Pipeline:
                 break
             if first_token_at is None:
                 first_token_at = time.perf_counter()
+            _check_cancel(call)
             delta = detok.push(token)
             if delta:
                 yield Event("token", name, delta)
@@ -428,7 +582,7 @@ class Pipeline:
         reused = getattr(state, "reused", 0)  # prompt positions the prefix cache supplied
         kv_allocated, kv_used = state.kv_bytes()
         stage = StageResult(
-            name=name, model=model.name, prompt=rendered, text=model.tokenizer.decode(generation.token_ids),
+            name=name, model=model.name, prompt=str(rendered), text=model.tokenizer.decode(generation.token_ids),
             token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=n_new,
             stop_reason=generation.stop_reason,
             timings=call.prof.stage(name, prompt_tokens=n_prompt - reused, new_tokens=n_new,

@@ -140,6 +140,21 @@ def is_multiple_choice(question: str) -> bool:
     return "A" in letters and "B" in letters
 
 
+_INLINE_LETTER = re.compile(r"(?:^|[\s,;])\(?([A-Z])[\).:]\s")
+
+
+def option_letters(question: str, choices: list[str] | None = None) -> str | None:
+    """The letters a multiple-choice answer may take: one per choice given, else those the question's options
+    list (inline after "Options:" or one per line); None when the question lists none."""
+    if choices:
+        return LETTERS[:len(choices)]
+    letters = {m.group(1) for m in _OPTION_LINE.finditer(question)}
+    inline = _OPTIONS_INLINE.search(question)
+    if inline:
+        letters |= {m.group(1) for m in _INLINE_LETTER.finditer(question[inline.start():].split(":", 1)[1])}
+    return "".join(sorted(letters)) or None
+
+
 _ANSWER = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 _LETTER = re.compile(r"^\(?([A-Z])\)?(?:[\s.:,)]|$)")
 

@@ -17,12 +17,11 @@ torch and transformers (``pip install edgevlm[export]``).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from edgevlm import prompts
+from edgevlm.bundle import atomic_directory
 from edgevlm.errors import UsageError
 
 # Chat templates. The Qwen3-style one honours `enable_thinking=False` the way Qwen3's does (an empty
@@ -260,24 +259,15 @@ _MAKERS: dict[str, Callable[[Path, int], None]] = {
 def make_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
     """Build a tiny random model of `family` (one of FAMILIES) and save it to `out_dir`.
 
-    The directory is written atomically: it appears complete or not at all.
+    The directory is written atomically: it appears complete or not at all. `overwrite` replaces one that
+    edgevlm wrote; anything else there is refused.
     """
     if family not in _MAKERS:
         raise UsageError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with atomic_directory(out, overwrite=overwrite) as tmp:  # replaces only a directory edgevlm wrote
         _MAKERS[family](tmp, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -294,7 +284,16 @@ PAPER_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 def make_paper_shaped(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """A random model with the real architecture's shapes (no download), for export and speed benchmarks:
     `extractor-0.6b` (the paper's: SigLIP so400m + projector + Qwen3-0.6B, 384 px AnyRes up to 6x6 crops),
-    `qwen3-0.6b`, `qwen3-1.7b`. The tokenizer is the tiny one; the vocabulary is Qwen3's size."""
+    `qwen3-0.6b`, `qwen3-1.7b`. The tokenizer is the tiny one; the vocabulary is Qwen3's size. Written
+    atomically; it replaces only a directory edgevlm wrote."""
+    if kind != "extractor-0.6b" and kind not in QWEN3_SHAPES:
+        raise UsageError(f"unknown shape {kind!r}; choose extractor-0.6b, {', '.join(QWEN3_SHAPES)}")
+    with atomic_directory(Path(out_dir), overwrite=True) as tmp:
+        _make_paper_shaped(kind, tmp, seed)
+    return Path(out_dir)
+
+
+def _make_paper_shaped(kind: str, out: Path, seed: int) -> None:
     import torch
     from transformers import (
         LlavaOnevisionConfig,
@@ -307,8 +306,6 @@ def make_paper_shaped(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> P
     from edgevlm.export.llava_next import SO400M
     from edgevlm.families import llava_onevision
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     text = {**_qwen3_text_config(tok), **QWEN3_SHAPES["qwen3-0.6b" if kind == "extractor-0.6b" else kind],
             "vocab_size": 151936, "max_position_embeddings": 40960}
@@ -326,9 +323,6 @@ def make_paper_shaped(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> P
             image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
         llava_onevision.save_processor(out, tok, image_processor, num_image_tokens=729,
                                        chat_template=llava_onevision.CHAT_TEMPLATE)
-    elif kind in QWEN3_SHAPES:
+    else:
         tok.chat_template = QWEN3_CHAT_TEMPLATE
         _save_causal_lm(Qwen3ForCausalLM(Qwen3Config(**text)), tok, out)
-    else:
-        raise UsageError(f"unknown shape {kind!r}; choose extractor-0.6b, {', '.join(QWEN3_SHAPES)}")
-    return out

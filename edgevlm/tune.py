@@ -25,8 +25,10 @@ Needs torch and transformers (``pip install edgevlm[export]``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
 import shutil
 import sys
 import time
@@ -36,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm import prompts
-from edgevlm.bundle import atomic_directory, atomic_file
-from edgevlm.errors import UsageError
+from edgevlm.bundle import atomic_directory, atomic_file, check_output
+from edgevlm.errors import EdgeVLMError, UsageError, first_line
 from edgevlm.evaluation import load_items
 from edgevlm.families import extractor_family, read_config, reasoner_family
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.tokenizer import Prompt, Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
 MAX_VAL = 160  # validation examples scored at each evaluation (a random sample of the held-out items')
@@ -50,8 +52,8 @@ VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "conn
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str  # the rendered chat prompt, ending where the model's answer starts
-    target: str  # what the model learns to write (its end-of-turn token is added)
+    prompt: Prompt  # the rendered chat prompt, ending where the model's answer starts
+    target: Prompt  # what the model learns to write (its end-of-turn token is added)
     image: Path | None = None
     kind: str = ""  # extract, direct, plan, think, answer
 
@@ -59,11 +61,6 @@ class Example:
 def _question(item: dict) -> tuple[str, bool]:
     question = prompts.format_question(str(item["question"]), item.get("choices") or None)
     return question, bool(item.get("choices")) or prompts.is_multiple_choice(question)
-
-
-def _render(tok: Tokenizer, family, prompt: str, *, image: bool = False, enable_thinking: bool | None = None) -> str:
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return tok.apply_chat_template(family.messages(prompt, with_image=image), **kwargs)
 
 
 def extractor_examples(model_dir: Path, items: list[dict], extra_fraction: float = 0.25) -> list[Example]:
@@ -75,12 +72,12 @@ def extractor_examples(model_dir: Path, items: list[dict], extra_fraction: float
         if item.get("image") is None:
             continue
         instruction = item.get("instruction") or prompts.FALLBACK_INSTRUCTION
-        out.append(Example(_render(tok, family, prompts.extract_prompt(instruction), image=True),
-                           item["description"], item["image"], "extract"))
+        out.append(Example(family.render(tok, prompts.extract_prompt(instruction), with_image=True),
+                           Prompt.literal(item["description"]), item["image"], "extract"))
         if extra_fraction and n % round(1 / extra_fraction) == 0:
             question, mc = _question(item)
-            out.append(Example(_render(tok, family, prompts.direct_prompt(question, multiple_choice=mc), image=True),
-                               str(item["answer"]), item["image"], "direct"))
+            out.append(Example(family.render(tok, prompts.direct_prompt(question, multiple_choice=mc), with_image=True),
+                               Prompt.literal(str(item["answer"])), item["image"], "direct"))
     return out
 
 
@@ -93,21 +90,24 @@ def reasoner_examples(model_dir: Path, items: list[dict], extra_fraction: float 
     for n, item in enumerate(items):
         question, mc = _question(item)
         if item.get("instruction") and n % 2 == 0:
-            out.append(Example(_render(tok, family, prompts.planner_prompt(question), enable_thinking=False),
-                               f"{prompts.PLANNER_ANSWER_TAG} {item['instruction']}", kind="plan"))
+            out.append(Example(family.render(tok, prompts.planner_prompt(question), enable_thinking=False),
+                               Prompt.literal(f"{prompts.PLANNER_ANSWER_TAG} {item['instruction']}"), kind="plan"))
         answer = f"Answer: {item['answer']}"
         think = prompts.reasoner_prompt(item["description"], question, multiple_choice=mc, think=True)
         reasoning = item.get("reasoning") or ""
         if thinking:
-            target = f"<think>\n{reasoning}\n</think>\n\n{answer}"
-            out.append(Example(_render(tok, family, think, enable_thinking=True), target, kind="think"))
+            # <think> and </think> are the markers thinking mode writes; the reasoning between them is text
+            target = (tok.markers("<think>\n") + Prompt.literal(reasoning) + tok.markers("\n</think>\n\n")
+                      + Prompt.literal(answer))
+            out.append(Example(family.render(tok, think, enable_thinking=True), target, kind="think"))
         else:
-            out.append(Example(_render(tok, family, think), f"{reasoning}\n{answer}".strip(), kind="think"))
+            out.append(Example(family.render(tok, think), Prompt.literal(f"{reasoning}\n{answer}".strip()),
+                               kind="think"))
         if not extra_fraction or n % round(1 / extra_fraction):
             continue
         direct = prompts.reasoner_prompt(item["description"], question, multiple_choice=mc, think=False)
-        out.append(Example(_render(tok, family, direct, enable_thinking=False if thinking else None), answer,
-                           kind="answer"))
+        out.append(Example(family.render(tok, direct, enable_thinking=False if thinking else None),
+                           Prompt.literal(answer), kind="answer"))
     return out
 
 
@@ -168,26 +168,27 @@ class _Batcher:
     def encode(self, ex: Example):
         key = (ex.prompt, ex.target, ex.image)
         if key not in self._cache:
-            target = self.tok.encode(ex.target) + [self.eos]
+            target = self.tok.encode_prompt(ex.target) + [self.eos]
             if ex.image is None:
-                prompt, pixels = self.tok.encode(ex.prompt), None
+                prompt, pixels = self.tok.encode_prompt(ex.prompt), None
             else:
                 prompt, pixels = self._with_image(ex.prompt, ex.image)
             self._cache[key] = (prompt, target, pixels)
         return self._cache[key]
 
-    def _with_image(self, text: str, path: Path):
-        from PIL import Image
+    def _with_image(self, text: Prompt, path: Path):
+        from edgevlm.images import load_image
 
         if path in self._pixels and (text, self._pixels[path][1]) in self._prompts:
             pixels, size = self._pixels[path]
             return self._prompts[(text, size)], pixels
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        out = self.processor(text=text, images=image, return_tensors="pt", input_data_format="channels_last")
+        image = load_image(path)  # as `run` reads it: upright, alpha on white, within the same limits
+        from edgevlm.backends.torch_ref import hf_prepare
+
+        ids, out = hf_prepare(self.processor, self.tok, text, image)
         pixels = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         self._pixels[path] = (pixels, image.size)
-        self._prompts[(text, image.size)] = out["input_ids"][0].tolist()
+        self._prompts[(text, image.size)] = ids
         return self._prompts[(text, image.size)], pixels
 
     def batch(self, examples: list[Example]) -> dict:
@@ -226,6 +227,43 @@ def _token_accuracy(logits, labels) -> tuple[int, int]:
     return int(((predicted == target) & keep).sum()), int(keep.sum())
 
 
+def _check_settings(**settings) -> None:
+    """Whole numbers at least 1 (warmup 0) and a finite learning rate above 0; NaN passes `lr <= 0`."""
+    for name, value in settings.items():
+        least = 0 if name == "warmup" else 1
+        if name == "lr":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise UsageError(f"the learning rate must be a finite number above 0, not {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise UsageError(f"{name.replace('_', ' ')} must be a whole number of at least {least}, not {value!r}")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint tune wrote: tensors and plain values only (weights_only), so a file planted in
+    OUT.partial/ cannot run code when --resume loads it."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise EdgeVLMError(f"{path} holds objects other than tensors and numbers, which tune's checkpoints never "
+                           "do, so it was not loaded; delete it and train without --resume") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise EdgeVLMError(f"{path} is unreadable ({first_line(e)}); delete it and train without --resume") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "steps", "batch_size"} <= state.keys():
+        raise EdgeVLMError(f"{path} is not a checkpoint of edgevlm tune; delete it and train without --resume")
+    return state
+
+
+def _diverged(what: str, where: str, lr: float, out: Path) -> EdgeVLMError:
+    """The one-line error of a training run whose loss, gradients or weights went non-finite (`what`) at `where`
+    (a step); raised before anything is saved, so `out` is as it was. Tuning and the demo's pretraining use it."""
+    return EdgeVLMError(f"training diverged: {what} at {where}; lower the learning rate (it was {lr:g}) and train "
+                        f"again ({out} is unchanged)")
+
+
 def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, *, steps: int = 1000,
          batch_size: int = 16, lr: float = 1e-3, warmup: int = 50, lora: int = 0, extra_fraction: float = 0.25,
          val_items: list[dict] | None = None, val_fraction: float = 0.05, eval_every: int = 200,
@@ -244,12 +282,16 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
 
     from edgevlm.hub import resolve
 
+    _check_settings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every,
+                    save_every=save_every)
     source, out = str(model_dir), Path(out)
+    check_output(out, overwrite=True)  # now, not after the training: only a directory edgevlm wrote is replaced
+    partial = out.parent / f"{out.name}.partial"
+    if partial.exists() and not partial.is_dir():
+        raise UsageError(f"{partial} is a file; tune keeps its checkpoint in that directory: move the file away")
     model_dir = resolve(source)  # a directory, hub id, .gguf file or adapter, like everywhere else
     vision = "vision_config" in read_config(model_dir)
-    items = load_items(data) if isinstance(data, (str, Path)) else list(data)
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise UsageError("steps and batch size must be at least 1 and the learning rate above 0")
+    items = load_items(data, image=vision) if isinstance(data, (str, Path)) else list(data)
     if adapter_only and not lora:
         raise UsageError("--adapter-only saves a LoRA adapter: give its rank with --lora")
     if val_items is None:  # hold out whole images, so validation never sees a training image
@@ -299,12 +341,11 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
             return lr * (step + 1) / warmup
         return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
-    partial = out.parent / f"{out.name}.partial"
     start = 0
     # the whole run's batch order up front, so a resumed run sees exactly the batches it would have seen
     schedule = np.random.default_rng(seed + 1).integers(len(train), size=(steps, batch_size))
     if resume and (partial / CHECKPOINT).exists():
-        state = torch.load(partial / CHECKPOINT, weights_only=False)
+        state = _load_checkpoint(partial / CHECKPOINT)
         if state["steps"] != steps or state["batch_size"] != batch_size:
             raise UsageError(f"the checkpoint in {partial} was made with --steps {state['steps']} "
                              f"--batch-size {state['batch_size']}; resume with the same")
@@ -336,9 +377,12 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
             group["lr"] = lr_at(step)
         batch = batcher.batch([train[i] for i in schedule[step]])
         loss = model(**batch).loss
+        if not torch.isfinite(loss):  # trained on, NaN weights would be checkpointed and saved as the model
+            raise _diverged(f"the loss is {loss.item()}", f"step {step + 1}/{steps}", lr, out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
+            raise _diverged("the gradients are not finite", f"step {step + 1}/{steps}", lr, out)
         optimizer.step()
         losses.append(loss.item())
         done = step + 1
@@ -357,6 +401,8 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
                             "steps": steps, "batch_size": batch_size}, tmp)
         if on_step:
             on_step(done)
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # a last step can overflow what the loss never saw
+        raise _diverged("the weights are not finite", f"step {steps}/{steps}", lr, out)
     if adapter_only:  # the adapter names its base as given (a local one by absolute path), not a cache dir
         local = Path(source).expanduser()
         model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else source
@@ -364,7 +410,9 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
             model.save_pretrained(tmp)
     else:
         save_model((model.merge_and_unload() if lora else model).eval(), model_dir, out)
-    shutil.rmtree(partial, ignore_errors=True)
+    (partial / CHECKPOINT).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # OUT.partial/ goes if that emptied it: anything else there is not tune's
+        partial.rmdir()
     return {**scores, "history": history}
 
 

@@ -9,7 +9,6 @@ it like any other model directory. The base is resolved like any model (a direct
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -37,12 +36,11 @@ def base_of(adapter: Path) -> str:
 
 
 def _key(adapter: Path, base: Path) -> str:
-    """Cache key: the adapter's files and the base directory they merge into."""
-    digest = hashlib.sha256(str(base.resolve()).encode())
-    for f in sorted(p for p in adapter.iterdir() if p.is_file()):
-        digest.update(f.name.encode())
-        digest.update(f.read_bytes())
-    return f"{adapter.resolve().name}-{digest.hexdigest()[:16]}"
+    """Cache key: the present version of the adapter's files and of the base's they merge into (hub.source_key),
+    so retraining either in place merges again."""
+    from edgevlm.hub import source_key
+
+    return f"{adapter.resolve().name}-{source_key(adapter, base)}"
 
 
 def merged(adapter: Path, cache: Path, log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:

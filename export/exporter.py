@@ -132,9 +132,8 @@ def _vision_feeds(model, images) -> list[dict[str, np.ndarray]]:
     """One crop per feed, at most MAX_VISION_FEEDS of them."""
     feeds = []
     for image in images:
-        _, inputs = model.module.prepare_inputs(
-            model.tokenizer.apply_chat_template(model.family.messages("x", with_image=True)), image,
-            model.entry["preprocess"], model.tokenizer)
+        _, inputs = model.module.prepare_inputs(model.family.render(model.tokenizer, "x", with_image=True), image,
+                                                model.entry["preprocess"], model.tokenizer)
         pixels = inputs["pixel_values"]
         feeds += [{"pixel_values": pixels[i:i + 1]} for i in range(len(pixels))]
     return feeds[:MAX_VISION_FEEDS]

@@ -7,24 +7,19 @@ reference backend and `edgevlm export` treat it like any other checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from edgevlm.bundle import atomic_directory
 from edgevlm.errors import ModelError, first_line
 
 
 def _key(path: Path) -> str:
-    """Cache key: name, size and a hash of the file's first and last MiB (cheap on 100 MB-10 GB files)."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(size - (1 << 20), 0))
-        digest.update(f.read(1 << 20))
-    return f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
+    """Cache key: the name and the file's present version (hub.source_key: a file rewritten in place is
+    imported again; a hash of its first and last MiB missed a change in between)."""
+    from edgevlm.hub import source_key
+
+    return f"{path.stem}-{source_key(path)}"
 
 
 def convert(gguf: Path, out: Path, log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
@@ -42,16 +37,9 @@ def convert(gguf: Path, out: Path, log=lambda m: print(m, file=sys.stderr, flush
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:  # replaces only a directory edgevlm wrote
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -11,13 +11,11 @@ and conversion becomes deterministic), and weights keep their stored dtype.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from edgevlm.bundle import atomic_directory
 from edgevlm.errors import ModelError
 from edgevlm.families import llava_onevision
 
@@ -147,27 +145,21 @@ def convert(source_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
         size={"height": crop, "width": crop}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
         resample=3, do_pad=True, **({"image_grid_pinpoints": pinpoints} if pinpoints else {}),
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=True) as tmp:  # replaces only a directory edgevlm wrote
         model.save_pretrained(tmp)
         llava_onevision.save_processor(
             tmp, tokenizer, image_processor, num_image_tokens=(crop // vision["patch_size"]) ** 2,
             chat_template=llava_onevision.CHAT_TEMPLATE,
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def converted(source_dir: Path, model_id: str, cache: Path) -> Path:
-    """The cached conversion of `source_dir`, made on first use. Keyed by the source snapshot."""
-    from edgevlm.hub import resolve
+    """The cached conversion of `source_dir`, made on first use. Keyed by the source snapshot and the
+    present version of its files (hub.source_key), so a checkpoint retrained in place is converted again."""
+    from edgevlm.hub import resolve, source_key
 
-    out = cache / (re.sub(r"[^\w.-]+", "--", model_id) + "--" + source_dir.resolve().name)
+    out = cache / "--".join((re.sub(r"[^\w.-]+", "--", model_id), source_dir.resolve().name, source_key(source_dir)))
     if (out / "config.json").exists():
         return out
     tokenizer_dir = None

@@ -113,7 +113,7 @@ def test_planner_prompts_reuse_their_shared_prefix(tiny_bundle):
     warm = pipe(image, "How many shapes are there?", **options)
     reference = cold(image, "How many shapes are there?", **options)
     shared = render_prompt(pipe.reasoner, prompts.planner_prompt(""))
-    prefix = len(pipe.reasoner.tokenizer.encode(shared.split("Question: ")[0]))
+    prefix = len(pipe.reasoner.tokenizer.encode(str(shared).split("Question: ")[0]))
     plan = warm.stages["plan"]
     assert prefix - 2 <= plan.memory["prefix_tokens"] < plan.prompt_tokens
     assert warm.to_dict()["memory"]["plan"]["prefix_tokens"] == plan.memory["prefix_tokens"]

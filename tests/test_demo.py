@@ -194,6 +194,31 @@ def test_the_extractor_stops_when_the_demo_training_is_killed(tmp_path):
         proc.kill()
 
 
+def test_demo_train_refuses_to_replace_a_folder_holding_a_users_file_before_training(tmp_path):
+    from edgevlm import bundle
+
+    out = tmp_path / "out"
+    with bundle.atomic_directory(out / "reasoner") as tmp:  # an earlier run's reasoner ...
+        (tmp / "config.json").write_text("{}")
+    (out / "reasoner" / "notes.txt").write_text("mine")  # ... and the user's file beside it
+    proc = subprocess.run([sys.executable, "-m", "edgevlm.demo", "train", "--out", out, "--work", tmp_path / "work",
+                           "--scenes", "6,2,2"], capture_output=True, env=ENV, timeout=120)
+    assert_one_line_error(proc, 2, f"{out / 'reasoner'} holds notes.txt, which edgevlm did not write")
+    assert (out / "reasoner" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "work").exists()  # refused before any data or training
+
+
+def test_the_shipped_demo_folders_are_edgevlms_to_replace():
+    from edgevlm import bundle
+
+    if not demo.available():
+        pytest.skip("this checkout has no demo models")
+    for folder in (demo.EXTRACTOR, demo.REASONER, demo.TEST_SET):  # their markers list exactly their files
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {bundle.MARKER}
+        assert set(json.loads((folder / bundle.MARKER).read_text())["files"]) == files, folder
+        bundle.check_output(folder, overwrite=True)  # so `python -m edgevlm.demo train` may replace them
+
+
 def test_the_demo_preset_says_how_to_build_it_when_absent():
     if demo.available():
         pytest.skip("this checkout has the demo models")

@@ -7,6 +7,7 @@ from test_cli import assert_one_line_error, edgevlm
 
 from edgevlm import evaluation
 from edgevlm.calibration import scenes
+from edgevlm.errors import UsageError
 
 
 def test_answer_matching():
@@ -68,3 +69,60 @@ def test_eval_bad_input_is_one_line(tiny_bundle, tmp_path, scene_set):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')
     assert_one_line_error(edgevlm("eval", "--data", broken, "--bundle", tiny_bundle), 2, "missing.png")
+
+
+def _items_file(folder, lines):
+    path = folder / "items.jsonl"
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+def test_an_item_whose_image_cannot_be_read_is_scored_wrong_and_the_run_goes_on(pipelines, scene_set, tmp_path,
+                                                                                  capsys):
+    good = next(i for i in evaluation.load_items(scene_set) if not i.get("choices"))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good["image"].read_bytes()[:200])  # a truncated PNG
+    item = {"question": good["question"], "answer": good["answer"], "type": good["type"]}
+    path = _items_file(tmp_path, [{**item, "image": str(good["image"])}, "", {**item, "image": "cut.png"},
+                                  {**item, "image": str(good["image"])}])
+    items = evaluation.load_items(path)
+    result = evaluation.evaluate(pipelines("llava_onevision"), items, mode="direct", label="tiny", max_new_tokens=2)
+    assert result["n"] == 3 and [i["_line"] for i in items] == [1, 3, 4]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "scored wrong" in ln]
+    assert len(lines) == 1
+    assert lines[0].startswith("tiny direct: line 3: ") and "cut.png is corrupt or truncated" in lines[0]
+
+
+GOOD = {"image": "a.png", "question": "Which?", "choices": ["x", "y", "z", "w"], "answer": "B", "type": "t"}
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ("[1, 2]", "not a JSON object but an array"),
+    ({"question": "q", "answer": "a"}, '"image" is missing'),
+    ({"image": "a.png", "answer": "a"}, '"question" is missing'),
+    ({"image": "a.png", "question": "q"}, '"answer" is missing'),
+    ({"image": "a.png", "question": 5, "answer": "a"}, '"question" must be a string, not a number: put it in quotes'),
+    ({"image": "a.png", "question": "  ", "answer": "a"}, '"question" is empty'),
+    ({"image": ["a.png"], "question": "q", "answer": "a"}, '"image" must be a string, not an array'),
+    ({**GOOD, "choices": "x, y"}, '"choices" must be a list of strings, not a string'),
+    ({**GOOD, "choices": ["x", 2]}, '"choices" must hold strings only'),
+    ({**GOOD, "choices": [str(i) for i in range(27)]}, '"choices" has 27 options; at most 26 are supported'),
+    ({**GOOD, "type": 7}, '"type" must be a string, not a number'),
+    ({**GOOD, "answer": "E"}, "\"answer\" 'E' is not the letter of one of the 4 choices (A-D)"),
+    ({**GOOD, "answer": "x"}, "\"answer\" 'x' is not the letter of one of the 4 choices (A-D)"),
+])
+def test_every_line_is_checked_before_the_run(tmp_path, line, problem):
+    (tmp_path / "a.png").write_bytes(b"")  # never read: the check is of the lines
+    path = _items_file(tmp_path, [GOOD, line, GOOD])
+    with pytest.raises(UsageError) as e:
+        evaluation.load_items(path)
+    assert str(e.value) == f"{path}:2: {problem}"
+
+
+def test_eval_refuses_a_malformed_line_past_the_limit_before_loading_models(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    path = _items_file(tmp_path, [GOOD, GOOD, {**GOOD, "answer": ["A"]}])
+    # --limit 1 scores one item, but every line is checked first; no model is loaded (--preset demo would be)
+    assert_one_line_error(edgevlm("eval", "--data", path, "--preset", "demo", "--limit", "1"), 2,
+                          f"{path}:3: \"answer\" must be a string")

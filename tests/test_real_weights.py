@@ -45,7 +45,7 @@ def test_gguf_import_is_the_model_transformers_reads_and_it_answers(smollm2):
     model = TorchModel(smollm2, reasoner_family(smollm2))
     direct = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
     rendered = render_prompt(model, "What is the capital of France?")
-    ids = model.tokenizer.encode(rendered)
+    ids = model.tokenizer.encode_prompt(rendered)
     with torch.inference_mode():
         expected = direct(torch.tensor([ids])).logits[0, -1].numpy()
     state = model.prefill(model.prepare(rendered))

@@ -33,18 +33,18 @@ def test_examples_are_the_runtime_prompts(tiny_dir, scene_items):
     reasoner = TorchModel(re_dir, reasoner_family(re_dir))
     examples = tune.extractor_examples(ex_dir, [item], extra_fraction=1.0)
     assert examples[0].prompt == render_prompt(extractor, prompts.extract_prompt(item["instruction"]), with_image=True)
-    assert examples[0].target == item["description"]
+    assert str(examples[0].target) == item["description"]
     question = prompts.format_question(item["question"], item["choices"])
     assert examples[1].prompt == render_prompt(extractor, prompts.direct_prompt(question, multiple_choice=True),
                                                with_image=True)
     plan, think, answer = tune.reasoner_examples(re_dir, [item], extra_fraction=1.0)
     assert plan.prompt == render_prompt(reasoner, prompts.planner_prompt(question), enable_thinking=False)
-    assert prompts.parse_instruction(plan.target) == item["instruction"]
+    assert prompts.parse_instruction(str(plan.target)) == item["instruction"]
     think_prompt = prompts.reasoner_prompt(item["description"], question, multiple_choice=True, think=True)
     assert think.prompt == render_prompt(reasoner, think_prompt, enable_thinking=True)
-    assert think.target.startswith("<think>\n") and "</think>" in think.target
-    assert prompts.parse_answer(think.target.split("</think>")[1], multiple_choice=True) == item["answer"]
-    assert prompts.parse_answer(answer.target, multiple_choice=True) == item["answer"]
+    assert str(think.target).startswith("<think>\n") and "</think>" in str(think.target)
+    assert prompts.parse_answer(str(think.target).split("</think>")[1], multiple_choice=True) == item["answer"]
+    assert prompts.parse_answer(str(answer.target), multiple_choice=True) == item["answer"]
 
 
 def test_scene_reasoning_avoids_the_words_nowait_bans(scene_items):
@@ -118,7 +118,15 @@ def test_an_image_and_a_prompt_are_processed_once_with_the_same_result(tiny_dir,
     shared = tune._Batcher(tiny_dir(family), True)
     calls = []
     processor = shared.processor
-    shared.processor = lambda **kw: calls.append(kw["text"]) or processor(**kw)
+
+    class Counting:  # the processor, counting its calls
+        image_token = processor.image_token
+
+        def __call__(self, **kw):
+            calls.append(kw["images"])
+            return processor(**kw)
+
+    shared.processor = Counting()
     encoded = [shared.encode(ex) for ex in examples]
     assert len(calls) == 3  # the fourth pair's image and prompt were both processed before
     for ex, (ids, target, pixels) in zip(examples, encoded, strict=True):
@@ -181,7 +189,7 @@ def test_cli_tune_reports_scores_and_rejects_bad_data(tiny_dir, scene_items, tmp
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     assert_one_line_error(edgevlm("tune", "--model", tiny_dir("qwen3"), "--data", bad, "--out", tmp_path / "o"),
-                          2, "line 1")
+                          2, "bad.jsonl:1:")
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps({**i, "image": str(i["image"])}) + "\n" for i in scene_items))
     proc = edgevlm("tune", "--model", tiny_dir("qwen3"), "--data", data, "--out", tmp_path / "o", "--steps", "2",

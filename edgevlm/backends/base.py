@@ -9,7 +9,7 @@ from PIL import Image
 
 from edgevlm.families import Family
 from edgevlm.generation import DecodeState
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.tokenizer import Prompt, Tokenizer
 
 
 @dataclass
@@ -32,8 +32,9 @@ class Model(Protocol):
     weight_bytes: dict[str, int]  # per graph or part: vision, embed, decoder
     step_bytes: int  # weight bytes one decode step reads: the decoder's, less token-embedding rows not read
 
-    def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
-        """Tokenize a rendered prompt; with an image, preprocess it and expand its placeholder."""
+    def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
+        """Tokenize a rendered prompt (a str is trusted: its special tokens are control tokens); with an
+        image, preprocess it and expand its placeholder."""
         ...
 
     def encode(self, prepared: Prepared) -> None:
@@ -47,3 +48,8 @@ class Model(Protocol):
     def prefill(self, prepared: Prepared) -> DecodeState:
         """Run the prompt through the decoder; the returned state decodes from there."""
         ...
+
+
+def as_prompt(tokenizer: Tokenizer, prompt: Prompt | str) -> Prompt:
+    """A Prompt as is; a str is a trusted rendered prompt (tests, calibration), its added tokens live."""
+    return prompt if isinstance(prompt, Prompt) else tokenizer.markers(prompt)

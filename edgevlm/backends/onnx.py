@@ -15,13 +15,13 @@ import os
 import numpy as np
 from PIL import Image
 
-from edgevlm.backends.base import Prepared
+from edgevlm.backends.base import Prepared, as_prompt
 from edgevlm.bundle import Bundle, graph_bytes
 from edgevlm.cache import PrefixCache
 from edgevlm.errors import DeviceError, ModelError, first_line
 from edgevlm.families import Family, family_module
 from edgevlm.memory import VISION_BATCH
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.tokenizer import Prompt, Tokenizer
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -175,20 +175,22 @@ class OrtModel:
         self.name = entry.get("source", {}).get("model") or f"{bundle.path}:{role}"
         self.module = family_module(entry["family"])
         self.family: Family = self.module.FAMILY
-        self.tokenizer = Tokenizer(bundle.file(entry["tokenizer"]))
+        tokenizer_dir = bundle.dir(entry["tokenizer"])
+        self.tokenizer = Tokenizer(tokenizer_dir)
         # The memory plan may give the model less context than it was trained for (edgevlm.memory).
         self.native_context = int(entry["max_context"])
         self.max_context = min(self.native_context, max_context or self.native_context)
+        self.family.check_template(self.tokenizer)
         self.vision_batch = VISION_BATCH
-        self.eos_ids = self.tokenizer.eos_token_ids(bundle.file(entry["tokenizer"]))
+        self.eos_ids = self.tokenizer.eos_token_ids(tokenizer_dir)
         if not self.eos_ids:
             raise ModelError(f"{self.name} defines no end-of-sequence token")
         threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
         graphs = entry["graphs"]
-        self.decoder = _session(bundle.file(graphs["decoder"]["file"]), device, threads)
+        self.decoder = _session(bundle.graph(graphs["decoder"]["file"]), device, threads)
         self.embeds = "embed" in graphs
-        self.embedder = _session(bundle.file(graphs["embed"]["file"]), device, threads) if self.embeds else None
-        self.vision = _session(bundle.file(graphs["vision"]["file"]), device, threads) if "vision" in graphs else None
+        self.embedder = _session(bundle.graph(graphs["embed"]["file"]), device, threads) if self.embeds else None
+        self.vision = _session(bundle.graph(graphs["vision"]["file"]), device, threads) if "vision" in graphs else None
         self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.get("arrays", {}).items()}
         self.weight_bytes = {name: graph_bytes(bundle.file(g["file"])) for name, g in graphs.items()}
         self.step_bytes = self.weight_bytes["decoder"] - int(graphs["decoder"].get("lookup_bytes", 0))
@@ -203,9 +205,10 @@ class OrtModel:
         self._vocab = vocab if isinstance(vocab, int) else entry.get("dims", {}).get("vocab")
 
     # ---------------------------------------------------------------- Model protocol
-    def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
+    def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
+        prompt = as_prompt(self.tokenizer, prompt)
         if image is None:
-            return Prepared(self.tokenizer.encode(prompt, add_special_tokens=self.family.vision))
+            return Prepared(self.tokenizer.encode_prompt(prompt, add_special_tokens=self.family.vision))
         ids, inputs = self.module.prepare_inputs(prompt, image, self.entry["preprocess"], self.tokenizer)
         return Prepared(ids, inputs)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgevlm.backends.base import Prepared
+from edgevlm.backends.base import Prepared, as_prompt
 from edgevlm.errors import DeviceError, ModelError, first_line
 from edgevlm.families import Family, idefics3, llava_onevision
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.tokenizer import Part, Prompt, Tokenizer
 
 PROCESSOR_LOADERS = {
     llava_onevision.FAMILY.name: llava_onevision.load_hf_processor,
@@ -64,6 +64,17 @@ def _weight_bytes(model) -> dict[str, int]:
     return {k: v for k, v in parts.items() if v}
 
 
+def hf_prepare(processor, tokenizer: Tokenizer, prompt: Prompt, image: Image.Image) -> tuple[list[int], dict]:
+    """The prompt's ids with its image placeholder expanded by the HF processor, and the processor's image
+    tensors. The processor sees only the placeholder: the text around it is tokenized literal by edgevlm."""
+    # channels_last: HF infers the layout from the shape, and guesses wrong for 1- or 3-pixel-high images
+    out = processor(text=processor.image_token, images=image, return_tensors="pt", add_special_tokens=False,
+                    input_data_format="channels_last")
+    expansion = Prompt(tuple(Part(tokenizer.decode([i], False), i) for i in out["input_ids"][0].tolist()))
+    return tokenizer.encode_prompt(prompt.expand(tokenizer.token_id(processor.image_token), expansion),
+                                   add_special_tokens=True), out
+
+
 class TorchDecodeState:
     def __init__(self, model, cache, logits: np.ndarray, prompt_len: int, device):
         self._model, self._cache, self._device = model, cache, device
@@ -100,6 +111,7 @@ class TorchModel:
         self.family = family
         self.device = torch_device(device)
         self.tokenizer = Tokenizer(self.dir)
+        family.check_template(self.tokenizer)
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
@@ -131,19 +143,18 @@ class TorchModel:
             params = inspect.signature(self.model.get_image_features).parameters
             self._feature_args = {n for n, p in params.items() if p.kind != p.VAR_KEYWORD}
 
-    def prepare(self, prompt: str, image: Image.Image | None = None) -> Prepared:
+    def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
+        prompt = as_prompt(self.tokenizer, prompt)
         if image is None:
-            return Prepared(self.tokenizer.encode(prompt))
+            return Prepared(self.tokenizer.encode_prompt(prompt))
         import torch
 
-        # channels_last: HF infers the layout from the shape, and guesses wrong for 1- or 3-pixel-high images
-        out = self.processor(text=prompt, images=image, return_tensors="pt",
-                             input_data_format="channels_last")
+        ids, out = hf_prepare(self.processor, self.tokenizer, prompt, image)
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                   for k, v in out.items() if k in self._feature_args}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return Prepared(out["input_ids"][0].tolist(), inputs)
+        return Prepared(ids, inputs)
 
     def encode(self, prepared: Prepared) -> None:
         if not prepared.image_inputs:

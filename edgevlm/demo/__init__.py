@@ -70,11 +70,15 @@ def make_data(work: Path, seed: int = SEED, counts: dict[str, int] = SCENES, log
 def make_base_models(work: Path, items: list[dict], seed: int = SEED) -> tuple[Path, Path]:
     """The untrained extractor and reasoner, from configs, with a tokenizer trained on `items`' language."""
     from edgevlm import testing
+    from edgevlm.bundle import atomic_directory
 
     texts = corpus(items)
-    testing._make_llava_onevision(work / "extractor-init", seed, tok=testing.build_tokenizer(VOCAB, texts),
-                                  vision=VISION, text_extra=TEXT, pinpoints=PINPOINTS)
-    testing._make_qwen3(work / "reasoner-init", seed, tok=testing.build_tokenizer(VOCAB, texts), text_extra=TEXT)
+    # written like every edgevlm output (with its marker), so the steps after may save over them
+    with atomic_directory(work / "extractor-init", overwrite=True) as tmp:
+        testing._make_llava_onevision(tmp, seed, tok=testing.build_tokenizer(VOCAB, texts), vision=VISION,
+                                      text_extra=TEXT, pinpoints=PINPOINTS)
+    with atomic_directory(work / "reasoner-init", overwrite=True) as tmp:
+        testing._make_qwen3(tmp, seed, tok=testing.build_tokenizer(VOCAB, texts), text_extra=TEXT)
     _with_previous_token_head(work / "reasoner-init")
     return work / "extractor-init", work / "reasoner-init"
 
@@ -140,7 +144,7 @@ def pretrain_copying(model_dir: Path, *, max_steps: int = COPY_STEPS, target: fl
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgevlm.tune import _token_accuracy
+    from edgevlm.tune import _diverged, _token_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -171,6 +175,9 @@ def pretrain_copying(model_dir: Path, *, max_steps: int = COPY_STEPS, target: fl
             group["lr"] = lr * min(1.0, (step + 1) / 30)
         ids, labels = batch(batch_size, int(rng.integers(8, 33)))
         loss = model(input_ids=ids, labels=labels).loss
+        if not torch.isfinite(loss):  # trained on, the NaN weights would be saved over the model
+            raise _diverged(f"the loss is {loss.item()}", f"copy pretraining step {step + 1}/{max_steps}", lr,
+                            model_dir)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -240,7 +247,7 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from edgevlm.families import llava_onevision
-    from edgevlm.tune import save_model
+    from edgevlm.tune import _diverged, save_model
 
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(extractor_dir, dtype=torch.float32)
@@ -291,6 +298,9 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - step / steps))
         loss, _ = loss_and_hits(torch.as_tensor(rng.choice(train_idx, batch_size)))
+        if not torch.isfinite(loss):
+            raise _diverged(f"the loss is {loss.item()}", f"vision pretraining step {step + 1}/{steps}", lr,
+                            extractor_dir)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from edgevlm import demo
-from edgevlm.bundle import atomic_directory, atomic_file
+from edgevlm.bundle import atomic_directory, atomic_file, check_output
+from edgevlm.errors import EdgeVLMError
+from edgevlm.signals import sigterm_as_interrupt
 
 EXTRACTOR_STEPS, REASONER_STEPS = 1200, 1500
 COMMON = dict(batch_size=16, lr=2e-3, eval_every=100, save_every=100)
@@ -121,15 +123,21 @@ def main() -> None:
     if min(args.extractor_steps - 1, args.reasoner_steps, args.vision_steps, args.copy_steps) < 1:
         parser.error("the extractor needs at least 2 steps (whole scenes, then relevant details), the others 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.work:
-        args.work.mkdir(parents=True, exist_ok=True)
-        train(args.out, args.work, args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps,
-              args.copy_steps, scenes)
-    else:
-        with tempfile.TemporaryDirectory(prefix="edgevlm-demo-") as work:
-            train(args.out, Path(work), args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps,
-                  args.copy_steps, scenes)
+    try:
+        for name in ("extractor", "reasoner", "test"):  # now, not after the training: it replaces only its own
+            check_output(args.out / name, overwrite=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with sigterm_as_interrupt():  # a terminated run cleans its partial output up, as Ctrl-C does
+            if args.work:
+                args.work.mkdir(parents=True, exist_ok=True)
+                train(args.out, args.work, args.seed, args.extractor_steps, args.reasoner_steps, args.vision_steps,
+                      args.copy_steps, scenes)
+            else:
+                with tempfile.TemporaryDirectory(prefix="edgevlm-demo-") as work:
+                    train(args.out, Path(work), args.seed, args.extractor_steps, args.reasoner_steps,
+                          args.vision_steps, args.copy_steps, scenes)
+    except EdgeVLMError as e:
+        parser.exit(e.exit_code, f"edgevlm: error: {e}\n")  # one line, as `edgevlm` gives it
 
 
 if __name__ == "__main__":

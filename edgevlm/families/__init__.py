@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevlm.errors import ModelError
+from edgevlm.tokenizer import TEXT, Prompt, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Family:
     name: str
     vision: bool
     system_prompt: str | None = None
+    image_token: str | None = None  # the placeholder the chat template writes where the image goes
 
     def messages(self, prompt: str, with_image: bool = False) -> list[dict]:
         """One user turn (after the family's default system prompt, if any) in chat-template form."""
@@ -34,14 +36,24 @@ class Family:
             msgs.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return msgs
 
+    def render(self, tokenizer: Tokenizer, prompt: str, *, with_image: bool = False,
+               enable_thinking: bool | None = None) -> Prompt:
+        """A stage's prompt as the model reads it: one user turn through the chat template, `prompt` literal."""
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return tokenizer.render(self.messages(TEXT, with_image=with_image), prompt, **kwargs)
 
-def expand_image_token(ids: list[int], token_id: int, count: int) -> list[int]:
-    """Replace the prompt's single image placeholder token with `count` of them (one per image feature)."""
-    try:
-        at = ids.index(token_id)
-    except ValueError:
-        raise ModelError("the chat template put no image placeholder in the prompt") from None
-    return ids[:at] + [token_id] * count + ids[at + 1:]
+    def check_template(self, tokenizer: Tokenizer) -> None:
+        """Render every prompt shape the stages use, so a broken chat template fails when the model loads,
+        not at its first question."""
+        if self.vision:
+            prompt = self.render(tokenizer, "", with_image=True)
+            image_id = tokenizer.token_id(self.image_token)
+            if image_id is None or all(part.token_id != image_id for part in prompt.parts):
+                raise ModelError(f"the model's chat template puts no image placeholder ({self.image_token}) in the "
+                                 "prompt")
+        else:
+            for thinking in (False, True):
+                self.render(tokenizer, "", enable_thinking=thinking)
 
 
 def family_module(name: str):

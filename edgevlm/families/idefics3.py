@@ -10,9 +10,10 @@ import numpy as np
 from PIL import Image
 
 from edgevlm.families import Family
+from edgevlm.tokenizer import Prompt, Tokenizer
 
 MODEL_TYPES = ("idefics3",)
-FAMILY = Family(name="idefics3", vision=True)
+FAMILY = Family(name="idefics3", vision=True, image_token="<image>")
 
 
 def load_hf_processor(model_dir: str | Path):
@@ -101,23 +102,21 @@ def preprocess(image: Image.Image, cfg: dict) -> tuple[np.ndarray, int, int]:
     return np.stack([p.transpose(2, 0, 1) for p in pixels]), rows, cols
 
 
-def expand_prompt(rendered: str, rows: int, cols: int, cfg: dict) -> str:
-    """Replace the one `<image>` with the crop grid's tokens, exactly as Idefics3Processor writes them."""
+def image_text(rows: int, cols: int, cfg: dict) -> str:
+    """What the one `<image>` becomes: the crop grid's tokens, exactly as Idefics3Processor writes them."""
     run = "<image>" * cfg["image_seq_len"]
     glob = f"<fake_token_around_image><global-img>{run}<fake_token_around_image>"
     if rows == 0 and cols == 0:
-        text = glob
-    else:
-        text = "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n"
-                       for r in range(rows)) + "\n" + glob
-    return rendered.replace("<image>", text, 1)
+        return glob
+    return "".join("".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n"
+                   for r in range(rows)) + "\n" + glob
 
 
-def prepare_inputs(rendered: str, image: Image.Image, cfg: dict, tokenizer) -> tuple[list[int], dict]:
+def prepare_inputs(prompt: Prompt, image: Image.Image, cfg: dict, tokenizer: Tokenizer) -> tuple[list[int], dict]:
     """Token ids of the expanded prompt, and the crops for the vision graph."""
     pixel_values, rows, cols = preprocess(image, cfg)
-    return tokenizer.encode(expand_prompt(rendered, rows, cols, cfg), add_special_tokens=True), {
-        "pixel_values": pixel_values}
+    expanded = prompt.expand(cfg["image_token_id"], tokenizer.markers(image_text(rows, cols, cfg)))
+    return tokenizer.encode_prompt(expanded, add_special_tokens=True), {"pixel_values": pixel_values}
 
 
 def image_features(vision_output: np.ndarray, inputs: dict, cfg: dict, arrays: dict) -> np.ndarray:

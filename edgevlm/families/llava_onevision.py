@@ -14,10 +14,11 @@ import numpy as np
 from PIL import Image
 
 from edgevlm import prompts
-from edgevlm.families import Family, expand_image_token
+from edgevlm.families import Family
+from edgevlm.tokenizer import Part, Prompt, Tokenizer
 
 MODEL_TYPES = ("llava_onevision",)
-FAMILY = Family(name="llava_onevision", vision=True, system_prompt=prompts.QWEN_1_5_SYSTEM)
+FAMILY = Family(name="llava_onevision", vision=True, system_prompt=prompts.QWEN_1_5_SYSTEM, image_token="<image>")
 PROCESSOR_CONFIG = "processor_config.json"
 # The chat template the paper's authors ship with their converted extractors: images first, then text.
 CHAT_TEMPLATE = (
@@ -225,11 +226,12 @@ def interpolate_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return hl0[None, :, None] * top + hl1[None, :, None] * bottom
 
 
-def prepare_inputs(rendered: str, image: Image.Image, cfg: dict, tokenizer) -> tuple[list[int], dict]:
+def prepare_inputs(prompt: Prompt, image: Image.Image, cfg: dict, tokenizer: Tokenizer) -> tuple[list[int], dict]:
     """Token ids with the image placeholder expanded, and what the vision graph and packing need."""
     pixel_values, size = preprocess(image, cfg)
-    ids = tokenizer.encode(rendered, add_special_tokens=True)
-    ids = expand_image_token(ids, cfg["image_token_id"], num_image_tokens(size, cfg))
+    token = cfg["image_token_id"]
+    run = Prompt((Part(tokenizer.decode([token], False), token),) * num_image_tokens(size, cfg))
+    ids = tokenizer.encode_prompt(prompt.expand(token, run), add_special_tokens=True)
     return ids, {"pixel_values": pixel_values, "size": size}
 
 
