@@ -9,7 +9,7 @@ the errors (any other exception: there should be none). Memory that grows with t
 as RSS growth after warmup; the vision and prefix caches fill up to their budgets by design, so their
 bytes are printed beside it and `--no-caches` runs without them.
 
-    python benchmarks/soak.py [--bundle DIR] [--calls 1000] [--threads 4] [--warmup 40] [--no-caches]
+    python benchmarks/soak.py [--bundle DIR] [--calls 1000] [--threads 4] [--warmup 300] [--no-caches]
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--bundle", help="A bundle (default: the demo models, exported int8 to a temp folder).")
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=40, help="Calls before the first RSS reading.")
+    parser.add_argument("--warmup", type=int, default=300,
+                        help="Calls before the first RSS reading (enough to fill the caches to their budgets).")
     parser.add_argument("--no-caches", action="store_true", help="Vision and prefix caches off.")
     args = parser.parse_args()
     items = [json.loads(line) for line in (DEMO_TEST / "items.jsonl").read_text().splitlines() if line.strip()]
@@ -95,22 +96,11 @@ def main() -> None:
             return (pipe.vision_cache.bytes + sum(m.prefix_cache.bytes for m in models)) / 2**20
 
         options = dict(temperature=0, max_new_tokens=256)
-        warm = frames(items, random.Random(0))
-        for _ in range(args.warmup):
-            frame, question, choices, bgr = next(warm)
-            try:
-                pipe(frame, question, choices=choices, bgr=bgr, **options)
-            except EdgeVLMError:
-                pass
-        rss_warm, cache_warm = rss_mb(), cache_mb()
         latencies, refused, errors, done = [], Counter(), [], [0]
         lock = threading.Lock()
-        per_thread = args.calls // args.threads
-        start = time.perf_counter()
 
-        def worker(seed: int) -> None:
-            source = frames(items, random.Random(seed))
-            for _ in range(per_thread):
+        def worker(source, calls: int, timed: bool) -> None:
+            for _ in range(calls):
                 frame, question, choices, bgr = next(source)
                 t0 = time.perf_counter()
                 try:
@@ -119,29 +109,40 @@ def main() -> None:
                         pass
                 except EdgeVLMError as e:  # a one-line refusal: counted, and the soak goes on as a robot's loop would
                     with lock:
-                        refused[type(e).__name__] += 1
-                except Exception as e:  # anything else is a bug: counted with its message
+                        refused[type(e).__name__] += timed
+                except Exception as e:  # anything else is a bug: counted with its message, warmup or not
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}")
                 else:
-                    with lock:
-                        latencies.append((time.perf_counter() - t0) * 1e3)
+                    if timed:
+                        with lock:
+                            latencies.append((time.perf_counter() - t0) * 1e3)
                 with lock:
                     done[0] += 1
                     if done[0] % 100 == 0:
-                        print(f"{done[0]}/{per_thread * args.threads} calls, RSS {rss_mb():.0f} MB",
-                              file=sys.stderr, flush=True)
+                        print(f"{done[0]} calls ({args.warmup} warmup), RSS {rss_mb():.0f} MB", file=sys.stderr,
+                              flush=True)
 
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(1, args.threads + 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        def phase(calls: int, timed: bool, seed: int) -> None:
+            """`calls` calls from args.threads threads, each with its own frames: the load a robot puts on it."""
+            threads = [threading.Thread(target=worker, args=(frames(items, random.Random(seed + i)),
+                                                             calls // args.threads, timed))
+                       for i in range(args.threads)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        phase(args.warmup, timed=False, seed=1000)  # the same load as the timed phase, so RSS settles first
+        rss_warm, cache_warm = rss_mb(), cache_mb()
+        start = time.perf_counter()
+        phase(args.calls, timed=True, seed=1)
         wall = time.perf_counter() - start
         rss_end, cache_end = rss_mb(), cache_mb()
     lat = sorted(latencies)
     p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
-    print(f"bundle {bundle}: {done[0]} calls from {args.threads} threads in {wall:.0f} s")
+    print(f"bundle {bundle}: {args.calls} calls from {args.threads} threads in {wall:.0f} s, after {args.warmup} "
+          "warmup calls")
     print(f"RSS after {args.warmup} warmup calls {rss_warm:.1f} MB, at the end {rss_end:.1f} MB: "
           f"growth {100 * (rss_end - rss_warm) / rss_warm:+.2f}%")
     beyond = (rss_end - cache_end) - (rss_warm - cache_warm)
