@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm import __version__
+from edgevlm.calibration.data import read_items
 from edgevlm.errors import UsageError
 from edgevlm.images import load_image
 from edgevlm.profiler import format_table, peak_rss_bytes
@@ -34,20 +35,9 @@ def load_items(images: list[str], questions: list[str], data: str | None) -> lis
     lines ({"image": path relative to the file, "question": ..., "choices": [...] optional})."""
     items = []
     if data:
-        path = Path(data)
-        if not path.is_file():
-            raise UsageError(f"--data {data}: no such file")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                image, question = path.parent / raw["image"], str(raw["question"])
-                choices = [str(c) for c in raw["choices"]] if raw.get("choices") else None
-            except (ValueError, KeyError, TypeError) as e:
-                raise UsageError(f"{path}:{n}: not a bench item ({type(e).__name__}: {e}); each line needs "
-                                 '{"image": ..., "question": ...}') from None
-            items.append((load_image(image), question, choices))
+        path = Path(data)  # every line checked as eval's and tune's are, FILE:LINE, before any run
+        for _, raw in read_items(path, answer=False):
+            items.append((load_image(path.parent / raw["image"]), raw["question"], raw.get("choices") or None))
     else:
         if not images or not questions:
             raise UsageError("give --image and --question (each may repeat), or --data FILE.jsonl")

@@ -8,6 +8,7 @@ turn it into a gate: a bundle that misses them is not written.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -184,6 +185,9 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     get_target(target)
     if fmt not in FORMATS:
         raise UsageError(f"format {fmt!r} is not available yet; this edgevlm exports: {', '.join(FORMATS)}")
+    for name, value in (("min_agreement", min_agreement), ("max_kl", max_kl)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise UsageError(f"{name} must be a finite number, 0 or more; got {value!r}")  # NaN passes every gate
     gated = min_agreement is not None or max_kl is not None
     if gated and (plan.is_reference or fidelity_samples < 1):
         raise UsageError("--min-agreement/--max-kl need a quantized export with --fidelity-samples >= 1")

@@ -165,3 +165,26 @@ def test_the_roofline_leaves_out_token_embedding_rows_a_step_does_not_read(tiny_
     kv = think.memory["kv_used"] / (think.prompt_tokens + think.new_tokens)
     kv_read = kv * (think.prompt_tokens + think.new_tokens / 2)
     assert roof["bytes_per_token"] == int(think.memory["step_weights"] + kv_read)
+
+
+def test_bench_data_lines_are_checked_like_eval_items(tmp_path):
+    from edgevlm import bench
+    from edgevlm.errors import UsageError
+
+    random_image().save(tmp_path / "a.png")
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"image": "a.png", "question": "What?"}\n{"image": "a.png", "question": ["What?"]}\n')
+    with pytest.raises(UsageError, match=r"items.jsonl:2: \"question\" must be a string"):
+        bench.load_items([], [], str(data))
+    data.write_text('{"image": "a.png", "question": "What?", "choices": ["x", "y"]}\n')
+    [(image, question, choices)] = bench.load_items([], [], str(data))
+    assert question == "What?" and choices == ["x", "y"] and image.size == (70, 50)
+
+
+def test_export_refuses_a_nan_fidelity_gate(tmp_path):
+    from edgevlm.errors import UsageError
+    from edgevlm.export.exporter import export_bundle
+
+    with pytest.raises(UsageError, match="min_agreement must be a finite number"):
+        export_bundle(tmp_path / "b", preset="demo", min_agreement=float("nan"), log=lambda m: None)
+    assert not (tmp_path / "b").exists()
