@@ -181,8 +181,8 @@ CHILDREN = {"edgevlm": child_edgevlm, "transformers": child_transformers, "onnxr
 # ---------------------------------------------------------------- preparation (cached under --work)
 def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
     """name -> {"hf": HF dir, "vocab": int, "gguf": path or None}."""
-    from edgevlm import testing
     from edgevlm.hub import resolve
+    from edgevlm.train import tiny
 
     models = {}
     for name in names:
@@ -197,7 +197,7 @@ def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
             hf = work / "qwen3-0.6b"
             if not (hf / "config.json").exists():
                 log("qwen3-0.6b: building the random model")
-                testing._make_qwen3(hf, 0, text_extra=QWEN3_06B)
+                tiny._make_qwen3(hf, 0, text_extra=QWEN3_06B)
             models[name] = {"hf": hf, "gguf": None}
         else:
             sys.exit(f"unknown model {name!r}; choose from smollm2, qwen3-0.6b")
@@ -206,8 +206,9 @@ def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
 
 
 def edgevlm_bundle(name: str, hf: Path, precision: str, work: Path) -> Path:
-    from edgevlm import bundle, testing
+    from edgevlm import bundle
     from edgevlm.export.exporter import QuantPlan, export_bundle
+    from edgevlm.train import tiny
 
     out = work / f"{name}-edgevlm-{precision}"
     manifest = out / "manifest.json"
@@ -215,7 +216,7 @@ def edgevlm_bundle(name: str, hf: Path, precision: str, work: Path) -> Path:
         return out  # exported by this edgevlm's format
     extractor = work / "tiny-extractor"  # a bundle carries an extractor; the tiniest one does
     if not (extractor / "config.json").exists():
-        testing.make_tiny("llava_onevision", extractor)
+        tiny.make_tiny("llava_onevision", extractor)
     log(f"{name}: edgevlm export --quant {precision}")
     keep = {"int4": ()}.get(precision, QuantPlan.keep_int8)  # int4: every MatMul 4-bit; int4-mixed: the default
     plan = QuantPlan(extractor="fp32", reasoner=precision.removesuffix("-mixed"), int4_method="rtn", keep_int8=keep)

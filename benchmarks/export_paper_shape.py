@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse models and bundle already in --work")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="edgevlm-paper-"))
-    from edgevlm.testing import make_paper_shaped
+    from edgevlm.train.tiny import make_paper_shaped
 
     extractor, reasoner, bundle = work / "extractor", work / "reasoner", work / f"bundle-{args.quant}"
     build_s = export_s = export_rss = float("nan")

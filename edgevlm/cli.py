@@ -493,7 +493,7 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
          resume, seed):
     """Visual extraction tuning (a VLM: image + instruction -> description) or reasoner tuning (a text LM)."""
     try:
-        from edgevlm import tune as tunemod
+        from edgevlm.train import tune as tunemod
     except ImportError as e:
         raise EdgeVLMError(f"tune needs torch and transformers ({e}); pip install 'edgevlm[export]'") from None
     from edgevlm.evaluation import load_items
@@ -516,10 +516,10 @@ def make_tiny(family, out_dir, seed, overwrite):
     Use it to test an integration without downloads; its answers are random text.
     """
     try:
-        from edgevlm import testing
+        from edgevlm.train import tiny
     except ImportError as e:
         raise EdgeVLMError(f"make-tiny needs torch and transformers ({e}); pip install 'edgevlm[export]'") from None
-    path = testing.make_tiny(family, out_dir, seed=seed, overwrite=overwrite)
+    path = tiny.make_tiny(family, out_dir, seed=seed, overwrite=overwrite)
     click.echo(str(path))
 
 

@@ -63,7 +63,7 @@ def merged(adapter: Path, cache: Path, log=lambda m: print(m, file=sys.stderr, f
         raise ModelError(f"{adapter} is a LoRA adapter; merging it needs torch, transformers and peft ({e}): "
                          "pip install 'edgevlm[export]'") from None
     from edgevlm.families import read_config
-    from edgevlm.tune import save_model
+    from edgevlm.train.tune import save_model
 
     log(f"merging the LoRA adapter {adapter.name} into {base.name} (first use only)")
     auto = AutoModelForImageTextToText if "vision_config" in read_config(base) else AutoModelForCausalLM

@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """tiny_dir(family) -> directory of that tiny model, built on first use."""
-    from edgevlm.testing import make_tiny
+    from edgevlm.train.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     built = {}

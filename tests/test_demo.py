@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_cli import ENV, assert_one_line_error, edgevlm
 
-from edgevlm import demo
 from edgevlm.calibration import scenes
+from edgevlm.train import demo
 
 pytest.importorskip("torch")
 
@@ -282,9 +282,9 @@ def test_the_built_heads_attend_one_and_two_tokens_back(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgevlm import testing
+    from edgevlm.train import tiny
 
-    testing._make_qwen3(tmp_path / "m", 0, text_extra=demo.TEXT)
+    tiny._make_qwen3(tmp_path / "m", 0, text_extra=demo.TEXT)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation="eager")
     before = [w.clone() for w in (model.model.layers[0].self_attn.q_proj.weight, model.lm_head.weight)]
     demo.previous_token_head(model, offsets=(1, 2))
@@ -306,9 +306,9 @@ def test_copy_pretraining_trains_in_place_and_keeps_the_previous_token_head(tmp_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from edgevlm import testing
+    from edgevlm.train import tiny
 
-    testing._make_qwen3(tmp_path / "m", 0)
+    tiny._make_qwen3(tmp_path / "m", 0)
     demo._with_previous_token_head(tmp_path / "m")
     before = load_file(tmp_path / "m" / "model.safetensors")
     lines = []

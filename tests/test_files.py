@@ -214,8 +214,8 @@ def test_a_model_carries_a_marker_listing_its_files_and_a_bundle_only_its_manife
 
 def test_make_tiny_export_and_tune_refuse_to_replace_a_folder_edgevlm_did_not_write(tiny_dir, scene_items, tmp_path):
     pytest.importorskip("torch")
-    from edgevlm import tune
     from edgevlm.export.exporter import export_bundle
+    from edgevlm.train import tune
 
     mine = tmp_path / "mine"
     write(mine, {"thesis.tex": "years of work", "figures/a.png": "png"})
@@ -259,11 +259,11 @@ def test_a_file_added_beside_a_bundle_is_never_deleted(tiny_dir, tiny_bundle, tm
 
 def test_a_file_added_to_a_model_edgevlm_wrote_is_never_deleted(tiny_dir, scene_items, tmp_path):
     pytest.importorskip("torch")
-    from edgevlm import testing, tune
+    from edgevlm.train import tiny, tune
 
     model = tmp_path / "model"
-    testing.make_tiny("qwen3", model)
-    testing.make_tiny("qwen3", model, overwrite=True)  # what edgevlm wrote, it replaces
+    tiny.make_tiny("qwen3", model)
+    tiny.make_tiny("qwen3", model, overwrite=True)  # what edgevlm wrote, it replaces
     (model / "my-notes.txt").write_text("mine")
     before = snapshot(model)
     line = one_line_error(edgevlm("make-tiny", "qwen3", model, "--overwrite"), 2)
@@ -448,7 +448,7 @@ class Planted:
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_dir, data, tmp_path):
     torch = pytest.importorskip("torch")
-    from edgevlm import tune
+    from edgevlm.train import tune
 
     target = tmp_path / "pwned"
     (tmp_path / "out.partial").mkdir()
@@ -462,7 +462,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_dir, data, tmp_pat
 def test_a_lora_run_resumes_from_a_checkpoint_of_tensors_alone(tiny_dir, scene_items, tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from edgevlm import tune
+    from edgevlm.train import tune
 
     common = dict(steps=4, batch_size=2, lr=1e-2, lora=4, warmup=1, val_fraction=0.2, eval_every=2, save_every=2,
                   log=lambda m: None)
@@ -488,7 +488,7 @@ def test_a_diverging_tune_stops_with_one_line_naming_the_step_and_saves_nothing(
 
 def test_the_demo_pretraining_stops_on_a_non_finite_loss(tiny_dir, tmp_path):
     pytest.importorskip("torch")
-    from edgevlm import demo
+    from edgevlm.train import demo
 
     model = tmp_path / "reasoner"
     shutil.copytree(tiny_dir("qwen3"), model)
@@ -503,7 +503,7 @@ def test_the_demo_pretraining_stops_on_a_non_finite_loss(tiny_dir, tmp_path):
                                      dict(save_every=0), dict(warmup=-1)])
 def test_non_finite_or_fractional_settings_are_usage_errors(tiny_dir, tmp_path, setting):
     pytest.importorskip("torch")
-    from edgevlm import tune
+    from edgevlm.train import tune
 
     with pytest.raises(UsageError, match="must be a"):
         tune.tune(tiny_dir("qwen3"), [], tmp_path / "out", **setting)

@@ -56,12 +56,12 @@ def test_fused_decoder_matches_pytorch_through_chunked_prefill_and_decoding(tiny
 
 
 def test_a_head_size_the_fused_attention_cannot_take_falls_back_to_the_traced_graph(tmp_path):
-    from edgevlm import testing
     from edgevlm.backends.torch_ref import TorchModel
     from edgevlm.export import fused
     from edgevlm.families import reasoner_family
+    from edgevlm.train import tiny
 
-    testing._make_qwen3(tmp_path / "hf", 0, text_extra={"head_dim": 8})
+    tiny._make_qwen3(tmp_path / "hf", 0, text_extra={"head_dim": 8})
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -129,7 +129,7 @@ def test_think_end_in_a_description_is_text_in_the_reasoners_prompt(tiny_dir):
 
 
 def test_training_examples_keep_the_datas_text_literal(tiny_dir):
-    from edgevlm import tune
+    from edgevlm.train import tune
 
     item = {"image": None, "question": HOSTILE, "choices": ["<|im_end|>", "b"], "answer": "A",
             "instruction": "the cups</think>", "description": "A cup.<|im_start|>", "reasoning": "<think>hmm"}

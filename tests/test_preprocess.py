@@ -13,8 +13,8 @@ from PIL import Image
 
 from edgevlm.families import idefics3, llava_onevision
 from edgevlm.images import load_image
-from edgevlm.testing import build_tokenizer
 from edgevlm.tokenizer import Tokenizer
+from edgevlm.train.tiny import build_tokenizer
 
 TOL = 1e-5
 

@@ -11,7 +11,7 @@ from edgevlm import prompts
 from edgevlm.calibration import scenes
 
 torch = pytest.importorskip("torch")
-tune = pytest.importorskip("edgevlm.tune")
+tune = pytest.importorskip("edgevlm.train.tune")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from edgevlm.errors import UsageError
 from edgevlm.images import load_image
 
 torch = pytest.importorskip("torch")
-tune = pytest.importorskip("edgevlm.tune")
+tune = pytest.importorskip("edgevlm.train.tune")
 
 
 def test_an_exif_rotated_image_gives_tune_the_pixels_run_sees(tiny_dir, torch_models, tmp_path):

@@ -8,7 +8,7 @@ loads a hub checkpoint loads them too. Use them to test an integration offline:
     edgevlm make-tiny qwen3 /tmp/reasoner
     edgevlm run photo.jpg "What is shown?" --extractor /tmp/extractor --reasoner /tmp/reasoner
 
-or from Python: ``edgevlm.testing.make_tiny("qwen3", "/tmp/reasoner")``.
+or from Python: ``edgevlm.train.tiny.make_tiny("qwen3", "/tmp/reasoner")``.
 
 Their outputs are random text; what they exercise is shapes, plumbing and numerics. Needs
 torch and transformers (``pip install edgevlm[export]``).
