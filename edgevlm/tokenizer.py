@@ -175,7 +175,8 @@ class Tokenizer:
 
     def render(self, messages: list[dict], text: str, **kwargs) -> Prompt:
         """The chat prompt of `messages`, which hold TEXT where `text` goes: the template's own output
-        (control tokens live), with `text` literal in TEXT's place. The template runs once per message shape."""
+        (control tokens live), with `text` literal in TEXT's place. The template runs once per message shape
+        (each time, if it writes the date)."""
         key = json.dumps([messages, kwargs], sort_keys=True)
         skeleton = self._skeletons.get(key)
         if skeleton is None:
@@ -183,7 +184,10 @@ class Tokenizer:
             pieces = rendered.split(TEXT)
             if len(pieces) < 2:
                 raise ModelError("the model's chat template does not write the prompt's text as given")
-            skeleton = self._skeletons[key] = tuple(self.markers(piece) for piece in pieces)
+            skeleton = tuple(self.markers(piece) for piece in pieces)
+            # a template that writes today's date renders each time (a robot runs for days); others once
+            if "strftime_now" not in (self.chat_template or ""):
+                self._skeletons[key] = skeleton
         literal = Prompt.literal(text)
         prompt = skeleton[0]
         for piece in skeleton[1:]:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from test_cli import ENV, assert_one_line_error, edgevlm
 
-from edgevlm.calibration import scenes
-from edgevlm.train import demo
+from edgevlm.train import demo, scenes
 
 pytest.importorskip("torch")
 

@@ -6,8 +6,8 @@ import pytest
 from test_cli import assert_one_line_error, edgevlm
 
 from edgevlm import evaluation
-from edgevlm.calibration import scenes
 from edgevlm.errors import UsageError
+from edgevlm.train import scenes
 
 
 def test_answer_matching():

@@ -422,8 +422,8 @@ def test_sigterm_mid_overwrite_keeps_the_old_bundle_whole(tiny_dir, tiny_bundle,
 # ---------------------------------------------------------------- tuning: checkpoints, divergence, settings
 @pytest.fixture(scope="module")
 def scene_items(tmp_path_factory):
-    from edgevlm.calibration import scenes
     from edgevlm.evaluation import load_items
+    from edgevlm.train import scenes
 
     folder = scenes.make_set(tmp_path_factory.mktemp("scenes"), 6, seed=5, split="train")
     return load_items(folder / "items.jsonl")

@@ -263,3 +263,23 @@ def test_an_answer_outside_the_options_is_no_answer_with_a_note(pipelines, monke
 
 
 SHORT_THINK = dict(max_new_tokens=4, think_budget=4)
+
+
+def test_a_template_that_writes_the_date_is_rendered_each_time(tiny_dir, tmp_path, monkeypatch):
+    """A robot runs for days: a prompt with today's date is not the first day's prompt kept; others render once."""
+    import shutil
+
+    dated = tmp_path / "dated"
+    shutil.copytree(tiny_dir("qwen3"), dated)
+    template = (dated / "chat_template.jinja").read_text()
+    (dated / "chat_template.jinja").write_text("{{ strftime_now('%d %b %Y') }}\n" + template)
+    renders = []
+    real = Tokenizer.apply_chat_template
+    monkeypatch.setattr(Tokenizer, "apply_chat_template",
+                        lambda self, *args, **kwargs: renders.append(self) or real(self, *args, **kwargs))
+    for d in (dated, tiny_dir("qwen3")):
+        tok, fam = Tokenizer(d), reasoner_family(d)
+        for _ in range(3):
+            prompt = fam.render(tok, "Hi", enable_thinking=False)
+        assert renders.count(tok) == (3 if d == dated else 1)
+    assert str(prompt).startswith("<|im_start|>user\nHi")

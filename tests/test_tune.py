@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgevlm import prompts
-from edgevlm.calibration import scenes
+from edgevlm.train import scenes
 
 torch = pytest.importorskip("torch")
 tune = pytest.importorskip("edgevlm.train.tune")

@@ -1,5 +1,5 @@
 """The demo models' recipe: a small extractor and reasoner trained with the paper's method on procedural
-scenes (edgevlm.calibration.scenes), shipped inside the runtime package (edgevlm.demo) so `--preset demo`
+scenes (edgevlm.train.scenes), shipped inside the runtime package (edgevlm.demo) so `--preset demo`
 works offline.
 
 Rebuild them from scratch (fixed seed; about 20 minutes on 2 CPU cores on a fast day, see README.md):
@@ -57,7 +57,7 @@ def corpus(items: list[dict]) -> list[str]:
 
 def make_data(work: Path, seed: int = SEED, counts: dict[str, int] = SCENES, log=print) -> dict[str, Path]:
     """Train, validation and test scene sets (disjoint seeds) under `work`."""
-    from edgevlm.calibration import scenes
+    from edgevlm.train import scenes
 
     sets = {}
     for offset, (split, n) in enumerate(counts.items(), 1):
@@ -208,7 +208,7 @@ def _with_previous_token_head(model_dir: Path) -> None:
 # to ignore it; pooled per-cell heads left the place implicit and it read the wrong cells half the time.)
 def _label_groups():
     """(name, slots, classes): per-cell groups have 9 slots in reading order."""
-    from edgevlm.calibration import scenes
+    from edgevlm.train import scenes
 
     return [("kind", 9, 1 + len(scenes.SHAPES)), ("color", 9, 1 + len(scenes.COLORS)), ("size", 9, 3),
             ("text", 9, 1 + len(scenes.TEXTS)), ("background", 1, len(scenes.BACKGROUNDS))]
@@ -216,7 +216,7 @@ def _label_groups():
 
 def scene_labels(scene: dict) -> list[int]:
     """Class indices for every (group, slot) of _label_groups, from a scene graph (scenes.Scene as a dict)."""
-    from edgevlm.calibration import scenes
+    from edgevlm.train import scenes
 
     kind, color, size, text = [0] * 9, [0] * 9, [0] * 9, [0] * 9
     for s in scene["shapes"]:
@@ -317,7 +317,7 @@ def slot_items(items: list[dict]) -> list[dict]:
     form both demo models use: the extractor writes every cell in reading order and "-" where the instruction
     does not ask (a small model leaves the right sentences out far less reliably: 0 of 80 validation
     extractions exact), and the reasoner reads that."""
-    from edgevlm.calibration import scenes
+    from edgevlm.train import scenes
 
     return [{**i, "description": scenes.describe(scenes.from_dict(i["scene"]), i["cells"], slots=True)}
             if "scene" in i and "cells" in i else i for i in items]
@@ -329,7 +329,7 @@ def whole_scene_items(items: list[dict]) -> list[dict]:
     question-relevant targets alone, a few short sentences, it learned to write a plausible prior instead),
     and picking out the relevant cells is then a filter over what it already sees."""
     from edgevlm import prompts
-    from edgevlm.calibration import scenes
+    from edgevlm.train import scenes
 
     seen, out = set(), []
     for item in items:

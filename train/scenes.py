@@ -6,7 +6,7 @@ the scene graph. Seeded and reproducible.
 They feed calibration and fidelity measurement (the three stages need an image, a question, an
 instruction and a description), and are the seed of the demo models' training data.
 
-    python -m edgevlm.calibration.scenes --out DIR --n 24 --seed 0
+    python -m edgevlm.train.scenes --out DIR --n 24 --seed 0
 """
 
 from __future__ import annotations
