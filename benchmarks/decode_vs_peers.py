@@ -181,7 +181,7 @@ CHILDREN = {"edgevlm": child_edgevlm, "transformers": child_transformers, "onnxr
 # ---------------------------------------------------------------- preparation (cached under --work)
 def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
     """name -> {"hf": HF dir, "vocab": int, "gguf": path or None}."""
-    from edgevlm.hub import resolve
+    from edgevlm.export.checkpoints import resolve
     from edgevlm.train import tiny
 
     models = {}

@@ -31,8 +31,8 @@ def main() -> None:
     from edgevlm.backends.base import Prepared
     from edgevlm.backends.onnx import OrtModel
     from edgevlm.bundle import Bundle
+    from edgevlm.export.checkpoints import resolve
     from edgevlm.generation import generate
-    from edgevlm.hub import resolve
     from edgevlm.profiler import Profiler
     from edgevlm.prompts import Decoding
 

@@ -48,9 +48,9 @@ def main() -> None:
     from edgevlm.calibration import data
     from edgevlm.calibration.fidelity import measure, stage_inputs
     from edgevlm.export import causal_lm, quantize
+    from edgevlm.export.checkpoints import resolve
     from edgevlm.export.exporter import decoder_feeds
     from edgevlm.families import reasoner_family
-    from edgevlm.hub import resolve
 
     work = args.work or Path(tempfile.mkdtemp(prefix="edgevlm-quant-"))
     model_dir = resolve(str(args.gguf or smollm2_gguf()))

@@ -1,7 +1,7 @@
-"""Finding a model: a local directory, or a hub id resolved through the local HF cache (downloading
-only when the hub is reachable and allowed). Checkpoints in the original LLaVA-NeXT format (the
-paper's released extractors) are converted to transformers format on first use and cached; so are GGUF
-files (dequantized) and LoRA adapters (merged into their base).
+"""Finding a model: a local path, or a hub id resolved through the local HF cache (downloading only when
+the hub is reachable and allowed), and where edgevlm keeps what it derives from them. Converting what
+transformers cannot read as is (LLaVA-NeXT checkpoints, GGUF files, LoRA adapters) is the export side's
+job: edgevlm.export.checkpoints.
 """
 
 from __future__ import annotations
@@ -59,29 +59,14 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve(model: str, gguf_file: str | None = None) -> Path:
-    """A local directory for `model` (a directory, a hub id, or a .gguf file), or a one-line ModelError.
-
-    A GGUF file (`model` ending in .gguf, or `gguf_file` inside the directory `model`) is imported into
-    a transformers checkpoint on first use and cached; a LoRA adapter directory (adapter_config.json) is
-    merged into the base model it names, likewise.
-    """
+def find(model: str) -> Path:
+    """The local path of `model`: a directory or file as given, or a hub id's snapshot from the local HF cache
+    (downloaded when the hub is reachable and allowed); else a one-line ModelError. Nothing is converted here:
+    GGUF files, LoRA adapters and LLaVA-NeXT checkpoints become transformers checkpoints on the export side
+    (edgevlm.export.checkpoints)."""
     path = Path(model).expanduser()
-    if gguf_file:
-        path = (resolve(model) if not path.is_dir() else path) / gguf_file
-        if not path.is_file():
-            raise ModelError(f"{path}: no such GGUF file")
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from edgevlm.export import gguf
-
-        return gguf.converted(path, cache_dir() / "gguf")
-    if path.is_dir():
-        from edgevlm.export import adapter
-
-        return adapter.merged(path, cache_dir() / "merged") if adapter.is_adapter(path) else path
     if path.exists():
-        raise ModelError(f"{model} is a file; a model is a directory (config.json, weights, tokenizer) "
-                         "or a .gguf file")
+        return path
     if not _HUB_ID.match(model):
         raise ModelError(f"{model}: no such model directory, and not a hub id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -97,15 +82,3 @@ def resolve(model: str, gguf_file: str | None = None) -> Path:
     except (HfHubHTTPError, OSError) as e:
         first = first_line(e)
         raise ModelError(f"cannot download {model}: {first}; {OFFLINE_HINT}") from None
-
-
-def resolve_extractor(model: str) -> Path:
-    """Like `resolve`, converting an original LLaVA-NeXT checkpoint (the paper's) on first use."""
-    from edgevlm.families import read_config
-
-    path = resolve(model)
-    if read_config(path).get("model_type") != "llava_qwen3":
-        return path
-    from edgevlm.export import llava_next
-
-    return llava_next.converted(path, model, cache_dir() / "converted")

@@ -324,22 +324,16 @@ class Pipeline:
         reasoner (enough for `mode="direct"`). `quant` ("int8" or "nf4") loads the language models'
         weights through bitsandbytes. A GGUF reasoner is a .gguf path, or a directory with `gguf_file`.
         """
-        from edgevlm.families import extractor_family, reasoner_family
-        from edgevlm.hub import resolve, resolve_extractor
         from edgevlm.presets import DEFAULT_PRESET, get_preset
 
         try:
-            from edgevlm.backends.torch_ref import TorchModel, torch_device
+            from edgevlm.backends.torch_ref import load_pretrained
         except ImportError as e:
             raise EdgeVLMError(f"the PyTorch reference backend needs torch and transformers ({e}); "
                                "pip install 'edgevlm[export]'") from None
-        torch_device(device)  # fail on an unusable device before any download or conversion
         p = get_preset(preset or DEFAULT_PRESET)
-        extractor, reasoner = extractor or p.extractor, reasoner or p.reasoner
-        ex_dir = resolve_extractor(extractor)
-        re_dir = resolve(reasoner, gguf_file=gguf_file) if load_reasoner else None
-        ex = TorchModel(ex_dir, extractor_family(ex_dir), name=extractor, device=device, quant=quant)
-        rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device, quant=quant) if re_dir else None
+        ex, rs = load_pretrained(extractor or p.extractor, (reasoner or p.reasoner) if load_reasoner else None,
+                                 device=device, quant=quant, gguf_file=gguf_file)
         return cls(ex, rs, vision_cache_mb=vision_cache_mb)
 
     @classmethod

@@ -45,7 +45,7 @@ def _key(adapter: Path, base: Path) -> str:
 
 def merged(adapter: Path, cache: Path, log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
     """The cached merge of `adapter` into its base, made on first use."""
-    from edgevlm.hub import resolve
+    from edgevlm.export.checkpoints import resolve
 
     base_name = base_of(adapter)
     try:

@@ -175,8 +175,8 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     """Export an extractor and a reasoner (hub ids, directories, or a GGUF reasoner; else the preset's)
     into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`)."""
     from edgevlm.calibration import data
+    from edgevlm.export.checkpoints import resolve, resolve_extractor
     from edgevlm.families import extractor_family, reasoner_family
-    from edgevlm.hub import resolve, resolve_extractor
     from edgevlm.presets import DEFAULT_PRESET, get_preset
     from edgevlm.targets import get_target
 

@@ -157,7 +157,8 @@ def convert(source_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
 def converted(source_dir: Path, model_id: str, cache: Path) -> Path:
     """The cached conversion of `source_dir`, made on first use. Keyed by the source snapshot and the
     present version of its files (hub.source_key), so a checkpoint retrained in place is converted again."""
-    from edgevlm.hub import resolve, source_key
+    from edgevlm.export.checkpoints import resolve
+    from edgevlm.hub import source_key
 
     out = cache / "--".join((re.sub(r"[^\w.-]+", "--", model_id), source_dir.resolve().name, source_key(source_dir)))
     if (out / "config.json").exists():

@@ -112,7 +112,7 @@ def _rewrite_in_place(path, change) -> None:
 def test_a_checkpoint_retrained_in_place_is_converted_again(original, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from edgevlm.hub import resolve_extractor
+    from edgevlm.export.checkpoints import resolve_extractor
 
     monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "llava-extract-tiny"
@@ -181,7 +181,7 @@ def _write_gguf(path, tokenizer_json, seed: int, q_seed: int) -> None:
 def test_a_gguf_file_rewritten_in_place_is_imported_again(tiny_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from edgevlm.hub import resolve
+    from edgevlm.export.checkpoints import resolve
 
     monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tiny.gguf"

@@ -525,7 +525,7 @@ def test_a_merged_adapter_is_made_again_when_its_base_is_retrained_in_place(tiny
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from edgevlm.hub import resolve
+    from edgevlm.export.checkpoints import resolve
 
     monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"

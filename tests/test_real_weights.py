@@ -11,9 +11,9 @@ import torch
 
 from edgevlm import bundle as bundle_mod
 from edgevlm.backends.torch_ref import TorchModel
+from edgevlm.export.checkpoints import resolve
 from edgevlm.families import reasoner_family
 from edgevlm.generation import generate
-from edgevlm.hub import resolve
 from edgevlm.pipeline import render_prompt
 from edgevlm.prompts import Decoding
 

@@ -154,7 +154,7 @@ def test_an_adapter_saved_alone_merges_into_its_base_on_first_use(tiny_dir, scen
 
     from edgevlm.errors import ModelError
     from edgevlm.export import adapter
-    from edgevlm.hub import resolve
+    from edgevlm.export.checkpoints import resolve
 
     monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "adapter"

@@ -17,8 +17,8 @@ no description are described by a `teacher` extractor first. The prompts are exa
 renders (edgevlm.prompts and the model's chat template), so a tuned model works in `edgevlm run` as is.
 
 Training is full fine-tuning, or LoRA (peft): merged into the weights when saved, or saved alone
-(`adapter_only`: a few MB, merged into its base on first use by edgevlm.hub.resolve); `freeze_vision` keeps
-an extractor's tower and projector as they are. A checkpoint is kept
+(`adapter_only`: a few MB, merged into its base on first use by edgevlm.export.checkpoints.resolve);
+`freeze_vision` keeps an extractor's tower and projector as they are. A checkpoint is kept
 under OUT.partial/ every `save_every` steps; `resume=True` continues from it, with the same batches.
 Needs torch and transformers (``pip install edgevlm[export]``).
 """
@@ -280,7 +280,7 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from edgevlm.hub import resolve
+    from edgevlm.export.checkpoints import resolve
 
     _check_settings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every,
                     save_every=save_every)

@@ -64,6 +64,21 @@ def _weight_bytes(model) -> dict[str, int]:
     return {k: v for k, v in parts.items() if v}
 
 
+def load_pretrained(extractor: str, reasoner: str | None, *, device: str = "cpu", quant: str | None = None,
+                    gguf_file: str | None = None) -> tuple[TorchModel, TorchModel | None]:
+    """The extractor and (unless None) the reasoner as reference models, from directories or hub ids; GGUF
+    files, LoRA adapters and LLaVA-NeXT checkpoints are converted on the export side first (and cached)."""
+    from edgevlm.export.checkpoints import resolve, resolve_extractor
+    from edgevlm.families import extractor_family, reasoner_family
+
+    torch_device(device)  # fail on an unusable device before any download or conversion
+    ex_dir = resolve_extractor(extractor)
+    re_dir = resolve(reasoner, gguf_file=gguf_file) if reasoner else None
+    ex = TorchModel(ex_dir, extractor_family(ex_dir), name=extractor, device=device, quant=quant)
+    rs = TorchModel(re_dir, reasoner_family(re_dir), name=reasoner, device=device, quant=quant) if re_dir else None
+    return ex, rs
+
+
 def hf_prepare(processor, tokenizer: Tokenizer, prompt: Prompt, image: Image.Image) -> tuple[list[int], dict]:
     """The prompt's ids with its image placeholder expanded by the HF processor, and the processor's image
     tensors. The processor sees only the placeholder: the text around it is tokenized literal by edgevlm."""
