@@ -7,12 +7,23 @@ one token and returns the next logits (the KV cache lives inside it).
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
-from edgevlm.prompts import Decoding
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one stage samples. temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def with_max_new_tokens(self, n: int | None) -> Decoding:
+        return self if n is None else replace(self, max_new_tokens=n)
 
 
 class DecodeState(Protocol):

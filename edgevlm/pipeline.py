@@ -5,33 +5,37 @@ think (description + question -> answer); plus `extract` and `direct` modes.
     result = pipe("frame.jpg", "How many cups are on the table?", choices=["1", "2", "3"])
     for event in pipe.stream("frame.jpg", "What is written on the sign?"):
         ...
+
+One job per module around it: `options` checks what a call asks, `results` is what it returns, `vision`
+provides the image features (cache, overlap), `generation` is the decode loop, the backends run the models.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from edgevlm import prompts
-from edgevlm.backends.base import Model
-from edgevlm.cache import FeatureCache, PrefixCache, image_key
+from edgevlm.backends.base import Model, State
+from edgevlm.cache import PrefixCache
 from edgevlm.errors import EdgeVLMError, InputTooLongError, UsageError
-from edgevlm.generation import ThinkControl, generate
+from edgevlm.generation import Decoding, Generation, ThinkControl, generate
 from edgevlm.images import ImageInput, load_image
-from edgevlm.profiler import Profiler, StageTimings, peak_rss_bytes
-from edgevlm.prompts import Decoding
+from edgevlm.options import MODES, Options, check_text, finite_number
+from edgevlm.profiler import Profiler, peak_rss_bytes
+from edgevlm.results import Event, Result, StageResult
 from edgevlm.tokenizer import Prompt, StreamDecoder
+from edgevlm.vision import VisionFeatures
 
-MODES = ("extract-think", "extract", "direct")
-MAX_QUESTION_CHARS = 100_000
+__all__ = ["MODES", "Event", "Options", "Pipeline", "Result", "StageResult", "render_prompt"]
+
 # The memory plan fits the overlapped vision tower beside a planner prompt of memory.MIN_CONTEXT positions
 # at most: longer questions run the stages in turn.
 OVERLAP_MAX_QUESTION_CHARS = 2_000
@@ -42,78 +46,6 @@ PREFIX_CACHE_MB = 128
 # When the reasoner's context cannot hold the thinking budget and the answer budget, the answer keeps a
 # quarter of the room, and at least this many tokens.
 MIN_ANSWER_TOKENS = 32
-
-
-@dataclass
-class StageResult:
-    """One model call: what went in, what came out, and how long each part took."""
-
-    name: str  # plan, extract, think or direct
-    model: str
-    prompt: str
-    text: str  # the generated text, special tokens removed
-    token_ids: list[int]
-    prompt_tokens: int
-    new_tokens: int
-    stop_reason: str  # eos, length or context
-    timings: StageTimings
-    # backend, weights (bytes per graph/part of the model), step_weights (those a decode step reads),
-    # kv_allocated and kv_used (bytes, at the stage's end), prefix_tokens (prompt positions whose KV came
-    # from the prefix cache), vision_cache ("hit" or "miss", for stages with an image while the cache is on)
-    memory: dict = field(default_factory=dict)
-
-    def memory_dict(self) -> dict:
-        """The `--json` view: KV megabytes, prefix-cache positions reused, the vision cache's outcome if any."""
-        out = {"kv_allocated_mb": round(self.memory.get("kv_allocated", 0) / 1e6, 3),
-               "kv_used_mb": round(self.memory.get("kv_used", 0) / 1e6, 3),
-               "prefix_tokens": self.memory.get("prefix_tokens", 0)}
-        if "vision_cache" in self.memory:
-            out["vision_cache"] = self.memory["vision_cache"]
-        return out
-
-
-@dataclass
-class Result:
-    """The outcome of one question. `answer` is the letter for multiple choice, else the free text."""
-
-    answer: str
-    mode: str
-    question: str
-    multiple_choice: bool
-    instruction: str | None = None
-    extraction: str | None = None
-    reasoning: str | None = None
-    response: str = ""  # the last stage's visible output (after any thinking)
-    stages: dict[str, StageResult] = field(default_factory=dict)
-    models: dict[str, str] = field(default_factory=dict)
-    image_ms: float = 0.0  # reading and normalising the image, before any stage
-    total_ms: float = 0.0
-    peak_rss_bytes: int = 0  # of the process, so far
-    # what the caller should know about how the answer came about: a clamped thinking budget, an answer that
-    # is not one of the options, thinking that never ended
-    notes: list[str] = field(default_factory=list)
-    profile: Profiler | None = field(default=None, repr=False)  # the spans (write_trace turns them into a trace)
-
-    def to_dict(self) -> dict:
-        """The `edgevlm run --json` object."""
-        return {
-            "answer": self.answer,
-            "mode": self.mode,
-            "question": self.question,
-            "multiple_choice": self.multiple_choice,
-            "instruction": self.instruction,
-            "extraction": self.extraction,
-            "reasoning": self.reasoning,
-            "response": self.response,
-            "timings": {"total_ms": round(self.total_ms, 3), "image_ms": round(self.image_ms, 3),
-                        **{name: s.timings.to_dict() for name, s in self.stages.items()}},
-            "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
-                       for name, s in self.stages.items()},
-            "memory": {"peak_rss_mb": round(self.peak_rss_bytes / 1e6, 1),
-                       **{name: s.memory_dict() for name, s in self.stages.items()}},
-            "models": self.models,
-            "notes": self.notes,
-        }
 
 
 @dataclass
@@ -136,96 +68,6 @@ class _Cancelled(Exception):
 def _check_cancel(call: _Call) -> None:
     if call.cancel is not None and call.cancel.is_set():
         raise _Cancelled
-
-
-@dataclass
-class Event:
-    """What `Pipeline.stream` yields: stage_start, token (a text delta), stage_end, then done."""
-
-    kind: str
-    stage: str | None = None
-    text: str = ""
-    result: Result | None = None
-
-
-@dataclass(frozen=True)
-class Options:
-    """What one call may set: `Pipeline.__call__` and `Pipeline.stream` take these as keywords.
-
-    choices: answer options (the question becomes multiple choice, answered by an option's letter).
-    mode: extract-think (default), extract (stop after the description) or direct (the VLM answers).
-    think: Qwen3 thinking mode for the reasoner, bounded by `think_budget` tokens (and by the room its
-    context leaves: Result.notes says when that clamped it).
-    max_new_tokens: cap on each stage's visible output (thinking excluded); default per stage.
-    instruction: skip the planner and use this "contents to observe" instruction.
-    temperature: override the reasoner's sampling temperature in the think stage (0 = greedy).
-    seed: the sampling seed. bgr: a numpy image is in OpenCV's BGR order.
-    fixed_tokens: every stage generates exactly this many tokens, end-of-sequence ignored (benchmarks).
-    trace: also record each decode step and the sampling between steps (Result.profile; `--trace`).
-    Every value is checked here: a wrong type, a NaN or an unknown option is a UsageError.
-    """
-
-    choices: list[str] | None = None
-    mode: str = "extract-think"
-    think: bool = True
-    think_budget: int = prompts.THINK_BUDGET
-    max_new_tokens: int | None = None
-    instruction: str | None = None
-    temperature: float | None = None
-    seed: int = 0
-    bgr: bool = False
-    fixed_tokens: int | None = None
-    trace: bool = False
-
-    @classmethod
-    def of(cls, options: dict) -> Options:
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise UsageError(f"unknown option {unknown[0]!r}; the options are: {', '.join(names)}")
-        return cls(**options)
-
-    def __post_init__(self):
-        if self.choices is not None:
-            if isinstance(self.choices, str) or not isinstance(self.choices, (list, tuple)):
-                raise UsageError(f"choices must be a list of strings, got {type(self.choices).__name__}")
-            for choice in self.choices:
-                _check_text(choice, "a choice")
-        if self.instruction is not None:
-            _check_text(self.instruction, "the instruction")
-        if self.mode not in MODES:
-            raise UsageError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        for name in ("think", "bgr", "trace"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _check_int(self.think_budget, "the thinking budget")
-        _check_int(self.seed, "the seed", minimum=0)
-        for name in ("max_new_tokens", "fixed_tokens"):
-            if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name)
-        if self.temperature is not None and not _finite_number(self.temperature, minimum=0):
-            raise UsageError(f"the temperature must be a finite number, 0 (greedy) or more; got {self.temperature!r}")
-
-
-def _finite_number(value, minimum: float) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-            and math.isfinite(value) and value >= minimum)
-
-
-def _check_text(value, what: str) -> None:
-    if not isinstance(value, str):
-        raise UsageError(f"{what} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise UsageError(f"{what} is empty")
-    if len(value) > MAX_QUESTION_CHARS:
-        raise UsageError(f"{what} is {len(value)} characters; the limit is {MAX_QUESTION_CHARS}")
-
-
-def _check_int(value, what: str, minimum: int | None = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UsageError(f"{what} must be a whole number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise UsageError(f"{what} must be at least {minimum}, got {value}")
 
 
 def _checked_answer(result: Result, answer: str, letters: str | None) -> str:
@@ -285,33 +127,40 @@ class Pipeline:
     KV of recent prompts (`prefix_cache_mb` each; 0 = off): a prompt that starts like an earlier one (the
     planner's few-shot block) prefills only what differs.
 
-    `overlap`: on ONNX Runtime the planner needs no image, so the vision tower encodes it on a second
-    thread meanwhile. None (default) turns it on where there are cores to spare (4 or more, or a GPU)
-    and the memory plan fits both at once; on 2 cores the two sessions' thread pools contend.
+    `overlap`: where the backend can (ONNX Runtime), the planner needs no image, so the vision tower encodes
+    it on a second thread meanwhile. None (default) turns it on where there are cores to spare (4 or more, or
+    a GPU) and the memory plan fits both at once; on 2 cores the two sessions' thread pools contend.
     """
 
     def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB,
                  prefix_cache_mb: float = PREFIX_CACHE_MB, overlap: bool | None = None):
         self.extractor, self.reasoner = extractor, reasoner
+        for name, value in (("vision_cache_mb", vision_cache_mb), ("prefix_cache_mb", prefix_cache_mb)):
+            if not finite_number(value, minimum=0):
+                raise UsageError(f"{name}: the cache size must be 0 (off) or a finite number of megabytes, "
+                                 f"got {value!r}")
         if overlap is None:
-            overlap = (os.cpu_count() or 1) >= 4 or getattr(extractor, "device", "cpu") == "cuda"
-        self.overlap = overlap and getattr(extractor, "backend", "") == "onnxruntime" and extractor.family.vision
-        self._executor: ThreadPoolExecutor | None = None
+            overlap = (os.cpu_count() or 1) >= 4 or extractor.device == "cuda"
+        self.vision = VisionFeatures(extractor, int(vision_cache_mb * 1e6),
+                                     overlap=overlap and extractor.concurrent_vision and extractor.family.vision)
+        for model in (extractor, reasoner):
+            if model is not None and model.prefix_cache is not None:
+                model.prefix_cache = PrefixCache(int(prefix_cache_mb * 1e6))
         # Streams run here, one after another: one long-lived thread rather than one per call. With a new thread
         # per question, benchmarks/soak.py's RSS still grew 6 MB per 100 calls after 1000 (692 -> 803 MB); with
         # this one it is flat from the 800th call.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-run")
-        for name, value in (("vision_cache_mb", vision_cache_mb), ("prefix_cache_mb", prefix_cache_mb)):
-            if not _finite_number(value, minimum=0):
-                raise UsageError(f"{name}: the cache size must be 0 (off) or a finite number of megabytes, "
-                                 f"got {value!r}")
-        self.vision_cache = FeatureCache(int(vision_cache_mb * 1e6))
-        for model in (extractor, reasoner):
-            if hasattr(model, "prefix_cache"):
-                model.prefix_cache = PrefixCache(int(prefix_cache_mb * 1e6))
         self._lock = threading.Lock()
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
         self.memory_plan = None  # edgevlm.memory.MemoryPlan (bundles)
+
+    @property
+    def overlap(self) -> bool:
+        return self.vision.overlap
+
+    @property
+    def vision_cache(self):
+        return self.vision.cache
 
     @classmethod
     def from_pretrained(cls, extractor: str | None = None, reasoner: str | None = None, *,
@@ -327,13 +176,13 @@ class Pipeline:
         from edgevlm.presets import DEFAULT_PRESET, get_preset
 
         try:
-            from edgevlm.backends.torch_ref import load_pretrained
+            from edgevlm.backends import torch_ref
         except ImportError as e:
             raise EdgeVLMError(f"the PyTorch reference backend needs torch and transformers ({e}); "
                                "pip install 'edgevlm[export]'") from None
         p = get_preset(preset or DEFAULT_PRESET)
-        ex, rs = load_pretrained(extractor or p.extractor, (reasoner or p.reasoner) if load_reasoner else None,
-                                 device=device, quant=quant, gguf_file=gguf_file)
+        ex, rs = torch_ref.load(extractor or p.extractor, (reasoner or p.reasoner) if load_reasoner else None,
+                                device=device, quant=quant, gguf_file=gguf_file)
         return cls(ex, rs, vision_cache_mb=vision_cache_mb)
 
     @classmethod
@@ -346,16 +195,11 @@ class Pipeline:
         `memory_budget` ("6GB"; default: the bundle's target's budget, or the memory available now) with
         the caches at their sizes; a budget that cannot hold the bundle is refused (MemoryBudgetError).
         The plan is `pipe.memory_plan`."""
-        from edgevlm import bundle, memory
-        from edgevlm.backends.onnx import OrtModel
+        from edgevlm.backends import onnx
 
-        b = bundle.load(path, verify=verify)
-        budget, source = memory.budget_for(memory_budget, b.manifest.get("target"))
-        plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
-        models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
-                  for role in sorted(set(b.stages.values()))}
-        pipe = cls(models[b.stages["extract"]], models.get(b.stages.get("think", "")),
-                   vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
+        ex, rs, plan = onnx.load(path, device=device, threads=threads, verify=verify, memory_budget=memory_budget,
+                                 vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
+        pipe = cls(ex, rs, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
                    overlap=overlap if plan.overlap else False)
         pipe.memory_plan = plan
         return pipe
@@ -398,7 +242,7 @@ class Pipeline:
     def _start(self, image: ImageInput, question: str, opts: Options,
                cancel: threading.Event | None = None) -> Iterator[Event]:
         """Check what the options cannot check alone (UsageError, before any model runs); the run's events."""
-        _check_text(question, "the question")
+        check_text(question, "the question")
         if self.reasoner is None and not (opts.mode == "direct"
                                           or (opts.mode == "extract" and opts.instruction is not None)):
             raise UsageError(f"mode {opts.mode!r} needs a reasoner; this pipeline was loaded without one")
@@ -414,94 +258,88 @@ class Pipeline:
         try:
             yield from self._stages(image, question, multiple_choice, opts, call)
         finally:
-            # a run stopped during the plan: its overlapped vision tower ends before the next run's may start
-            if call.vision is not None and not call.vision.cancel():
-                call.vision.exception()
+            VisionFeatures.finish(call.vision)
 
     def _stages(self, image, question: str, multiple_choice: bool, opts: Options, call: _Call) -> Iterator[Event]:
         _check_cancel(call)
         t0 = time.perf_counter()
-        mode, max_new_tokens, instruction = opts.mode, opts.max_new_tokens, opts.instruction
-        result = Result(answer="", mode=mode, question=question, multiple_choice=multiple_choice,
+        result = Result(answer="", mode=opts.mode, question=question, multiple_choice=multiple_choice,
                         models={"extractor": self.extractor.name}, profile=call.prof)
         # Decoded up front so a bad image fails before any model runs; timed apart from the stages.
         start = time.perf_counter()
         pil = load_image(image, bgr=opts.bgr)
-        call.image_key = image_key(pil) if self.vision_cache.max_bytes else None
+        call.image_key = self.vision.key(pil)
         result.image_ms = (time.perf_counter() - start) * 1e3
-
-        if mode == "direct":
-            prompt = prompts.direct_prompt(question, multiple_choice=multiple_choice)
-            stage = yield from self._stage(result, call, "direct", self.extractor, prompt,
-                                           prompts.DIRECT.with_max_new_tokens(max_new_tokens), image=pil)
-            result.response = stage.text.strip()
-            result.answer = _checked_answer(result, prompts.parse_answer(stage.text, multiple_choice=multiple_choice),
-                                            call.letters)
+        if opts.mode == "direct":
+            yield from self._direct(result, call, pil, opts)
         else:
-            if self.reasoner is not None:
-                result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
-            if instruction is None:
-                if (self.overlap and len(question) <= OVERLAP_MAX_QUESTION_CHARS
-                        and (call.image_key is None or call.image_key not in self.vision_cache)):
-                    if self._executor is None:
-                        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-vision")
-                    call.vision = self._executor.submit(self._encode_image, pil)
-                cap = min(prompts.PLAN.max_new_tokens, max_new_tokens or prompts.PLAN.max_new_tokens)
-                stage = yield from self._stage(result, call, "plan", self.reasoner,
-                                               prompts.planner_prompt(question),
-                                               prompts.PLAN.with_max_new_tokens(cap), enable_thinking=False)
-                instruction = prompts.parse_instruction(stage.text)
-            result.instruction = instruction
-            stage = yield from self._stage(result, call, "extract", self.extractor,
-                                           prompts.extract_prompt(instruction),
-                                           prompts.EXTRACT.with_max_new_tokens(max_new_tokens), image=pil)
-            result.extraction = stage.text.strip()
-            if mode == "extract":
-                result.answer = result.response = result.extraction
-            else:
-                yield from self._think(result, call, question, multiple_choice, opts)
+            yield from self._extract_think(result, call, pil, opts)
         result.total_ms = (time.perf_counter() - t0) * 1e3
         result.peak_rss_bytes = peak_rss_bytes()
         yield Event("done", result=result)
 
-    def _encode_image(self, image) -> tuple[np.ndarray, float, float]:
-        """The extractor's image features for `image` (the prompt around it does not matter), with the
-        start and end of the work; runs on the overlap thread."""
-        start = time.perf_counter()
-        prepared = self.extractor.prepare(render_prompt(self.extractor, "", with_image=True), image)
-        self.extractor.encode(prepared)
-        return prepared.image_features, start, time.perf_counter()
+    def _direct(self, result: Result, call: _Call, image, opts: Options):
+        """The VLM answers the question itself (the paper's baseline)."""
+        prompt = prompts.direct_prompt(result.question, multiple_choice=result.multiple_choice)
+        stage = yield from self._stage(result, call, "direct", self.extractor, prompt,
+                                       prompts.DIRECT.with_max_new_tokens(opts.max_new_tokens), image=image)
+        result.response = stage.text.strip()
+        answer = prompts.parse_answer(stage.text, multiple_choice=result.multiple_choice)
+        result.answer = _checked_answer(result, answer, call.letters)
 
-    def _think(self, result: Result, call: _Call, question: str, multiple_choice: bool, opts: Options):
-        think, think_budget, temperature = opts.think, opts.think_budget, opts.temperature
+    def _extract_think(self, result: Result, call: _Call, image, opts: Options):
+        """Plan (unless the caller gave the instruction), extract, then think (unless mode is extract)."""
+        if self.reasoner is not None:
+            result.models.update(planner=self.reasoner.name, reasoner=self.reasoner.name)
+        instruction = opts.instruction
+        if instruction is None:
+            if len(result.question) <= OVERLAP_MAX_QUESTION_CHARS:
+                call.vision = self.vision.start(image, call.image_key)
+            cap = min(prompts.PLAN.max_new_tokens, opts.max_new_tokens or prompts.PLAN.max_new_tokens)
+            stage = yield from self._stage(result, call, "plan", self.reasoner, prompts.planner_prompt(result.question),
+                                           prompts.PLAN.with_max_new_tokens(cap), enable_thinking=False)
+            instruction = prompts.parse_instruction(stage.text)
+        result.instruction = instruction
+        stage = yield from self._stage(result, call, "extract", self.extractor, prompts.extract_prompt(instruction),
+                                       prompts.EXTRACT.with_max_new_tokens(opts.max_new_tokens), image=image)
+        result.extraction = stage.text.strip()
+        if opts.mode == "extract":
+            result.answer = result.response = result.extraction
+        else:
+            yield from self._think(result, call, opts)
+
+    def _think(self, result: Result, call: _Call, opts: Options):
         answer_budget = opts.max_new_tokens or prompts.ANSWER_BUDGET
         # A reasoner without </think> in its vocabulary still reasons step by step, just without the budget.
-        control = self._think_control(think_budget) if think else None
-        if think:
-            decoding = prompts.THINK.with_max_new_tokens(think_budget + answer_budget)
+        control = self._think_control(opts.think_budget) if opts.think else None
+        if opts.think:
+            decoding = prompts.THINK.with_max_new_tokens(opts.think_budget + answer_budget)
         else:
             decoding = prompts.NO_THINK.with_max_new_tokens(answer_budget)
-        if temperature is not None:
-            decoding = replace(decoding, temperature=temperature)
-        prompt = prompts.reasoner_prompt(result.extraction, question, multiple_choice=multiple_choice, think=think)
+        if opts.temperature is not None:
+            decoding = replace(decoding, temperature=opts.temperature)
+        prompt = prompts.reasoner_prompt(result.extraction, result.question, multiple_choice=result.multiple_choice,
+                                         think=opts.think)
         stage = yield from self._stage(result, call, "think", self.reasoner, prompt, decoding,
-                                       enable_thinking=think, think=control)
+                                       enable_thinking=opts.think, think=control)
+        reasoning, response = self._split_thinking(stage, control)
+        result.reasoning = reasoning.replace("<think>", "", 1).strip() or None
+        result.response = response.strip()
+        if control is not None and control.think_end_id not in stage.token_ids and stage.stop_reason != "eos":
+            result.notes.append(f"the reasoner was still thinking when it stopped ({stage.stop_reason}); "
+                                "there is no answer")
+        answer = prompts.parse_answer(response, multiple_choice=result.multiple_choice)
+        result.answer = _checked_answer(result, answer, call.letters)
+
+    def _split_thinking(self, stage: StageResult, control: ThinkControl | None) -> tuple[str, str]:
+        """(reasoning, response) of the think stage's output: either side of </think>."""
         ids = stage.token_ids
         if control is not None and control.think_end_id in ids:
             cut = ids.index(control.think_end_id)
-            reasoning = self.reasoner.tokenizer.decode(ids[:cut])
-            response = self.reasoner.tokenizer.decode(ids[cut + 1:])
-        elif control is not None and stage.stop_reason != "eos":  # thinking never ended
-            reasoning, response = stage.text, ""
-        else:
-            reasoning, response = "", stage.text
-        result.reasoning = reasoning.replace("<think>", "", 1).strip() or None
-        result.response = response.strip()
-        if control is not None and control.think_end_id not in ids and stage.stop_reason != "eos":
-            result.notes.append(f"the reasoner was still thinking when it stopped ({stage.stop_reason}); "
-                                "there is no answer")
-        result.answer = _checked_answer(result, prompts.parse_answer(response, multiple_choice=multiple_choice),
-                                        call.letters)
+            return self.reasoner.tokenizer.decode(ids[:cut]), self.reasoner.tokenizer.decode(ids[cut + 1:])
+        if control is not None and stage.stop_reason != "eos":  # thinking never ended
+            return stage.text, ""
+        return "", stage.text
 
     def _think_control(self, budget: int) -> ThinkControl | None:
         """Thinking-mode controls for the reasoner, or None when its vocabulary has no </think>."""
@@ -513,6 +351,7 @@ class Pipeline:
             self._banned = np.asarray(tok.ids_of_words(prompts.REFLEXIVE_WORDS), dtype=np.int64)
         return ThinkControl(think_end_id=think_end, newline_id=newline[0], budget=budget, banned_ids=self._banned)
 
+    # ------------------------------------------------------------------ one model call
     def _stage(self, result: Result, call: _Call, name: str, model: Model,
                prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,
                think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
@@ -526,70 +365,71 @@ class Pipeline:
         with call.prof.span(name, "preprocess"):
             prepared = model.prepare(rendered, image)
         n_prompt = len(prepared.input_ids)
-        if n_prompt >= model.max_context:
-            planned = model.max_context < getattr(model, "native_context", model.max_context)  # the memory plan's
-            raise InputTooLongError(
-                f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}"
-                + (f" within the {self.memory_plan.budget / 1e9:.2f} GB memory budget ({self.memory_plan.source}); "
-                   "raise --memory-budget, shrink the caches or " if planned else "; ")
-                + ("use a smaller image or shorter question" if image is not None
-                   else "shorten the question" + (" or the description" if name == "think" else "")))
+        self._check_room(name, model, n_prompt, with_image=image is not None)
         if think is not None and think.budget is not None:
             think, decoding = _fit_thinking(result, think, decoding, model.max_context - n_prompt)
-        cache, overlapped = None, {}
+        vision: dict = {}
         with call.prof.span(name, "vision"):  # the time this stage spends on (or waits for) the vision tower
-            if image is not None and call.vision is not None:  # encoded beside the planner
-                prepared.image_features, start, end = call.vision.result()
+            if image is not None:
+                vision = self.vision.fill(prepared, call.image_key, call.vision, call.prof)
                 call.vision = None
-                call.prof.add("vision (overlapped)", "vision", start, end)
-                overlapped = {"vision_overlapped_ms": round((end - start) * 1e3, 3)}
-                if call.image_key is not None:
-                    self.vision_cache.put(call.image_key, prepared.image_features)
-            elif image is not None and call.image_key is not None:
-                features = self.vision_cache.get(call.image_key)
-                cache = "miss" if features is None else "hit"
-                if features is None:
-                    model.encode(prepared)
-                    self.vision_cache.put(call.image_key, prepared.image_features)
-                else:
-                    prepared.image_features = features
-            else:
-                model.encode(prepared)
         with call.prof.span(name, "embed"):
             model.embed(prepared)
         with call.prof.span(name, "prefill"):
             state = model.prefill(prepared)
-        tokens = generate(call.prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
-                          rng=call.rng, think=think)
-        detok = StreamDecoder(model.tokenizer)
-        first_token_at = None
-        while True:
-            try:
-                token = next(tokens)
-            except StopIteration as done:
-                generation = done.value
-                break
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            _check_cancel(call)
-            delta = detok.push(token)
-            if delta:
-                yield Event("token", name, delta)
-        if first_token_at is not None:
-            call.prof.add(name, "decode", first_token_at, time.perf_counter())
-        n_new = len(generation.token_ids)
-        reused = getattr(state, "reused", 0)  # prompt positions the prefix cache supplied
-        kv_allocated, kv_used = state.kv_bytes()
+        generation, first_token_at = yield from _decode(call, name, model, state, decoding, eos_ids, think)
         stage = StageResult(
             name=name, model=model.name, prompt=str(rendered), text=model.tokenizer.decode(generation.token_ids),
-            token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=n_new,
+            token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=len(generation.token_ids),
             stop_reason=generation.stop_reason,
-            timings=call.prof.stage(name, prompt_tokens=n_prompt - reused, new_tokens=n_new,
+            timings=call.prof.stage(name, prompt_tokens=n_prompt - state.reused, new_tokens=len(generation.token_ids),
                                     first_token_at=first_token_at),
-            memory={"backend": model.backend, "weights": dict(model.weight_bytes), "step_weights": model.step_bytes,
-                    "kv_allocated": kv_allocated, "kv_used": kv_used, "prefix_tokens": reused,
-                    **({"vision_cache": cache} if cache else {}), **overlapped},
+            memory=_memory(model, state, vision),
         )
         result.stages[name] = stage
         yield Event("stage_end", name, stage.text)
         return stage
+
+    def _check_room(self, name: str, model: Model, n_prompt: int, *, with_image: bool) -> None:
+        """A prompt that leaves the model no room to answer is refused, saying what to change."""
+        if n_prompt < model.max_context:
+            return
+        planned = self.memory_plan is not None and model.max_context < model.native_context  # the plan's limit
+        raise InputTooLongError(
+            f"the {name} prompt is {n_prompt} tokens but {model.name} takes at most {model.max_context}"
+            + (f" within the {self.memory_plan.budget / 1e9:.2f} GB memory budget ({self.memory_plan.source}); "
+               "raise --memory-budget, shrink the caches or " if planned else "; ")
+            + ("use a smaller image or shorter question" if with_image
+               else "shorten the question" + (" or the description" if name == "think" else "")))
+
+
+def _decode(call: _Call, name: str, model: Model, state: State, decoding: Decoding, eos_ids: set[int],
+            think: ThinkControl | None) -> Generator[Event, None, tuple[Generation, float | None]]:
+    """The stage's tokens as text deltas, stopping between tokens when the call is cancelled; returns the
+    Generation and when its first token came (None: no token)."""
+    tokens = generate(call.prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
+                      rng=call.rng, think=think)
+    detok = StreamDecoder(model.tokenizer)
+    first_token_at = None
+    while True:
+        try:
+            token = next(tokens)
+        except StopIteration as done:
+            generation = done.value
+            break
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        _check_cancel(call)
+        delta = detok.push(token)
+        if delta:
+            yield Event("token", name, delta)
+    if first_token_at is not None:
+        call.prof.add(name, "decode", first_token_at, time.perf_counter())
+    return generation, first_token_at
+
+
+def _memory(model: Model, state: State, vision: dict) -> dict:
+    """A stage's memory record (StageResult.memory)."""
+    kv_allocated, kv_used = state.kv_bytes()
+    return {"backend": model.backend, "weights": dict(model.weight_bytes), "step_weights": model.step_bytes,
+            "kv_allocated": kv_allocated, "kv_used": kv_used, "prefix_tokens": state.reused, **vision}

@@ -9,7 +9,8 @@ the open-question variants are ours and marked so.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+
+from edgevlm.generation import Decoding
 
 # ---------------------------------------------------------------- 1. plan
 PLANNER_TASK = (
@@ -183,19 +184,6 @@ def parse_answer(response: str, *, multiple_choice: bool) -> str:
 
 
 # ---------------------------------------------------------------- decoding defaults
-@dataclass(frozen=True)
-class Decoding:
-    """How one stage samples. temperature 0 means greedy."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def with_max_new_tokens(self, n: int | None) -> Decoding:
-        return self if n is None else replace(self, max_new_tokens=n)
-
-
 # top_k=20 comes from Qwen3's generation_config.json, which HF `generate` applied in the paper's runs
 # alongside the temperature/top_p the paper sets.
 THINK_BUDGET = 4096

@@ -5,8 +5,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from edgevlm.generation import generate
-from edgevlm.prompts import Decoding
+from edgevlm.generation import Decoding, generate
 
 N = 32
 

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 from edgevlm.backends.torch_ref import TorchModel
 from edgevlm.export import llava_next
 from edgevlm.families import extractor_family
-from edgevlm.generation import generate
-from edgevlm.prompts import Decoding
+from edgevlm.generation import Decoding, generate
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 
-from edgevlm.backends.onnx import KVCache, OrtModel
+from edgevlm.backends.onnx import OrtModel
 from edgevlm.bundle import Bundle
+from edgevlm.kv_cache import KVCache
 
 pytest.importorskip("torch")
 

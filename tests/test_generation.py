@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from edgevlm import prompts
-from edgevlm.generation import ThinkControl, generate, sample, warp
-from edgevlm.prompts import Decoding
+from edgevlm.generation import Decoding, ThinkControl, generate, sample, warp
 from edgevlm.tokenizer import Tokenizer
 
 

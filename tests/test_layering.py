@@ -127,3 +127,17 @@ def test_importing_every_runtime_module_loads_no_torch_transformers_export_or_tr
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+MAX_FUNCTION_LINES = 60  # a runtime function fits a screen: from its `def` to its last line
+
+
+def test_no_runtime_function_is_longer_than_a_screen():
+    long = []
+    for rel, _, _, path in _runtime_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

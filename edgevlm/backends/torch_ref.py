@@ -64,7 +64,7 @@ def _weight_bytes(model) -> dict[str, int]:
     return {k: v for k, v in parts.items() if v}
 
 
-def load_pretrained(extractor: str, reasoner: str | None, *, device: str = "cpu", quant: str | None = None,
+def load(extractor: str, reasoner: str | None, *, device: str = "cpu", quant: str | None = None,
                     gguf_file: str | None = None) -> tuple[TorchModel, TorchModel | None]:
     """The extractor and (unless None) the reasoner as reference models, from directories or hub ids; GGUF
     files, LoRA adapters and LLaVA-NeXT checkpoints are converted on the export side first (and cached)."""
@@ -94,6 +94,7 @@ class TorchDecodeState:
     def __init__(self, model, cache, logits: np.ndarray, prompt_len: int, device):
         self._model, self._cache, self._device = model, cache, device
         self.logits, self.prompt_len = logits, prompt_len
+        self.reused = 0  # no prefix cache here
 
     def step(self, token_id: int) -> np.ndarray:
         import torch
@@ -115,6 +116,8 @@ class TorchModel:
     """A HF checkpoint directory loaded for the reference backend."""
 
     backend = "torch"
+    concurrent_vision = False  # transformers runs one forward at a time well; the pipeline runs its stages in turn
+    prefix_cache = None  # transformers' DynamicCache is not reused across prompts
 
     def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu",
                  quant: str | None = None):
@@ -124,10 +127,11 @@ class TorchModel:
         self.dir = Path(model_dir)
         self.name = name or str(model_dir)
         self.family = family
-        self.device = torch_device(device)
+        self._device = torch_device(device)
+        self.device = self._device.type
         self.tokenizer = Tokenizer(self.dir)
         family.check_template(self.tokenizer)
-        if self.device.type == "cuda":
+        if self._device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             dtype = torch.float32
@@ -135,9 +139,9 @@ class TorchModel:
         try:
             if quant:
                 self.model = auto.from_pretrained(self.dir, dtype=dtype, quantization_config=bnb_config(quant, dtype),
-                                                  device_map={"": self.device}).eval()
+                                                  device_map={"": self._device}).eval()
             else:
-                self.model = auto.from_pretrained(self.dir, dtype=dtype).to(self.device).eval()
+                self.model = auto.from_pretrained(self.dir, dtype=dtype).to(self._device).eval()
         except ImportError as e:
             raise ModelError(f"--quant {quant} needs bitsandbytes ({e}); pip install bitsandbytes==0.50.2") from None
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -150,7 +154,7 @@ class TorchModel:
         self.step_bytes = self.weight_bytes["decoder"] - (table.numel() * table.element_size() if untied else 0)
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.max_context = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
+        self.max_context = self.native_context = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
         self.eos_ids = self.tokenizer.eos_token_ids(self.dir)
         if not self.eos_ids:
             raise ModelError(f"{self.name} defines no end-of-sequence token (tokenizer or generation config)")
@@ -165,7 +169,7 @@ class TorchModel:
         import torch
 
         ids, out = hf_prepare(self.processor, self.tokenizer, prompt, image)
-        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+        inputs = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v
                   for k, v in out.items() if k in self._feature_args}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -186,7 +190,7 @@ class TorchModel:
         import torch
         from transformers import DynamicCache
 
-        ids = torch.tensor([prepared.input_ids], device=self.device)
+        ids = torch.tensor([prepared.input_ids], device=self._device)
         cache = DynamicCache(config=self.model.config)
         kwargs = {}
         if prepared.image_features is not None:
@@ -194,4 +198,4 @@ class TorchModel:
         with torch.inference_mode():
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
         logits = out.logits[0, -1].float().cpu().numpy()
-        return TorchDecodeState(self.model, cache, logits, len(prepared.input_ids), self.device)
+        return TorchDecodeState(self.model, cache, logits, len(prepared.input_ids), self._device)
