@@ -52,7 +52,7 @@ def main() -> None:
         causal_lm.export_model(model_dir, ref_dir, work, step=lambda what: nullcontext())
     text = AutoConfig.from_pretrained(model_dir).get_text_config()
     entry = graphs.model_entry("causal_lm", {"decoder": ref_dir / "decoder.onnx"}, text, model_dir, ref_dir, work)
-    model = OrtModel(Bundle(work, {"models": {"m": entry}}), "m")
+    model = OrtModel(Bundle.in_progress(work, {"m": entry}), "m")
     decoding = Decoding(max_new_tokens=args.tokens)
     prompt = Prepared(list(range(100, 164)))
 

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def main() -> None:
                                    ref_dir, work)
     family = reasoner_family(model_dir)
     assert family.name == "causal_lm"
-    reference = OrtModel(Bundle(work, {"models": {"m": entry}}), "m")
+    reference = OrtModel(Bundle.in_progress(work, {"m": entry}), "m")
     calib, held = data.split(data.load())
     held = held[: args.samples]
     inputs = {stage: stage_inputs(stage, reference, held) for stage in ("plan", "think")}
@@ -102,8 +103,8 @@ def main() -> None:
             quantize.int4(ref_dir / "decoder.onnx", out, method=name, block_size=block, reader=reader,
                           exclude=exclude, keep_int8=keep, keep_block_size=keep_block)
         quant_s = time.perf_counter() - t
-        candidate = OrtModel(Bundle(work, {"models": {"m": {**entry, "graphs": {"decoder": {
-            "file": str(out.relative_to(work))}}}}}), "m")
+        decoder = replace(entry.graphs["decoder"], file=str(out.relative_to(work)))
+        candidate = OrtModel(Bundle.in_progress(work, {"m": replace(entry, graphs={"decoder": decoder})}), "m")
         fid = {stage: measure(reference, candidate, inputs[stage], args.tokens) for stage in inputs}
         rows.append((method, _size(out), fid, _speed(candidate)))
         print(f"  {method}: quantized in {quant_s:.0f} s; {_row(rows[-1], ref_size)}", flush=True)

@@ -22,16 +22,14 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgevlm.errors import EdgeVLMError, UsageError, first_line
-from edgevlm.manifest import is_relpath, named_paths, problem
+from edgevlm.manifest import FORMAT, FORMAT_VERSION, Manifest, ModelSpec, is_relpath, named_paths, problem
 
-FORMAT = "edgevlm-bundle"
-FORMAT_VERSION = 2  # 2: fused decoders take their lengths from the position ids, not an attention_mask
 MANIFEST = "manifest.json"
 
 
@@ -46,30 +44,35 @@ class Bundle:
     a table (an export in progress) has its paths confined, not listed."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
-    def models(self) -> dict[str, dict]:
-        return self.manifest["models"]
+    def models(self) -> Mapping[str, ModelSpec]:
+        return self.manifest.models
 
     @property
-    def stages(self) -> dict[str, str]:
-        return self.manifest["stages"]
+    def stages(self) -> Mapping[str, str]:
+        return self.manifest.stages
+
+    @classmethod
+    def in_progress(cls, root: str | os.PathLike, models: Mapping[str, ModelSpec]) -> Bundle:
+        """A bundle being written, before its manifest exists: its models' paths are confined, not listed."""
+        return cls(Path(root), Manifest(stages={}, models=dict(models)))
 
     def file(self, relpath: str, field: str | None = None) -> Path:
         """The regular file at `relpath`, once it stays inside the bundle (symlinks resolved) and is listed;
         else a one-line BundleError naming the path (and `field`, the manifest field that named it)."""
-        return _checked(self.path, relpath, self.manifest.get("files"), "file", field)
+        return _checked(self.path, relpath, self.manifest.files, "file", field)
 
     def graph(self, relpath: str, field: str | None = None) -> Path:
         """An ONNX graph, as `file`, whose folder holds only listed files: ONNX Runtime opens external data
         anywhere under the graph's folder (and refuses it outside, since 1.17), never elsewhere."""
-        return _checked(self.path, relpath, self.manifest.get("files"), "graph", field)
+        return _checked(self.path, relpath, self.manifest.files, "graph", field)
 
     def dir(self, relpath: str, field: str | None = None) -> Path:
         """The folder at `relpath`, once it stays inside the bundle and everything under it is listed: a reader
         of the folder (the tokenizer) then opens only listed files."""
-        return _checked(self.path, relpath, self.manifest.get("files"), "folder", field)
+        return _checked(self.path, relpath, self.manifest.files, "folder", field)
 
 
 _KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -177,7 +180,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     found = problem(manifest)
     if found:
         raise BundleError(f"{manifest_path}: {found}; the manifest is malformed, re-export the bundle")
-    b = Bundle(root, manifest)
+    b = Bundle(root, Manifest.from_dict(manifest))
     for rel, meta in manifest["files"].items():
         f = b.file(rel)
         size = f.stat().st_size
@@ -474,10 +477,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_manifest(root: Path, manifest: dict, progress: Callable[[str], None] | None = None) -> dict:
-    """Add format fields and the file table, then write manifest.json (last: a bundle without one never loads)."""
+def write_manifest(root: Path, manifest: Manifest, progress: Callable[[str], None] | None = None) -> Manifest:
+    """Add the file table, check the whole manifest as `load` will, then write manifest.json (last: a bundle
+    without one never loads)."""
     if progress:
         progress("hashing files")
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": file_table(root)}
+    full = replace(manifest, files=file_table(root)).to_dict()
+    found = problem(full)
+    if found:
+        raise BundleError(f"the manifest being written is malformed: {found}")
     (root / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
-    return full
+    return Manifest.from_dict(full)

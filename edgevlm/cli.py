@@ -363,10 +363,10 @@ def info(bundle_dir, as_json, no_verify, memory_budget):
 
     b = bundle.load(bundle_dir, verify=not no_verify)
     if as_json:
-        click.echo(json.dumps(b.manifest, indent=2))
+        click.echo(json.dumps(b.manifest.to_dict(), indent=2))
         return
     click.echo(describe_bundle(b))
-    budget, source = memory.budget_for(memory_budget, b.manifest.get("target"))
+    budget, source = memory.budget_for(memory_budget, b.manifest.target)
     click.echo(memory.plan(b, budget, source=source, vision_cache_mb=VISION_CACHE_MB,
                            prefix_cache_mb=PREFIX_CACHE_MB).describe())
 
@@ -383,27 +383,29 @@ def _check_budget(memory_budget, bundles) -> None:
 
 
 def describe_bundle(b) -> str:
+    from edgevlm.manifest import FORMAT_VERSION
+
     m = b.manifest
-    sizes = {rel: meta["bytes"] for rel, meta in m["files"].items()}
+    sizes = {rel: meta["bytes"] for rel, meta in m.files.items()}
     total = sum(sizes.values())
-    lines = [f"bundle {b.path}  (format {m['format_version']}, {total / 1e6:.1f} MB, target {m.get('target')}, "
-             f"created {m.get('created')})"]
-    versions = m.get("provenance", {}).get("versions", {})
+    lines = [f"bundle {b.path}  (format {FORMAT_VERSION}, {total / 1e6:.1f} MB, target {m.target}, "
+             f"created {m.created})"]
+    versions = (m.provenance or {}).get("versions", {})
     if versions:
         lines.append("made with " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    lines.append("stages: " + ", ".join(f"{stage} -> {role}" for stage, role in m["stages"].items()))
-    for role, entry in m["models"].items():
-        source = entry.get("source", {})
+    lines.append("stages: " + ", ".join(f"{stage} -> {role}" for stage, role in m.stages.items()))
+    for role, spec in m.models.items():
+        source = spec.source or {}
         rev = f"@{source['revision'][:12]}" if source.get("revision") else ""
-        kv = entry["kv"]
-        lines.append(f"{role}: {source.get('model', '?')}{rev}  family {entry['family']}, context "
-                     f"{entry['max_context']}, KV {kv['layers']} layers x {kv['kv_heads']} heads x {kv['head_dim']}")
-        for name, g in entry["graphs"].items():
-            size = sum(v for rel, v in sizes.items() if rel == g["file"] or rel == g["file"] + ".data")
-            lines.append(f"  {name:<8} {g['file']:<28} {size / 1e6:>9.1f} MB  {g['quant']}")
+        kv = spec.kv
+        lines.append(f"{role}: {source.get('model', '?')}{rev}  family {spec.family}, context "
+                     f"{spec.max_context}, KV {kv.layers} layers x {kv.kv_heads} heads x {kv.head_dim}")
+        for name, g in spec.graphs.items():
+            size = sum(v for rel, v in sizes.items() if rel == g.file or rel == g.file + ".data")
+            lines.append(f"  {name:<8} {g.file:<28} {size / 1e6:>9.1f} MB  {g.quant}")
     from edgevlm.calibration.metrics import report_table
 
-    lines.append(report_table(m.get("fidelity")))
+    lines.append(report_table(m.fidelity))
     return "\n".join(lines)
 
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 from edgevlm.bundle import Bundle, graph_bytes
 from edgevlm.errors import UsageError
+from edgevlm.families import family_module
 from edgevlm.images import MAX_PIXELS
+from edgevlm.manifest import Dims, ModelSpec, VisionDims
 
 RUNTIME_BYTES = 150_000_000  # Python + onnxruntime + tokenizers imported, sessions' arenas
 # Decoding the largest frame load_image accepts: 8192x8192 raised peak RSS by 325-331 MB (edgevlm.images).
@@ -74,69 +76,34 @@ def available_bytes() -> int | None:
     return None
 
 
-@dataclass(frozen=True)
-class Dims:
-    """What the activation estimate needs of one model (manifest `dims`; estimated for older bundles)."""
-
-    hidden: int
-    heads: int
-    intermediate: int
-    vocab: int
-    vision: dict | None = None  # hidden, heads, intermediate, tokens (per crop), max_crops, feature (per token)
-
-
-def model_dims(entry: dict) -> Dims:
+def model_dims(spec: ModelSpec) -> Dims:
     """The manifest's `dims`, or a conservative estimate from the graphs' shapes and the KV layout."""
-    kv = entry["kv"]
-    if "dims" in entry:
-        d = entry["dims"]
-        return Dims(int(d["hidden"]), int(d["heads"]), int(d["intermediate"]), int(d["vocab"]), d.get("vision"))
-    graphs = entry["graphs"]
+    if spec.dims is not None:
+        return spec.dims
 
-    def last_dim(graph: str, output: int = 0, default: int = 0) -> int:
-        try:
-            value = graphs[graph]["outputs"][output]["shape"][-1]
-        except (KeyError, IndexError):
-            return default
+    def last_dim(graph: str, default: int) -> int:
+        value = spec.graphs[graph].outputs[0].shape[-1] if graph in spec.graphs else default
         return value if isinstance(value, int) else default
 
-    heads = 2 * int(kv["kv_heads"])
-    hidden = last_dim("embed", default=heads * int(kv["head_dim"]))
+    heads = 2 * spec.kv.kv_heads
+    hidden = last_dim("embed", default=heads * spec.kv.head_dim)
     vision = None
-    if "vision" in graphs:
-        shape = graphs["vision"]["outputs"][0]["shape"]
+    if spec.vision:
+        shape = spec.graphs["vision"].outputs[0].shape
         tokens = shape[1] if isinstance(shape[1], int) else 1024
         feature = shape[-1] if isinstance(shape[-1], int) else hidden
-        vision = {"hidden": feature, "heads": 16, "intermediate": 4 * feature, "tokens": tokens,
-                  "max_crops": max_crops(entry.get("preprocess", {})), "feature": feature}
+        vision = VisionDims(hidden=feature, heads=16, intermediate=4 * feature, tokens=tokens,
+                            max_crops=family_module(spec.family).max_crops(spec.preprocess), feature=feature)
     return Dims(hidden, heads, 4 * hidden, last_dim("decoder", default=152_000), vision)
 
 
-def max_crops(preprocess: dict) -> int:
-    """The most crops one image becomes (AnyRes grid + base view; Idefics3 tiles + global view)."""
-    crop = preprocess.get("crop_size")
-    if preprocess.get("image_grid_pinpoints") and crop:
-        return 1 + max((w // crop[1]) * (h // crop[0]) for h, w in preprocess["image_grid_pinpoints"])
-    if preprocess.get("max_image_size"):
-        per_side = -(-int(preprocess.get("longest_edge", 0)) // int(preprocess["max_image_size"]))
-        return 1 + per_side * per_side
-    return 1
-
-
-def image_tokens(entry: dict) -> int:
+def image_tokens(spec: ModelSpec) -> int:
     """The most prompt positions one image can take (0 for a text-only model)."""
-    vision = entry["graphs"].get("vision")
-    if not vision:
+    if not spec.vision:
         return 0
-    per_crop = vision["outputs"][0]["shape"][1]
+    per_crop = spec.graphs["vision"].outputs[0].shape[1]
     per_crop = per_crop if isinstance(per_crop, int) else 1024
-    pre = entry.get("preprocess", {})
-    crops = max_crops(pre)
-    aspect = str(pre.get("vision_aspect_ratio", ""))
-    if aspect.startswith("anyres_max_"):  # LLaVA-OneVision pools the grid's features down to N crops' worth
-        crops = min(crops, 1 + int(aspect.rsplit("_", 1)[1]))
-    side = int(per_crop ** 0.5)
-    return crops * per_crop + crops * side  # + a newline token per row of features (an upper bound)
+    return family_module(spec.family).max_image_tokens(spec.preprocess, per_crop)
 
 
 @dataclass
@@ -167,9 +134,9 @@ class ModelCost:
         v = self.dims.vision
         if not v:
             return 0, 0
-        crops, batch, tokens = v["max_crops"], min(VISION_BATCH, v["max_crops"]), v["tokens"]
-        features = crops * tokens * v["feature"] * 4
-        return features, batch * tokens * (6 * v["hidden"] + 2 * v["intermediate"] + 2 * v["heads"] * tokens) * 4
+        crops, batch, tokens = v.max_crops, min(VISION_BATCH, v.max_crops), v.tokens
+        features = crops * tokens * v.feature * 4
+        return features, batch * tokens * (6 * v.hidden + 2 * v.intermediate + 2 * v.heads * tokens) * 4
 
 
 @dataclass
@@ -205,14 +172,12 @@ class MemoryPlan:
 def costs(bundle: Bundle) -> list[ModelCost]:
     out = []
     for role in sorted(set(bundle.stages.values())):
-        entry = bundle.models[role]
-        kv = entry["kv"]
-        weights = sum(graph_bytes(bundle.file(g["file"])) for g in entry["graphs"].values())
-        buffers = 1 if kv.get("shared") else 2  # one buffer updated in place, or two used in turn
-        per_token = 2 * buffers * int(kv["layers"]) * int(kv["kv_heads"]) * int(kv["head_dim"]) * 4
-        max_context = int(entry["max_context"])
-        out.append(ModelCost(role, weights, per_token, model_dims(entry), "embed" in entry["graphs"], max_context,
-                             min(max_context, MIN_CONTEXT + image_tokens(entry))))
+        spec = bundle.models[role]
+        weights = sum(graph_bytes(bundle.file(g.file)) for g in spec.graphs.values())
+        buffers = 1 if spec.kv.shared else 2  # one buffer updated in place, or two used in turn
+        out.append(ModelCost(role, weights, buffers * spec.kv.bytes_per_position(), model_dims(spec),
+                             "embed" in spec.graphs, spec.max_context,
+                             min(spec.max_context, MIN_CONTEXT + image_tokens(spec))))
     return out
 
 

@@ -19,3 +19,8 @@ def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> d
     with step("decoder"):
         decoder = graphs.export_decoder(model.model, model.lm_head, text, out / "decoder.onnx", embeds=False)
     return graphs.model_entry("causal_lm", {"decoder": decoder}, text, model_dir, out, root)
+
+
+def load_hf_processor(model_dir: Path) -> None:
+    """Text-only: the tokenizer is the whole processor."""
+    return None

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,11 +26,10 @@ from edgevlm import bundle
 from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, UsageError
 from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE
+from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
 
 FORMATS = ("onnx",)
 REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
-# Graphs each family exports (for progress counts).
-_GRAPHS = {"llava_onevision": 3, "idefics3": 3, "causal_lm": 1}
 
 
 @dataclass
@@ -76,12 +75,6 @@ class QuantPlan:
         return {self.extractor, self.reasoner, self.vision or "fp32", self.embed} == {"fp32"}
 
 
-def _exporter(family: str):
-    from edgevlm.export import causal_lm, idefics3, llava_onevision
-
-    return {"llava_onevision": llava_onevision, "idefics3": idefics3, "causal_lm": causal_lm}[family]
-
-
 def _source(name: str, path: Path) -> dict:
     # a hub snapshot lives in .../snapshots/<commit>: that commit is the revision
     revision = path.name if path.parent.name == "snapshots" else None
@@ -100,28 +93,28 @@ def _versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def _ort_model(root: Path, entry: dict):
-    """An OrtModel on one manifest entry of the bundle being written."""
+def _ort_model(root: Path, spec: ModelSpec):
+    """An OrtModel on one model of the bundle being written."""
     from edgevlm.backends.onnx import OrtModel
 
-    return OrtModel(bundle.Bundle(root, {"models": {"model": entry}}), "model")
+    return OrtModel(bundle.Bundle.in_progress(root, {"model": spec}), "model")
 
 
 def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, np.ndarray]]:
     """Decoder inputs (fresh cache) for rendered prompts: what GPTQ calibrates on."""
     feeds = []
-    kv = model.entry["kv"]
+    kv = model.entry.kv
     names = [i.name for i in model.decoder.get_inputs()]
     for rendered, image in inputs:
         prepared = model.prepare(rendered, image)
         model.encode(prepared)
         x = model.decoder_input(prepared)[:, :max_tokens]
         n = x.shape[1]
-        feed = {names[0]: x, "position_ids": np.arange(n, dtype=np.int64)[None]}
-        if "attention_mask" in names:  # traced graphs; fused ones take the lengths from the positions
-            feed["attention_mask"] = np.ones((1, n), np.int64)
-        empty = np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
-        feed.update({name: empty for name in names if name.startswith("past.")})
+        feed = {names[0]: x, POSITION_IDS: np.arange(n, dtype=np.int64)[None]}
+        if ATTENTION_MASK in names:  # traced graphs; fused ones take the lengths from the positions
+            feed[ATTENTION_MASK] = np.ones((1, n), np.int64)
+        empty = np.zeros((1, kv.kv_heads, 0, kv.head_dim), np.float32)
+        feed.update({name: empty for name in names if name.startswith(PAST)})
         feeds.append(feed)
     return feeds
 
@@ -134,9 +127,9 @@ def _vision_feeds(model, images) -> list[dict[str, np.ndarray]]:
     feeds = []
     for image in images:
         _, inputs = model.module.prepare_inputs(model.family.render(model.tokenizer, "x", with_image=True), image,
-                                                model.entry["preprocess"], model.tokenizer)
-        pixels = inputs["pixel_values"]
-        feeds += [{"pixel_values": pixels[i:i + 1]} for i in range(len(pixels))]
+                                                model.entry.preprocess, model.tokenizer)
+        pixels = inputs[PIXEL_VALUES]
+        feeds += [{PIXEL_VALUES: pixels[i:i + 1]} for i in range(len(pixels))]
     return feeds[:MAX_VISION_FEEDS]
 
 
@@ -176,7 +169,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`)."""
     from edgevlm.calibration import data
     from edgevlm.export.checkpoints import resolve, resolve_extractor
-    from edgevlm.families import extractor_family, reasoner_family
+    from edgevlm.families import export_module, extractor_family, family_module, reasoner_family
     from edgevlm.presets import DEFAULT_PRESET, get_preset
     from edgevlm.targets import get_target
 
@@ -203,7 +196,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
         re_dir = resolve(reasoner, gguf_file=gguf_file)
         roles.append(("reasoner", reasoner, re_dir, reasoner_family(re_dir)))
         stages.update(plan="reasoner", think="reasoner")
-    total = sum(_GRAPHS[f.name] for *_, f in roles)
+    total = sum(len(family_module(f.name).GRAPHS) for *_, f in roles)
     done = [0]
     started = time.perf_counter()
 
@@ -218,36 +211,33 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
                 yield
                 log(f"[{done[0]}/{total}] {role}: {what} done in {time.perf_counter() - t:.1f} s")
 
-            reference = _exporter(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step)
+            reference = export_module(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step)
             references[role] = reference
             models[role] = _finish_model(tmp, role, reference, plan, calib_items, log)
-            models[role]["source"] = _source(name, model_dir)
+            models[role] = replace(models[role], source=_source(name, model_dir))
         fidelity = None
         if not plan.is_reference and fidelity_samples > 0:
             fidelity = _fidelity(tmp, models, references, eval_items, fidelity_tokens, log)
             log(report_table(fidelity))
             _gate(fidelity, min_agreement, max_kl)
         shutil.rmtree(tmp / REFERENCE)
-        manifest = {
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "stages": stages,
-            "models": models,
-            "target": target,
-            "quantization": {**plan.describe(), "calibration": str(calibration)},
-            "provenance": {"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
-            "fidelity": fidelity,
-        }
+        manifest = Manifest(
+            stages=stages, models=models, created=datetime.now(UTC).isoformat(timespec="seconds"), target=target,
+            quantization={**plan.describe(), "calibration": str(calibration)},
+            provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
+            fidelity=fidelity)
         bundle.write_manifest(tmp, manifest, progress=lambda m: log(f"{m} ..."))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return Path(out)
 
 
-def _finish_model(root: Path, role: str, reference: dict, plan: QuantPlan, calib_items: list, log) -> dict:
+def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, calib_items: list,
+                  log) -> ModelSpec:
     """Move the non-graph files next to the final graphs and convert each graph to its precision."""
-    ref_dir = root / reference["tokenizer"]
+    ref_dir = root / reference.tokenizer
     out = root / role
     out.mkdir(parents=True, exist_ok=True)
-    graph_files = {Path(g["file"]).name for g in reference["graphs"].values()}
+    graph_files = {Path(g.file).name for g in reference.graphs.values()}
     for f in ref_dir.iterdir():
         if f.name not in graph_files and f.name.removesuffix(".data") not in graph_files:
             _link_or_copy(f, out / f.name)
@@ -270,22 +260,19 @@ def _finish_model(root: Path, role: str, reference: dict, plan: QuantPlan, calib
         readers[kind].rewind()
         return readers[kind]
 
-    entry = {**reference, "graphs": {}, "tokenizer": role,
-             "arrays": {k: f"{role}/{Path(v).name}" for k, v in reference.get("arrays", {}).items()}}
-    if not entry["arrays"]:
-        del entry["arrays"]
     from edgevlm.export import fused, graphs
 
-    for name, g in reference["graphs"].items():
+    converted = {}
+    for name, g in reference.graphs.items():
         q = plan.for_graph(role, name)
-        src, dst = root / g["file"], out / Path(g["file"]).name
+        src, dst = root / g.file, out / Path(g.file).name
         if q != "fp32":
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
         _convert_graph(src, dst, q, name, plan, reader_for)
-        entry["graphs"][name] = graphs.graph_entry(dst, root, q)
-    decoder = root / entry["graphs"]["decoder"]["file"]
-    entry["kv"] = {**entry["kv"], "shared": fused.updates_cache_in_place(decoder)}  # not after an fp16 conversion
-    return entry
+        converted[name] = graphs.graph_entry(dst, root, q)
+    shared = fused.updates_cache_in_place(root / converted["decoder"].file)  # not after an fp16 conversion
+    return replace(reference, graphs=converted, tokenizer=role, kv=replace(reference.kv, shared=shared),
+                   arrays={k: f"{role}/{Path(v).name}" for k, v in reference.arrays.items()})
 
 
 def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: int, log) -> dict:
@@ -300,13 +287,13 @@ def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: i
     for stage, role in STAGES.items():
         if role not in loaded:
             continue
-        if all(g["quant"] == "fp32" for g in models[role]["graphs"].values()):
+        if all(g.quant == "fp32" for g in models[role].graphs.values()):
             continue
         log(f"measuring fidelity: {stage} ({len(items)} prompts x {tokens} tokens) ...")
         reference, candidate = loaded[role]
         result = measure(reference, candidate, stage_inputs(stage, reference, items, describe), tokens)
-        ref_bytes = sum(bundle.graph_bytes(root / g["file"]) for g in references[role]["graphs"].values())
-        new_bytes = sum(bundle.graph_bytes(root / g["file"]) for g in models[role]["graphs"].values())
+        ref_bytes = sum(bundle.graph_bytes(root / g.file) for g in references[role].graphs.values())
+        new_bytes = sum(bundle.graph_bytes(root / g.file) for g in models[role].graphs.values())
         report[stage] = {**result.to_dict(), "role": role, "size_ratio": round(new_bytes / ref_bytes, 4)}
     return report
 

@@ -18,17 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
-# Names in every decoder graph; the runtime binds by these.
-INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, LOGITS = (
-    "input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits")
-
-
-def past_name(layer: int, kind: str) -> str:
-    return f"past.{layer}.{kind}"
-
-
-def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
+# Names in every graph, which the runtime binds by, are the manifest's.
+from edgevlm.manifest import (  # noqa: E402
+    ATTENTION_MASK,
+    IMAGE_FEATURES,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    KV,
+    LOGITS,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    Graph,
+    ModelSpec,
+    past_name,
+    present_name,
+)
 
 
 class DecoderWithPast(nn.Module):
@@ -187,12 +191,11 @@ def export_embedding(embedding: nn.Module, vocab_size: int, path: Path) -> Path:
                   [INPUTS_EMBEDS], {INPUT_IDS: {0: "batch", 1: "sequence"}})
 
 
-def kv_layout(text_config, max_context: int, shared: bool = False) -> dict:
+def kv_layout(text_config, max_context: int, shared: bool = False) -> KV:
     """The decoder's cache; `shared`: past and present may be one buffer, updated in place by the graph."""
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    return {"layers": text_config.num_hidden_layers, "kv_heads": text_config.num_key_value_heads,
-            "head_dim": head_dim, "max_sequence": max_context, "dtype": "float32",
-            "layout": "batch,kv_heads,sequence,head_dim", "shared": shared}
+    return KV(layers=text_config.num_hidden_layers, kv_heads=text_config.num_key_value_heads, head_dim=head_dim,
+              max_sequence=max_context, shared=shared)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -209,8 +212,8 @@ def copy_tokenizer(model_dir: Path, out: Path) -> None:
             shutil.copy(Path(model_dir) / name, out / name)
 
 
-def graph_entry(path: Path, root: Path, quant: str) -> dict:
-    return {"file": path.relative_to(root).as_posix(), "quant": quant, **graph_io(path)}
+def graph_entry(path: Path, root: Path, quant: str) -> Graph:
+    return Graph.from_dict({"file": path.relative_to(root).as_posix(), "quant": quant, **graph_io(path)})
 
 
 def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body: nn.Module, out: Path, *,
@@ -218,8 +221,8 @@ def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body
     """A VLM's three fp32 graphs: vision (pixel_values [crops, 3, h, w] -> image_features), embedding, decoder."""
     text = model.config.text_config
     with step(vision_label):
-        graphs = {"vision": export(vision, (torch.randn(2, 3, *crop),), out / "vision.onnx", ["pixel_values"],
-                                   ["image_features"], {"pixel_values": {0: "crops"}})}
+        graphs = {"vision": export(vision, (torch.randn(2, 3, *crop),), out / "vision.onnx", [PIXEL_VALUES],
+                                   [IMAGE_FEATURES], {PIXEL_VALUES: {0: "crops"}})}
     with step("token embedding"):
         graphs["embed"] = export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
     with step("decoder"):
@@ -227,33 +230,33 @@ def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body
     return graphs
 
 
-def model_dims(text_config, vision_config=None, preprocess: dict | None = None) -> dict:
+def model_dims(family: str, text_config, vision_config=None, preprocess: dict | None = None) -> dict:
     """The sizes the runtime's memory planner (edgevlm.memory) estimates activations from."""
     dims = {"hidden": text_config.hidden_size, "heads": text_config.num_attention_heads,
             "intermediate": text_config.intermediate_size, "vocab": text_config.vocab_size}
     if vision_config is not None:
-        from edgevlm.memory import max_crops
+        from edgevlm.families import family_module
 
         side = vision_config.image_size // vision_config.patch_size
         dims["vision"] = {"hidden": vision_config.hidden_size, "heads": vision_config.num_attention_heads,
                           "intermediate": vision_config.intermediate_size, "tokens": side * side,
-                          "max_crops": max_crops(preprocess or {}), "feature": text_config.hidden_size}
+                          "max_crops": family_module(family).max_crops(preprocess), "feature": text_config.hidden_size}
     return dims
 
 
 def model_entry(family: str, graphs: dict[str, Path], text_config, model_dir: Path, out: Path, root: Path,
-                vision_config=None, **extra) -> dict:
+                vision_config=None, **extra) -> ModelSpec:
     """The manifest entry of one exported fp32 model; copies its tokenizer files beside the graphs."""
     from edgevlm.export import fused
 
     copy_tokenizer(model_dir, out)
     max_context = int(text_config.max_position_embeddings)
-    return {
+    return ModelSpec.from_dict({
         "family": family,
-        "graphs": {name: graph_entry(path, root, "fp32") for name, path in graphs.items()},
-        "kv": kv_layout(text_config, max_context, fused.updates_cache_in_place(graphs["decoder"])),
+        "graphs": {name: graph_entry(path, root, "fp32").to_dict() for name, path in graphs.items()},
+        "kv": kv_layout(text_config, max_context, fused.updates_cache_in_place(graphs["decoder"])).to_dict(),
         "max_context": max_context,
-        "dims": model_dims(text_config, vision_config, extra.get("preprocess")),
+        "dims": model_dims(family, text_config, vision_config, extra.get("preprocess")),
         "tokenizer": out.relative_to(root).as_posix(),
         **extra,
-    }
+    })

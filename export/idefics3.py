@@ -12,6 +12,16 @@ from edgevlm.export import graphs
 from edgevlm.families import idefics3
 
 
+def load_hf_processor(model_dir: str | Path):
+    """The HF processor (reference preprocessing). Uses the PIL image processor: no torchvision needed."""
+    from transformers import AutoTokenizer, Idefics3ImageProcessorPil, Idefics3Processor
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    image_processor = Idefics3ImageProcessorPil.from_pretrained(model_dir)
+    return Idefics3Processor.from_pretrained(model_dir, image_processor=image_processor, tokenizer=tokenizer)
+
+
+
 class VisionFeatures(nn.Module):
     """pixel_values [crops, 3, m, m] -> connector features [crops, image_seq_len, hidden].
 

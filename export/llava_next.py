@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgevlm.bundle import atomic_directory
 from edgevlm.errors import ModelError
-from edgevlm.families import llava_onevision
+from edgevlm.export import llava_onevision as export_llava
 
 # The paper's vision tower: SigLIP so400m-patch14-384 without its last layer and head.
 SO400M = dict(
@@ -147,9 +147,9 @@ def convert(source_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     )
     with atomic_directory(out_dir, overwrite=True) as tmp:  # replaces only a directory edgevlm wrote
         model.save_pretrained(tmp)
-        llava_onevision.save_processor(
+        export_llava.save_processor(
             tmp, tokenizer, image_processor, num_image_tokens=(crop // vision["patch_size"]) ** 2,
-            chat_template=llava_onevision.CHAT_TEMPLATE,
+            chat_template=export_llava.CHAT_TEMPLATE,
         )
     return out_dir
 

@@ -111,14 +111,14 @@ def test_kv_bytes_match_the_cache_layout(tiny_bundle, image):
     result = pipe(str(image), "What is shown?", max_new_tokens=4, think_budget=4)
     manifest = bundle_mod.load(tiny_bundle).manifest
     for name, stage in result.stages.items():
-        kv = manifest["models"][manifest["stages"][name]]["kv"]
-        per_position = 2 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] * 4  # keys and values, fp32
+        kv = manifest.models[manifest.stages[name]].kv
+        per_position = 2 * kv.layers * kv.kv_heads * kv.head_dim * 4  # keys and values, fp32
         # the last sampled token is never fed back, so the cache holds prompt + new - 1 positions
         assert stage.memory["kv_used"] == per_position * (stage.prompt_tokens + stage.new_tokens - 1)
-        sets = 1 if kv["shared"] else 2  # one buffer written in place (fused decoders), or two used in turn
+        sets = 1 if kv.shared else 2  # one buffer written in place (fused decoders), or two used in turn
         assert stage.memory["kv_allocated"] >= sets * stage.memory["kv_used"]
-        if kv["shared"]:  # reserved for the whole planned context at once
-            role = manifest["stages"][name]
+        if kv.shared:  # reserved for the whole planned context at once
+            role = manifest.stages[name]
             assert stage.memory["kv_allocated"] == per_position * pipe.memory_plan.max_context[role]
         assert stage.memory["weights"]["decoder"] > 0
     assert result.peak_rss_bytes > 0 and result.to_dict()["memory"]["extract"]["kv_used_mb"] > 0
@@ -155,11 +155,11 @@ def test_the_roofline_leaves_out_token_embedding_rows_a_step_does_not_read(tiny_
     b = bundle_mod.load(tiny_bundle)
     config = json.loads((tiny_dir("qwen3") / "config.json").read_text())
     # the reasoner's decoder looks its tokens up in-graph (untied: the head has its own matrix)
-    assert b.models["reasoner"]["graphs"]["decoder"]["lookup_bytes"] == config["vocab_size"] * config["hidden_size"] * 4
-    assert b.models["extractor"]["graphs"]["decoder"]["lookup_bytes"] == 0  # it takes embeddings as input
+    assert b.models["reasoner"].graphs["decoder"].lookup_bytes == config["vocab_size"] * config["hidden_size"] * 4
+    assert b.models["extractor"].graphs["decoder"].lookup_bytes == 0  # it takes embeddings as input
     result = Pipeline.from_bundle(tiny_bundle)(image, "What is shown?", max_new_tokens=4)
     think = result.stages["think"]
-    lookup = b.models["reasoner"]["graphs"]["decoder"]["lookup_bytes"]
+    lookup = b.models["reasoner"].graphs["decoder"].lookup_bytes
     assert think.memory["step_weights"] == think.memory["weights"]["decoder"] - lookup
     roof = benchmod.roofline([think], 10.0, 20.0)
     kv = think.memory["kv_used"] / (think.prompt_tokens + think.new_tokens)

@@ -18,6 +18,7 @@ from edgevlm import bundle as bundle_mod
 from edgevlm import manifest as manifest_mod
 from edgevlm import schema as schema_mod
 from edgevlm.bundle import Bundle, BundleError
+from edgevlm.manifest import Manifest
 
 MANIFEST = "manifest.json"
 
@@ -290,7 +291,7 @@ def test_verify_false_still_checks_sizes_and_confinement(b, outside):
 def test_a_bundle_made_in_code_without_a_table_is_still_confined(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "a.npy").write_bytes(b"x")
-    made = Bundle(tmp_path, {"models": {}})
+    made = Bundle.in_progress(tmp_path, {})
     assert made.file("m/a.npy") == tmp_path / "m" / "a.npy"
     for rel in ("../a.npy", "/etc/passwd", "m/../m/a.npy"):
         with pytest.raises(BundleError, match="not a relative path inside the bundle"):
@@ -306,11 +307,11 @@ def test_writing_a_manifest_refuses_what_load_would(tmp_path, outside):
     (root / "m").mkdir(parents=True)
     (root / "m" / "a.bin").symlink_to(outside / "secret")
     with pytest.raises(BundleError, match="leads outside the bundle"):
-        bundle_mod.write_manifest(root, {})
+        bundle_mod.write_manifest(root, Manifest(stages={}, models={}))
     (root / "m" / "a.bin").unlink()
     os.mkfifo(root / "m" / "a.bin")
     with pytest.raises(BundleError, match="is a FIFO"):
-        bundle_mod.write_manifest(root, {})
+        bundle_mod.write_manifest(root, Manifest(stages={}, models={}))
     assert not (root / MANIFEST).exists()
 
 

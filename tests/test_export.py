@@ -102,7 +102,7 @@ def test_extractor_only_bundle_runs_direct_mode_and_refuses_the_rest(bundles):
 
 
 def test_manifest_describes_every_model_and_file(bundles):
-    m = bundle_mod.load(bundles["llava"]).manifest
+    m = bundle_mod.load(bundles["llava"]).manifest.to_dict()
     assert m["format"] == "edgevlm-bundle" and m["format_version"] == bundle_mod.FORMAT_VERSION
     assert m["stages"] == {"plan": "reasoner", "extract": "extractor", "think": "reasoner", "direct": "extractor"}
     ex = m["models"]["extractor"]
@@ -246,17 +246,17 @@ def test_fp16_bundle_runs_close_to_fp32(bundles, tiny_dir, tmp_path):
     path = export_bundle(tmp_path / "fp16", extractor=str(tiny_dir("llava_onevision")), with_reasoner=False,
                          quant="fp16", log=lambda m: None)
     fp16, fp32 = OrtModel(bundle_mod.load(path), "extractor"), OrtModel(bundle_mod.load(bundles["llava"]), "extractor")
-    assert {g["quant"] for g in fp16.entry["graphs"].values()} == {"fp16"}
+    assert {g.quant for g in fp16.entry.graphs.values()} == {"fp16"}
 
     def weight_bytes(b):
-        return sum(m["bytes"] for rel, m in bundle_mod.load(b).manifest["files"].items()
+        return sum(m["bytes"] for rel, m in bundle_mod.load(b).manifest.files.items()
                    if rel.startswith("extractor/") and rel.endswith(".onnx.data"))
 
     assert weight_bytes(path) < 0.55 * weight_bytes(bundles["llava"])  # half the bytes, plus a little
     image = random_image()
     rendered = fp32.tokenizer.apply_chat_template(fp32.family.messages("Describe.", with_image=True))
     # the fp16 conversion puts casts around the attention's cache: it runs with two buffer sets
-    assert fp32.entry["kv"]["shared"] and not fp16.entry["kv"]["shared"]
+    assert fp32.entry.kv.shared and not fp16.entry.kv.shared
     states = []
     for model in (fp16, fp32):
         prepared = model.prepare(rendered, image)

@@ -254,7 +254,7 @@ def test_a_file_added_beside_a_bundle_is_never_deleted(tiny_dir, tiny_bundle, tm
     (out / "notes.md").unlink()  # without it, the bundle is all edgevlm's, and an export replaces it
     export_bundle(out, extractor=str(tiny_dir("llava_onevision")), with_reasoner=False, overwrite=True,
                   fidelity_samples=0, log=lambda m: None)
-    assert set(bundle.load(out).manifest["models"]) == {"extractor"} and hidden(tmp_path) == []
+    assert set(bundle.load(out).manifest.models) == {"extractor"} and hidden(tmp_path) == []
 
 
 def test_a_file_added_to_a_model_edgevlm_wrote_is_never_deleted(tiny_dir, scene_items, tmp_path):

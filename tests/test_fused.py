@@ -20,7 +20,7 @@ def _export(model_dir, root):
     from edgevlm.export import causal_lm
 
     entry = causal_lm.export_model(model_dir, root / "model", root, step=lambda what: nullcontext())
-    return OrtModel(Bundle(root, {"models": {"model": entry}}), "model", prefill_chunk=5)
+    return OrtModel(Bundle.in_progress(root, {"model": entry}), "model", prefill_chunk=5)
 
 
 def _compare(ours, ref, steps=8):
@@ -44,9 +44,9 @@ def test_fused_decoder_matches_pytorch_through_chunked_prefill_and_decoding(tiny
     from edgevlm.families import reasoner_family
 
     ours = _export(tiny_dir(family), tmp_path)
-    ops = _ops(tmp_path / ours.entry["graphs"]["decoder"]["file"])
+    ops = _ops(tmp_path / ours.entry.graphs["decoder"].file)
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "QuickGelu"} <= ops and "Concat" not in ops
-    assert ours.entry["kv"]["shared"]
+    assert ours.entry.kv.shared
     ref = TorchModel(tiny_dir(family), reasoner_family(tiny_dir(family)))
     state = _compare(ours, ref)
     cache = state.cache
@@ -68,8 +68,8 @@ def test_a_head_size_the_fused_attention_cannot_take_falls_back_to_the_traced_gr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert "head size 8" in fused.unsupported(model.model, model.config)
     ours = _export(tmp_path / "hf", tmp_path / "bundle")
-    assert not ours.entry["kv"]["shared"] and "GroupQueryAttention" not in _ops(
-        tmp_path / "bundle" / ours.entry["graphs"]["decoder"]["file"])
+    assert not ours.entry.kv.shared and "GroupQueryAttention" not in _ops(
+        tmp_path / "bundle" / ours.entry.graphs["decoder"].file)
     state = _compare(ours, TorchModel(tmp_path / "hf", reasoner_family(tmp_path / "hf")), steps=4)
     assert state.cache.read_pointers() != state.cache.write_pointers()  # two buffer sets used in turn
 

@@ -15,9 +15,8 @@ FORBIDDEN = ("torch", "transformers", "edgevlm.export", "edgevlm.train")
 # Entry points, which reach train and export on purpose, and the PyTorch reference backend (used only when
 # torch is installed).
 ENTRY_POINTS = {"cli.py", "demo/__main__.py", "backends/torch_ref.py"}
-# Imports still to move out (issue 22), each named so that nothing new slips in: the HF processor loaders go
-# with the family interface.
-PENDING = {("families/llava_onevision.py", "transformers"), ("families/idefics3.py", "transformers")}
+# Imports still to move out, each named so that nothing new slips in (none left).
+PENDING: set[tuple[str, str]] = set()
 
 
 def _package(module: str, is_package: bool) -> list[str]:

@@ -1,5 +1,6 @@
 """The memory planner: sizes, the context a budget allows, refusals, and the runtime keeping to the plan."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from edgevlm import bundle as bundle_mod
 from edgevlm import memory
 from edgevlm.cli import cli
 from edgevlm.errors import InputTooLongError, UsageError
+from edgevlm.families import family_module
 from edgevlm.pipeline import Pipeline
 
 
@@ -30,18 +32,18 @@ def test_bad_sizes_are_usage_errors(text):
 def test_manifest_records_the_dims_the_planner_needs(tiny_bundle):
     b = bundle_mod.load(tiny_bundle, verify=False)
     extractor, reasoner = b.models["extractor"], b.models["reasoner"]
-    assert set(reasoner["dims"]) == {"hidden", "heads", "intermediate", "vocab"}
-    assert extractor["dims"]["vision"]["tokens"] == (32 // 8) ** 2  # the tiny SigLIP: 32 px in patches of 8
-    assert extractor["dims"]["vision"]["max_crops"] == memory.max_crops(extractor["preprocess"])
+    assert set(reasoner.to_dict()["dims"]) == {"hidden", "heads", "intermediate", "vocab"}
+    assert extractor.dims.vision.tokens == (32 // 8) ** 2  # the tiny SigLIP: 32 px in patches of 8
+    assert extractor.dims.vision.max_crops == family_module("llava_onevision").max_crops(extractor.preprocess)
     # a bundle written before `dims` still plans, from its graphs' shapes
-    legacy = {k: v for k, v in extractor.items() if k != "dims"}
-    assert memory.model_dims(legacy).vocab == extractor["dims"]["vocab"]
+    legacy = dataclasses.replace(extractor, dims=None)
+    assert memory.model_dims(legacy).vocab == extractor.dims.vocab
 
 
 def test_the_plan_is_the_longest_context_that_fits(tiny_bundle):
     b = bundle_mod.load(tiny_bundle, verify=False)
     unlimited = memory.plan(b, None)
-    assert unlimited.max_context == {r: b.models[r]["max_context"] for r in ("extractor", "reasoner")}
+    assert unlimited.max_context == {r: b.models[r].max_context for r in ("extractor", "reasoner")}
     costs = {c.role: c for c in memory.costs(b)}
     fixed = sum(unlimited.resident.values())
     # a budget with room for exactly `target` positions of the hungrier model's stage
@@ -91,7 +93,7 @@ def test_the_runtime_keeps_to_the_planned_context(tiny_bundle, tmp_path):
     budget = fixed + max(c.stage_bytes(c.min_context + 8, 512) for c in costs.values())
     pipe = Pipeline.from_bundle(str(tiny_bundle), memory_budget=budget, vision_cache_mb=0, prefix_cache_mb=0)
     plan = pipe.memory_plan
-    assert pipe.extractor.max_context == plan.max_context["extractor"] < b.models["extractor"]["max_context"]
+    assert pipe.extractor.max_context == plan.max_context["extractor"] < b.models["extractor"].max_context
     image = tmp_path / "frame.png"
     random_image(40, 60).save(image)
     result = pipe(str(image), "What is shown?", mode="extract", max_new_tokens=4000)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from edgevlm.export import llava_onevision as export_llava
 from edgevlm.families import idefics3, llava_onevision
 from edgevlm.images import load_image
 from edgevlm.tokenizer import Tokenizer
@@ -54,7 +55,7 @@ def _llava_hf(cfg):
         size={"height": cfg["crop_size"][0], "width": cfg["crop_size"][1]},
         image_grid_pinpoints=cfg["image_grid_pinpoints"], image_mean=cfg["image_mean"], image_std=cfg["image_std"],
         resample=cfg["resample"], do_pad=True)
-    processor = llava_onevision._processor_class()(
+    processor = export_llava._processor_class()(
         image_processor=image_processor, tokenizer=build_tokenizer(), num_image_tokens=cfg["num_image_tokens"],
         vision_feature_select_strategy="full")
     model = SimpleNamespace(config=SimpleNamespace(

@@ -45,22 +45,22 @@ def quantized(tiny_dir, tmp_path_factory):
 
 def test_graphs_are_quantized_as_planned(quantized):
     b = bundle_mod.load(quantized["int4"])
-    ex, re = b.models["extractor"]["graphs"], b.models["reasoner"]["graphs"]
-    assert (ex["vision"]["quant"], ex["embed"]["quant"], ex["decoder"]["quant"], re["decoder"]["quant"]) == (
+    ex, re = b.models["extractor"].graphs, b.models["reasoner"].graphs
+    assert (ex["vision"].quant, ex["embed"].quant, ex["decoder"].quant, re["decoder"].quant) == (
         "int8", "fp32", "int4", "int4")  # vision never int4 by default; the embedding stays exact
     for g in (ex["decoder"], re["decoder"]):
-        assert "MatMulNBits" in ops(b.file(g["file"])) and weight_matmuls(b.file(g["file"])) == 0
-    vision = b.file(ex["vision"]["file"])  # 8-bit weight-only, like the decoders: no calibration pass
+        assert "MatMulNBits" in ops(b.file(g.file)) and weight_matmuls(b.file(g.file)) == 0
+    vision = b.file(ex["vision"].file)  # 8-bit weight-only, like the decoders: no calibration pass
     assert "MatMulNBits" in ops(vision) and weight_matmuls(vision) == 0
     b8 = bundle_mod.load(quantized["int8"])
-    decoder = b8.file(b8.models["reasoner"]["graphs"]["decoder"]["file"])
+    decoder = b8.file(b8.models["reasoner"].graphs["decoder"].file)
     assert "MatMulNBits" in ops(decoder) and weight_matmuls(decoder) == 0
-    assert b8.manifest["quantization"]["extractor"] == "int8" and not (b.path / ".reference").exists()
+    assert b8.manifest.quantization["extractor"] == "int8" and not (b.path / ".reference").exists()
 
 
 @pytest.mark.parametrize("name", ["int4", "int8"])
 def test_fidelity_report_is_present_and_sane(quantized, name):
-    report = bundle_mod.load(quantized[name]).manifest["fidelity"]
+    report = bundle_mod.load(quantized[name]).manifest.fidelity
     assert list(report) == ["plan", "extract", "think"]
     for stage, r in report.items():
         assert set(r) == FIDELITY_KEYS
@@ -97,11 +97,11 @@ def test_per_component_precision_and_gptq(tiny_dir, tmp_path):
                          reasoner=str(tiny_dir("qwen3")), quant=plan, log=lambda m: None, fidelity_samples=2,
                          fidelity_tokens=4)
     b = bundle_mod.load(path)
-    graphs = b.models["extractor"]["graphs"]
-    assert {k: g["quant"] for k, g in graphs.items()} == {"vision": "int4", "embed": "int4", "decoder": "int4"}
-    assert "GatherBlockQuantized" in ops(b.file(graphs["embed"]["file"]))
-    assert b.models["reasoner"]["graphs"]["decoder"]["quant"] == "fp16"
-    assert b.manifest["quantization"]["int4_method"] == "gptq"
+    graphs = b.models["extractor"].graphs
+    assert {k: g.quant for k, g in graphs.items()} == {"vision": "int4", "embed": "int4", "decoder": "int4"}
+    assert "GatherBlockQuantized" in ops(b.file(graphs["embed"].file))
+    assert b.models["reasoner"].graphs["decoder"].quant == "fp16"
+    assert b.manifest.quantization["int4_method"] == "gptq"
     assert Pipeline.from_bundle(path)(random_image(), "q", mode="direct", max_new_tokens=3).stages["direct"]
 
 
@@ -138,7 +138,7 @@ def test_int4_keeps_the_sensitive_layers_in_int8(quantized):
     import onnx
 
     b = bundle_mod.load(quantized["int4"])
-    graph = onnx.load(str(b.file(b.models["reasoner"]["graphs"]["decoder"]["file"])), load_external_data=False).graph
+    graph = onnx.load(str(b.file(b.models["reasoner"].graphs["decoder"].file)), load_external_data=False).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
             for n in graph.node if n.op_type == "MatMulNBits"}
     # tiny Qwen3, fused decoder: packed QKV, output, packed gate+up and down per layer, + the head;
@@ -147,7 +147,7 @@ def test_int4_keeps_the_sensitive_layers_in_int8(quantized):
     assert len(bits) == 4 * 2 + 1 and {name for name, n in bits.items() if n == 8} == eight
     assert set(bits.values()) == {4, 8}
     blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node if n.name in eight}
-    assert blocks == {b.manifest["quantization"]["keep_int8_block_size"]} == {64}
+    assert blocks == {b.manifest.quantization["keep_int8_block_size"]} == {64}
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
@@ -166,11 +166,11 @@ def test_awq_folds_its_input_scales_into_the_layers_before(tiny_dir, tmp_path, f
     from edgevlm.export.exporter import decoder_feeds
 
     entry = causal_lm.export_model(tiny_dir(family), tmp_path / "fp32", tmp_path, step=lambda what: nullcontext())
-    model = OrtModel(Bundle(tmp_path, {"models": {"m": entry}}), "m")
+    model = OrtModel(Bundle.in_progress(tmp_path, {"m": entry}), "m")
     prompts = [(model.tokenizer.apply_chat_template(model.family.messages(q)), None)
                for q in ("Describe a red square.", "How many circles are there?", "Is it raining?")]
     feeds = decoder_feeds(model, prompts)
-    src = tmp_path / entry["graphs"]["decoder"]["file"]
+    src = tmp_path / entry.graphs["decoder"].file
     outputs, muls = {}, {}
     for fold in (False, True):
         dst = tmp_path / f"awq-{fold}.onnx"

@@ -61,7 +61,7 @@ def test_int8_bundle_of_real_weights_keeps_top1_agreement_above_097(smollm2, tin
     path = export_bundle(tmp_path / "smol-int8", extractor=str(tiny_dir("llava_onevision")), reasoner=str(GGUF),
                          quant=QuantPlan(extractor="fp32", reasoner="int8"), fidelity_samples=10,
                          fidelity_tokens=32, log=lambda m: None)
-    report = bundle_mod.load(path).manifest["fidelity"]
+    report = bundle_mod.load(path).manifest.fidelity
     assert set(report) == {"plan", "think"}  # the fp32 extractor is the reference itself
     assert sum(r["positions"] for r in report.values()) >= 200
     for stage, r in report.items():

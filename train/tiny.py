@@ -26,7 +26,7 @@ from edgevlm.errors import UsageError
 
 # Chat templates. The Qwen3-style one honours `enable_thinking=False` the way Qwen3's does (an empty
 # think block in the generation prompt); the LLaVA-OneVision one is the template the paper's authors
-# ship with their converted extractors (families.llava_onevision); the Idefics3 one follows SmolVLM's.
+# ship with their converted extractors (edgevlm.export.llava_onevision); the Idefics3 one follows SmolVLM's.
 QWEN3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['content'] is string %}{% set text = message['content'] %}"
@@ -178,7 +178,7 @@ def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3", *, tok=None
         LlavaOnevisionImageProcessorPil,
     )
 
-    from edgevlm.families import llava_onevision
+    from edgevlm.export import llava_onevision as export_llava
 
     tok = tok or build_tokenizer()
     crop = vision["image_size"]
@@ -202,9 +202,9 @@ def _make_llava_onevision(out: Path, seed: int, text: str = "qwen3", *, tok=None
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3,
     )
     model.save_pretrained(out)
-    llava_onevision.save_processor(
+    export_llava.save_processor(
         out, tok, image_processor, num_image_tokens=(crop // vision["patch_size"]) ** 2,
-        chat_template=llava_onevision.CHAT_TEMPLATE,
+        chat_template=export_llava.CHAT_TEMPLATE,
     )
 
 
@@ -303,8 +303,8 @@ def _make_paper_shaped(kind: str, out: Path, seed: int) -> None:
         Qwen3ForCausalLM,
     )
 
+    from edgevlm.export import llava_onevision as export_llava
     from edgevlm.export.llava_next import SO400M
-    from edgevlm.families import llava_onevision
 
     tok = build_tokenizer()
     text = {**_qwen3_text_config(tok), **QWEN3_SHAPES["qwen3-0.6b" if kind == "extractor-0.6b" else kind],
@@ -321,8 +321,8 @@ def _make_paper_shaped(kind: str, out: Path, seed: int) -> None:
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": 384, "width": 384}, image_grid_pinpoints=PAPER_PINPOINTS, do_pad=True,
             image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
-        llava_onevision.save_processor(out, tok, image_processor, num_image_tokens=729,
-                                       chat_template=llava_onevision.CHAT_TEMPLATE)
+        export_llava.save_processor(out, tok, image_processor, num_image_tokens=729,
+                                       chat_template=export_llava.CHAT_TEMPLATE)
     else:
         tok.chat_template = QWEN3_CHAT_TEMPLATE
         _save_causal_lm(Qwen3ForCausalLM(Qwen3Config(**text)), tok, out)

@@ -22,6 +22,7 @@ from edgevlm.cache import PrefixCache
 from edgevlm.errors import DeviceError, ModelError, first_line
 from edgevlm.families import Family, family_module
 from edgevlm.kv_cache import KVCache
+from edgevlm.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, PIXEL_VALUES, POSITION_IDS
 from edgevlm.tokenizer import Prompt, Tokenizer
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -53,7 +54,7 @@ def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: 
     """A bundle's extractor and reasoner (None if it has none), each given the context the memory plan
     fits in `memory_budget` beside the caches at their sizes (MemoryBudgetError when nothing fits)."""
     b = bundle.load(path, verify=verify)
-    budget, source = memory.budget_for(memory_budget, b.manifest.get("target"))
+    budget, source = memory.budget_for(memory_budget, b.manifest.target)
     plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
     models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
               for role in sorted(set(b.stages.values()))}
@@ -92,13 +93,13 @@ class OrtModel:
             raise ModelError(f"the bundle at {bundle.path} has no {role}")
         entry = bundle.models[role]
         self.entry, self.device, self.prefill_chunk = entry, device, prefill_chunk
-        self.name = entry.get("source", {}).get("model") or f"{bundle.path}:{role}"
-        self.module = family_module(entry["family"])
+        self.name = entry.name or f"{bundle.path}:{role}"
+        self.module = family_module(entry.family)
         self.family: Family = self.module.FAMILY
-        tokenizer_dir = bundle.dir(entry["tokenizer"])
+        tokenizer_dir = bundle.dir(entry.tokenizer)
         self.tokenizer = Tokenizer(tokenizer_dir)
         # The memory plan may give the model less context than it was trained for (edgevlm.memory).
-        self.native_context = int(entry["max_context"])
+        self.native_context = entry.max_context
         self.max_context = min(self.native_context, max_context or self.native_context)
         self.family.check_template(self.tokenizer)
         self.vision_batch = memory.VISION_BATCH
@@ -106,30 +107,30 @@ class OrtModel:
         if not self.eos_ids:
             raise ModelError(f"{self.name} defines no end-of-sequence token")
         threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
-        graphs = entry["graphs"]
-        self.decoder = _session(bundle.graph(graphs["decoder"]["file"]), device, threads)
+        graphs = entry.graphs
+        self.decoder = _session(bundle.graph(graphs["decoder"].file), device, threads)
         self.embeds = "embed" in graphs
-        self.embedder = _session(bundle.graph(graphs["embed"]["file"]), device, threads) if self.embeds else None
-        self.vision = _session(bundle.graph(graphs["vision"]["file"]), device, threads) if "vision" in graphs else None
-        self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.get("arrays", {}).items()}
-        self.weight_bytes = {name: graph_bytes(bundle.file(g["file"])) for name, g in graphs.items()}
-        self.step_bytes = self.weight_bytes["decoder"] - int(graphs["decoder"].get("lookup_bytes", 0))
+        self.embedder = _session(bundle.graph(graphs["embed"].file), device, threads) if self.embeds else None
+        self.vision = _session(bundle.graph(graphs["vision"].file), device, threads) if entry.vision else None
+        self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.arrays.items()}
+        self.weight_bytes = {name: graph_bytes(bundle.file(g.file)) for name, g in graphs.items()}
+        self.step_bytes = self.weight_bytes["decoder"] - graphs["decoder"].lookup_bytes
         self.prefix_cache = PrefixCache(0)  # off until the pipeline gives it a budget
         names = [i.name for i in self.decoder.get_inputs()]
-        self._input_name, self._past_names = names[0], [n for n in names if n.startswith("past.")]
-        self._mask = "attention_mask" in names  # traced graphs; fused ones take the lengths from the positions
+        self._input_name, self._past_names = names[0], [n for n in names if n.startswith(PAST)]
+        self._mask = ATTENTION_MASK in names  # traced graphs; fused ones take the lengths from the positions
         self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
         # The logits land in a buffer of each generation's: get_outputs() would wrap every present tensor
         # too, each step.
         vocab = self.decoder.get_outputs()[0].shape[-1]
-        self._vocab = vocab if isinstance(vocab, int) else entry.get("dims", {}).get("vocab")
+        self._vocab = vocab if isinstance(vocab, int) else entry.dims.vocab if entry.dims else None
 
     # ---------------------------------------------------------------- Model protocol
     def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
         prompt = as_prompt(self.tokenizer, prompt)
         if image is None:
             return Prepared(self.tokenizer.encode_prompt(prompt, add_special_tokens=self.family.vision))
-        ids, inputs = self.module.prepare_inputs(prompt, image, self.entry["preprocess"], self.tokenizer)
+        ids, inputs = self.module.prepare_inputs(prompt, image, self.entry.preprocess, self.tokenizer)
         return Prepared(ids, inputs)
 
     def encode(self, prepared: Prepared) -> None:
@@ -137,10 +138,10 @@ class OrtModel:
             return
         # A few crops per run: the tower's attention memory grows with the batch (an AnyRes image is up to
         # 37 crops), and a Jetson shares that memory with everything else.
-        pixels = prepared.image_inputs["pixel_values"]
-        out = np.concatenate([self.vision.run(None, {"pixel_values": pixels[i:i + self.vision_batch]})[0]
+        pixels = prepared.image_inputs[PIXEL_VALUES]
+        out = np.concatenate([self.vision.run(None, {PIXEL_VALUES: pixels[i:i + self.vision_batch]})[0]
                               for i in range(0, len(pixels), self.vision_batch)])
-        prepared.image_features = self.module.image_features(out, prepared.image_inputs, self.entry["preprocess"],
+        prepared.image_features = self.module.image_features(out, prepared.image_inputs, self.entry.preprocess,
                                                              self.arrays)
 
     def embed(self, prepared: Prepared) -> None:
@@ -150,7 +151,7 @@ class OrtModel:
         ids = np.array([prepared.input_ids], dtype=np.int64)
         x = self.embed_ids(ids)
         if prepared.image_features is not None:
-            slots = ids[0] == self.entry["preprocess"]["image_token_id"]
+            slots = ids[0] == self.entry.image_token_id
             if int(slots.sum()) != len(prepared.image_features):
                 raise ModelError(f"{int(slots.sum())} image tokens but {len(prepared.image_features)} features")
             x[0, slots] = prepared.image_features
@@ -168,14 +169,14 @@ class OrtModel:
         x = self.decoder_input(prepared)
         # Long prompts (an AnyRes image is thousands of tokens) go in chunks: attention scores for a chunk are
         # [heads, chunk, total] instead of [heads, total, total], which bounds prefill memory on small devices.
-        kv = self.entry["kv"]
-        cache = KVCache(len(self._past_names), kv["kv_heads"], kv["head_dim"], x.shape[1] + 256, self.max_context,
-                        shared=bool(kv.get("shared")))
+        kv = self.entry.kv
+        cache = KVCache(len(self._past_names), kv.kv_heads, kv.head_dim, x.shape[1] + 256, self.max_context,
+                        shared=kv.shared)
         if self._vocab:
             cache.logits = np.empty((1, 1, self._vocab), np.float32)
         ids, reused = prepared.input_ids, 0
         # Only the text before an image can be shared: image slots hold features, not what their ids say.
-        image_id = self.entry.get("preprocess", {}).get("image_token_id")
+        image_id = self.entry.image_token_id
         shareable = ids.index(image_id) if image_id is not None and image_id in ids else len(ids)
         if self.prefix_cache.max_bytes:
             hit = self.prefix_cache.match(ids, min(shareable, len(ids) - 1))  # one position runs, for the logits
@@ -191,7 +192,7 @@ class OrtModel:
 
     # ---------------------------------------------------------------- graphs
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:
-        return self.embedder.run(None, {"input_ids": ids})[0]
+        return self.embedder.run(None, {INPUT_IDS: ids})[0]
 
     def run_decoder(self, x: np.ndarray, cache: KVCache) -> np.ndarray:
         """Feed x (ids or embeddings) after the cache's contents; return the last position's logits (a view
@@ -210,25 +211,25 @@ class OrtModel:
             for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
                 binding.bind_input(name, "cpu", 0, np.float32, cache.past_shape(past), pointer)
             if cache.logits is None:
-                binding.bind_output("logits", "cpu")
+                binding.bind_output(LOGITS, "cpu")
             else:
-                binding.bind_output("logits", "cpu", 0, np.float32, list(cache.logits.shape), cache.logits.ctypes.data)
+                binding.bind_output(LOGITS, "cpu", 0, np.float32, list(cache.logits.shape), cache.logits.ctypes.data)
             for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
                 binding.bind_output(name, "cpu", 0, np.float32, cache.past_shape(total), pointer)
             if cache.shared:
                 cache.binding, cache.binding_capacity, cache.step_bound = binding, cache.capacity, False
         if self._mask:
-            binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+            binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, total), np.int64))
         if cache.shared and seq == 1 and x.dtype == np.int64:
             if not cache.step_bound:
                 binding.bind_input(self._input_name, "cpu", 0, np.int64, [1, 1], cache.step_token.ctypes.data)
-                binding.bind_input("position_ids", "cpu", 0, np.int64, [1, 1], cache.step_position.ctypes.data)
+                binding.bind_input(POSITION_IDS, "cpu", 0, np.int64, [1, 1], cache.step_position.ctypes.data)
                 cache.step_bound = True
             cache.step_token[0, 0], cache.step_position[0, 0] = x[0, 0], past
             x = None
         if x is not None:
             binding.bind_cpu_input(self._input_name, x)
-            binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
+            binding.bind_cpu_input(POSITION_IDS, np.arange(past, total, dtype=np.int64)[None])
             cache.step_bound = False
         self.decoder.run_with_iobinding(binding)
         cache.advance(seq)

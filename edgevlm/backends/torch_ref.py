@@ -15,13 +15,8 @@ from PIL import Image
 
 from edgevlm.backends.base import Prepared, as_prompt
 from edgevlm.errors import DeviceError, ModelError, first_line
-from edgevlm.families import Family, idefics3, llava_onevision
+from edgevlm.families import Family, export_module, vision_modules
 from edgevlm.tokenizer import Part, Prompt, Tokenizer
-
-PROCESSOR_LOADERS = {
-    llava_onevision.FAMILY.name: llava_onevision.load_hf_processor,
-    idefics3.FAMILY.name: idefics3.load_hf_processor,
-}
 
 
 def torch_device(device: str):
@@ -38,7 +33,7 @@ def torch_device(device: str):
 
 BNB_QUANTS = ("int8", "nf4")
 # Kept in full precision: the vision side (never 4-bit by default, as in export) and the LM head.
-BNB_SKIP = ["vision_tower", "vision_model", "multi_modal_projector", "connector", "lm_head"]
+BNB_SKIP = [*vision_modules(), "lm_head"]
 
 
 def bnb_config(quant: str, compute_dtype):
@@ -147,7 +142,7 @@ class TorchModel:
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             first = first_line(e)
             raise ModelError(f"cannot load {self.name}: {first}") from None
-        self.processor = PROCESSOR_LOADERS[family.name](self.dir) if family.vision else None
+        self.processor = export_module(family.name).load_hf_processor(self.dir)
         self.weight_bytes = _weight_bytes(self.model)
         table, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings()
         untied = head is None or head.weight.data_ptr() != table.data_ptr()  # a tied table is read whole by the head

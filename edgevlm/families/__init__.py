@@ -1,14 +1,24 @@
-"""Model families: what differs between architectures, kept in one module per family.
+"""Model families: what differs between architectures, one module per family, found by its name.
 
-This package is torch-free. A family's module may hold functions that need transformers
-(loading the HF processor for the reference backend); they import it inside the function.
+A family is two modules: its runtime side here (edgevlm/families/<name>.py: prompting, preprocessing,
+image features, the planner's image-token count; numpy only) and its export side
+(edgevlm/export/<name>.py: the graphs, and the HF processor the reference backend uses). Both implement
+the protocols below; nothing else names a family, so adding one touches those two files only.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
 
 from edgevlm.errors import ModelError
 from edgevlm.tokenizer import TEXT, Prompt, Tokenizer
@@ -56,14 +66,84 @@ class Family:
                 self.render(tokenizer, "", enable_thinking=thinking)
 
 
-def family_module(name: str):
-    """The module of a family by its name (as bundles record it)."""
-    from edgevlm.families import causal_lm, idefics3, llava_onevision
+class FamilyModule(Protocol):
+    """The runtime side of a family: edgevlm/families/<name>.py, with FAMILY.name == <name>."""
 
-    modules = {m.FAMILY.name: m for m in (causal_lm, idefics3, llava_onevision)}
+    FAMILY: Family
+    MODEL_TYPES: tuple[str, ...]  # config.json model_type values it loads; () for text LMs (any *ForCausalLM)
+    GRAPHS: tuple[str, ...]  # the graphs its bundles hold, in export order
+    VISION_MODULES: tuple[str, ...]  # parameter-name parts of its vision tower and projector (kept full precision)
+    # The manifest's `preprocess` for this family: a JSON schema over bundle.schema.json's $defs (None: no images)
+    PREPROCESS_SCHEMA: dict | None
+    ARRAYS: tuple[str, ...]  # numpy arrays its bundles carry (manifest `arrays`), by name
+
+
+class VisionFamilyModule(FamilyModule, Protocol):
+    """What a family whose FAMILY.vision is true adds: images in, features placed, room planned."""
+
+    def preprocess_config(self, model_dir: str | Path) -> dict:
+        """The manifest's `preprocess`, from a HF checkpoint directory."""
+        ...
+
+    def prepare_inputs(self, prompt: Prompt, image: Image.Image, cfg: dict,
+                       tokenizer: Tokenizer) -> tuple[list[int], dict[str, Any]]:
+        """The prompt's ids with the image placeholder expanded, and the vision graph's inputs (pixel_values)."""
+        ...
+
+    def image_features(self, vision_output: np.ndarray, inputs: dict, cfg: dict, arrays: dict) -> np.ndarray:
+        """The vision graph's output -> one feature row per image token of the expanded prompt."""
+        ...
+
+    def max_crops(self, cfg: dict) -> int:
+        """The most crops one image becomes."""
+        ...
+
+    def max_image_tokens(self, cfg: dict, tokens_per_crop: int) -> int:
+        """The most prompt positions one image can take (the memory planner's upper bound)."""
+        ...
+
+
+class ExportModule(Protocol):
+    """The export side of a family: edgevlm/export/<name>.py (needs torch and transformers)."""
+
+    def export_model(self, model_dir: Path, out: Path, root: Path, *, step) -> Any:
+        """The family's fp32 graphs and their manifest.ModelSpec."""
+        ...
+
+    def load_hf_processor(self, model_dir: str | Path) -> Any:
+        """Vision families: the HF processor (the reference backend's preprocessing)."""
+        ...
+
+
+@cache
+def registry() -> dict[str, ModuleType]:
+    """Every family module in this package, by family name."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "FAMILY", None), Family) and module.FAMILY.name == info.name:
+            found[info.name] = module
+    return found
+
+
+def family_module(name: str) -> FamilyModule:
+    """The module of a family by its name (as bundles record it)."""
+    modules = registry()
     if name not in modules:
-        raise ModelError(f"unknown model family {name!r}; this edgevlm knows: {', '.join(modules)}")
+        raise ModelError(f"unknown model family {name!r}; this edgevlm knows: {', '.join(sorted(modules))}")
     return modules[name]
+
+
+def export_module(name: str) -> ExportModule:
+    """The export side of a family (imports torch and transformers: the export toolchain and the reference
+    backend only)."""
+    family_module(name)  # a known family: never an arbitrary module name
+    return importlib.import_module(f"edgevlm.export.{name}")
+
+
+def vision_modules() -> tuple[str, ...]:
+    """The parameter-name parts of every family's vision tower and projector."""
+    return tuple(dict.fromkeys(m for module in registry().values() for m in module.VISION_MODULES))
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -78,22 +158,17 @@ def read_config(model_dir: str | Path) -> dict:
 
 def extractor_family(model_dir: str | Path) -> Family:
     """The family of a VLM checkpoint directory, or a one-line error naming the supported ones."""
-    from edgevlm.families import idefics3, llava_onevision
-
     model_type = read_config(model_dir).get("model_type", "?")
-    for module in (llava_onevision, idefics3):
+    vision = [m for m in registry().values() if m.FAMILY.vision]
+    for module in vision:
         if model_type in module.MODEL_TYPES:
             return module.FAMILY
-    raise ModelError(
-        f"{model_dir} is a {model_type!r} model; extractors must be one of: "
-        f"{', '.join(llava_onevision.MODEL_TYPES + idefics3.MODEL_TYPES)}"
-    )
+    raise ModelError(f"{model_dir} is a {model_type!r} model; extractors must be one of: "
+                     f"{', '.join(t for m in vision for t in m.MODEL_TYPES)}")
 
 
 def reasoner_family(model_dir: str | Path) -> Family:
     """Any causal LM with a chat template can reason; VLMs and encoders cannot."""
-    from edgevlm.families import causal_lm
-
     config = read_config(model_dir)
     archs = config.get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in archs):
@@ -101,4 +176,4 @@ def reasoner_family(model_dir: str | Path) -> Family:
             f"{model_dir} is a {config.get('model_type', '?')!r} model ({', '.join(archs) or 'no architecture'}); "
             "the reasoner must be a text-only causal LM (e.g. Qwen3, Llama, SmolLM2)"
         )
-    return causal_lm.FAMILY
+    return family_module("causal_lm").FAMILY

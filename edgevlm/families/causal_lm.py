@@ -3,3 +3,8 @@
 from edgevlm.families import Family
 
 FAMILY = Family(name="causal_lm", vision=False)
+MODEL_TYPES = ()  # any config whose architectures end in ForCausalLM (families.reasoner_family)
+GRAPHS = ("decoder",)
+VISION_MODULES = ()
+PREPROCESS_SCHEMA = None
+ARRAYS = ()

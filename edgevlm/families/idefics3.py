@@ -14,15 +14,26 @@ from edgevlm.tokenizer import Prompt, Tokenizer
 
 MODEL_TYPES = ("idefics3",)
 FAMILY = Family(name="idefics3", vision=True, image_token="<image>")
-
-
-def load_hf_processor(model_dir: str | Path):
-    """The HF processor (reference preprocessing). Uses the PIL image processor: no torchvision needed."""
-    from transformers import AutoTokenizer, Idefics3ImageProcessorPil, Idefics3Processor
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = Idefics3ImageProcessorPil.from_pretrained(model_dir)
-    return Idefics3Processor.from_pretrained(model_dir, image_processor=image_processor, tokenizer=tokenizer)
+GRAPHS = ("vision", "embed", "decoder")
+VISION_MODULES = ("vision_model", "connector")
+ARRAYS = ()
+PREPROCESS_SCHEMA = {
+    "allOf": [
+        {"$ref": "#/$defs/image_common"},
+        {
+            "type": "object",
+            "required": ["longest_edge", "max_image_size", "do_image_splitting", "image_seq_len"],
+            "additionalProperties": False,
+            "properties": {
+                "resample": True, "rescale_factor": True, "image_mean": True, "image_std": True, "image_token_id": True,
+                "longest_edge": {"$ref": "#/$defs/positive"},
+                "max_image_size": {"$ref": "#/$defs/positive"},
+                "do_image_splitting": {"type": "boolean"},
+                "image_seq_len": {"$ref": "#/$defs/positive"},
+            },
+        },
+    ],
+}
 
 
 # ---------------------------------------------------------------- runtime preprocessing (numpy, no torch)
@@ -122,3 +133,16 @@ def prepare_inputs(prompt: Prompt, image: Image.Image, cfg: dict, tokenizer: Tok
 def image_features(vision_output: np.ndarray, inputs: dict, cfg: dict, arrays: dict) -> np.ndarray:
     """Crop features in crop order, one row per <image> token."""
     return vision_output.reshape(-1, vision_output.shape[-1])
+
+
+# ---------------------------------------------------------------- the memory planner's bounds
+def max_crops(cfg: dict) -> int:
+    """The tiles of the largest resized image, plus the global view."""
+    per_side = -(-cfg["longest_edge"] // cfg["max_image_size"])
+    return 1 + per_side * per_side
+
+
+def max_image_tokens(cfg: dict, tokens_per_crop: int) -> int:
+    """Every crop's tokens, and one more per feature row for the markers around them (an upper bound)."""
+    crops = max_crops(cfg)
+    return crops * tokens_per_crop + crops * int(tokens_per_crop ** 0.5)

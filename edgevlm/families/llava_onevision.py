@@ -19,62 +19,31 @@ from edgevlm.tokenizer import Part, Prompt, Tokenizer
 
 MODEL_TYPES = ("llava_onevision",)
 FAMILY = Family(name="llava_onevision", vision=True, system_prompt=prompts.QWEN_1_5_SYSTEM, image_token="<image>")
+GRAPHS = ("vision", "embed", "decoder")
+VISION_MODULES = ("vision_tower", "multi_modal_projector")
+ARRAYS = ("image_newline",)  # the learned row separator (numpy, in the bundle)
+PREPROCESS_SCHEMA = {
+    "allOf": [
+        {"$ref": "#/$defs/image_common"},
+        {
+            "type": "object",
+            "required": ["crop_size", "patch_size", "image_grid_pinpoints", "num_image_tokens", "vision_aspect_ratio",
+                         "vision_feature_select_strategy"],
+            "additionalProperties": False,
+            "properties": {
+                "resample": True, "rescale_factor": True, "image_mean": True, "image_std": True, "image_token_id": True,
+                "crop_size": {"$ref": "#/$defs/pair", "description": "[height, width] of one crop"},
+                "patch_size": {"$ref": "#/$defs/positive"},
+                "image_grid_pinpoints": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/pair"}},
+                "num_image_tokens": {"$ref": "#/$defs/positive"},
+                "vision_aspect_ratio": {"type": "string", "pattern": "^anyres_max_[0-9]{1,6}$",
+                                        "description": "anyres_max_N"},
+                "vision_feature_select_strategy": {"enum": ["default", "full"]},
+            },
+        },
+    ],
+}
 PROCESSOR_CONFIG = "processor_config.json"
-# The chat template the paper's authors ship with their converted extractors: images first, then text.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def _processor_class():
-    from transformers import LlavaOnevisionProcessor
-
-    class ImageOnlyProcessor(LlavaOnevisionProcessor):
-        # The stock processor insists on a video processor, which needs torchvision; images need none.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyProcessor
-
-
-def save_processor(out_dir, tokenizer, image_processor, *, num_image_tokens: int, chat_template: str,
-                   vision_feature_select_strategy: str = "full") -> None:
-    """Write tokenizer, image processor, chat template and processor_config.json the way HF lays them out."""
-    tokenizer.chat_template = chat_template
-    tokenizer.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)
-    config = {
-        "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
-        "num_image_tokens": num_image_tokens, "vision_feature_select_strategy": vision_feature_select_strategy,
-    }
-    (Path(out_dir) / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_hf_processor(model_dir: str | Path):
-    """The HF processor (reference preprocessing and image-token expansion), without torchvision."""
-    from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil
-
-    model_dir = Path(model_dir)
-    config_path = model_dir / PROCESSOR_CONFIG
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return _processor_class()(
-        image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(model_dir),
-        tokenizer=tokenizer,
-        num_image_tokens=config.get("num_image_tokens"),
-        vision_feature_select_strategy=config.get("vision_feature_select_strategy"),
-        chat_template=tokenizer.chat_template,
-    )
 
 
 # ---------------------------------------------------------------- runtime preprocessing (numpy, no torch)
@@ -237,3 +206,17 @@ def prepare_inputs(prompt: Prompt, image: Image.Image, cfg: dict, tokenizer: Tok
 
 def image_features(vision_output: np.ndarray, inputs: dict, cfg: dict, arrays: dict) -> np.ndarray:
     return pack_features(vision_output, inputs["size"], arrays["image_newline"], cfg)
+
+
+# ---------------------------------------------------------------- the memory planner's bounds
+def max_crops(cfg: dict) -> int:
+    """The AnyRes grid's most crops, plus the base view."""
+    crop = cfg["crop_size"]
+    return 1 + max((w // crop[1]) * (h // crop[0]) for h, w in cfg["image_grid_pinpoints"])
+
+
+def max_image_tokens(cfg: dict, tokens_per_crop: int) -> int:
+    """Every crop's tokens (the grid pooled down to anyres_max_N crops' worth) and a newline per feature row:
+    an upper bound of num_image_tokens over image sizes."""
+    crops = min(max_crops(cfg), 1 + int(cfg["vision_aspect_ratio"].rsplit("_", 1)[1]))
+    return crops * tokens_per_crop + crops * int(tokens_per_crop ** 0.5)
