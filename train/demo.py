@@ -142,7 +142,8 @@ def pretrain_copying(model_dir: Path, *, max_steps: int = COPY_STEPS, target: fl
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgevlm.train.tune import _diverged, _token_accuracy
+    from edgevlm.train import loop
+    from edgevlm.train.tune import _token_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -166,25 +167,23 @@ def pretrain_copying(model_dir: Path, *, max_steps: int = COPY_STEPS, target: fl
 
     torch.manual_seed(seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    params = list(model.parameters())
+    optimizer = loop.adamw(params, lr)
     score = 0.0
-    for step in range(max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 30)
+
+    def loss_of(step):  # a random length per step, drawn before the batch
         ids, labels = batch(batch_size, int(rng.integers(8, 33)))
-        loss = model(input_ids=ids, labels=labels).loss
-        if not torch.isfinite(loss):  # trained on, the NaN weights would be saved over the model
-            raise _diverged(f"the loss is {loss.item()}", f"copy pretraining step {step + 1}/{max_steps}", lr,
-                            model_dir)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if (step + 1) % 50 == 0:
+        return model(input_ids=ids, labels=labels).loss
+
+    def after(done, loss):  # every 50 steps: the held-out accuracy; stop once it reaches the target
+        nonlocal score
+        if done % 50 == 0:
             score = accuracy()
-            log(f"copy pretraining {step + 1}/{max_steps}: loss {loss.item():.3f}, held-out copy accuracy {score:.3f}")
-            if score >= target:
-                break
+            log(f"copy pretraining {done}/{max_steps}: loss {loss:.3f}, held-out copy accuracy {score:.3f}")
+            return score >= target
+
+    loop.run(params, optimizer, loss_of, loop.Schedule(lr, max_steps, warmup=30, decay=None), out=model_dir,
+             check_gradients=False, name="copy pretraining step", on_step=after)
     model.save_pretrained(model_dir)
     return score
 
@@ -245,7 +244,8 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from edgevlm.families import llava_onevision
-    from edgevlm.train.tune import _diverged, save_model
+    from edgevlm.train import loop
+    from edgevlm.train.tune import save_model
 
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(extractor_dir, dtype=torch.float32)
@@ -272,7 +272,7 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
     width = model.config.text_config.hidden_size
     heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n_classes) for name, _, n_classes in groups})
     params = [*tower.parameters(), *projector.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    optimizer = loop.adamw(params, lr, betas=(0.9, 0.999))
     n_val = max(1, len(paths) // 20)
     train_idx = np.arange(n_val, len(paths))
     rng = np.random.default_rng(seed)
@@ -292,18 +292,13 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
             at += slots
         return loss / len(groups), hits
 
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - step / steps))
-        loss, _ = loss_and_hits(torch.as_tensor(rng.choice(train_idx, batch_size)))
-        if not torch.isfinite(loss):
-            raise _diverged(f"the loss is {loss.item()}", f"vision pretraining step {step + 1}/{steps}", lr,
-                            extractor_dir)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % 50 == 0:
-            log(f"vision pretraining {step + 1}/{steps}: loss {loss.item():.4f}")
+    def after(done, loss):
+        if done % 50 == 0:
+            log(f"vision pretraining {done}/{steps}: loss {loss:.4f}")
+
+    loop.run(params, optimizer, lambda step: loss_and_hits(torch.as_tensor(rng.choice(train_idx, batch_size)))[0],
+             loop.Schedule(lr, steps, warmup=30, decay="linear"), out=extractor_dir, clip=None,
+             name="vision pretraining step", on_step=after)
     with torch.no_grad():
         _, hits = loss_and_hits(torch.arange(n_val))
     accuracy = {name: round(v, 4) for name, v in hits.items()}

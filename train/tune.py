@@ -43,6 +43,7 @@ from edgevlm.errors import EdgeVLMError, UsageError, first_line
 from edgevlm.evaluation import load_items
 from edgevlm.families import extractor_family, read_config, reasoner_family
 from edgevlm.tokenizer import Prompt, Tokenizer
+from edgevlm.train import loop
 
 CHECKPOINT = "checkpoint.pt"
 MAX_VAL = 160  # validation examples scored at each evaluation (a random sample of the held-out items')
@@ -257,13 +258,6 @@ def _load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _diverged(what: str, where: str, lr: float, out: Path) -> EdgeVLMError:
-    """The one-line error of a training run whose loss, gradients or weights went non-finite (`what`) at `where`
-    (a step); raised before anything is saved, so `out` is as it was. Tuning and the demo's pretraining use it."""
-    return EdgeVLMError(f"training diverged: {what} at {where}; lower the learning rate (it was {lr:g}) and train "
-                        f"again ({out} is unchanged)")
-
-
 def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, *, steps: int = 1000,
          batch_size: int = 16, lr: float = 1e-3, warmup: int = 50, lora: int = 0, extra_fraction: float = 0.25,
          val_items: list[dict] | None = None, val_fraction: float = 0.05, eval_every: int = 200,
@@ -334,16 +328,10 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
     model.train()
     batcher = _Batcher(model_dir, vision)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-
-    def lr_at(step):  # linear warmup, cosine decay to a tenth
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
-
+    optimizer = loop.adamw(params, lr)
     start = 0
     # the whole run's batch order up front, so a resumed run sees exactly the batches it would have seen
-    schedule = np.random.default_rng(seed + 1).integers(len(train), size=(steps, batch_size))
+    order = np.random.default_rng(seed + 1).integers(len(train), size=(steps, batch_size))
     if resume and (partial / CHECKPOINT).exists():
         state = _load_checkpoint(partial / CHECKPOINT)
         if state["steps"] != steps or state["batch_size"] != batch_size:
@@ -370,30 +358,18 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
     history = [{"step": start, **validate()}] if val else []
     if history:
         log(json.dumps(history[0]))
-    scores: dict = {}
     t0, losses = time.perf_counter(), []
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        batch = batcher.batch([train[i] for i in schedule[step]])
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):  # trained on, NaN weights would be checkpointed and saved as the model
-            raise _diverged(f"the loss is {loss.item()}", f"step {step + 1}/{steps}", lr, out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
-            raise _diverged("the gradients are not finite", f"step {step + 1}/{steps}", lr, out)
-        optimizer.step()
-        losses.append(loss.item())
-        done = step + 1
+
+    def after(done: int, loss: float) -> None:  # progress, validation, the checkpoint, then the caller's hook
+        losses.append(loss)
         if done % 10 == 0 or done == steps:
             rate = (done - start) / (time.perf_counter() - t0)
             _progress(label, done, steps, f"loss {np.mean(losses[-10:]):.4f}  {rate:.2f} steps/s")
         if (val and done % eval_every == 0) or done == steps:
-            scores = {"step": done, "train_loss": round(float(np.mean(losses[-50:])), 4), **(validate() if val else {})}
-            history.append(scores)
+            history.append({"step": done, "train_loss": round(float(np.mean(losses[-50:])), 4),
+                            **(validate() if val else {})})
             _progress_done()
-            log(json.dumps(scores))
+            log(json.dumps(history[-1]))
         if done % save_every == 0 and done < steps:
             partial.mkdir(parents=True, exist_ok=True)
             with atomic_file(partial / CHECKPOINT) as tmp:
@@ -401,8 +377,9 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
                             "steps": steps, "batch_size": batch_size}, tmp)
         if on_step:
             on_step(done)
-    if not all(bool(torch.isfinite(p).all()) for p in params):  # a last step can overflow what the loss never saw
-        raise _diverged("the weights are not finite", f"step {steps}/{steps}", lr, out)
+
+    loop.run(params, optimizer, lambda step: model(**batcher.batch([train[i] for i in order[step]])).loss,
+             loop.Schedule(lr, steps, warmup), out=out, start=start, on_step=after)  # cosine decay to a tenth
     if adapter_only:  # the adapter names its base as given (a local one by absolute path), not a cache dir
         local = Path(source).expanduser()
         model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else source
@@ -413,7 +390,7 @@ def tune(model_dir: str | Path, data: str | Path | list[dict], out: str | Path, 
     (partial / CHECKPOINT).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # OUT.partial/ goes if that emptied it: anything else there is not tune's
         partial.rmdir()
-    return {**scores, "history": history}
+    return {**history[-1], "history": history}
 
 
 def save_model(model, model_dir: Path, out: Path) -> None:
