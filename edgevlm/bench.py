@@ -1,7 +1,8 @@
 """`edgevlm bench`: warmup, then N timed runs of the pipeline; per-stage percentiles, TTFT, decode rate,
 memory and the decode roofline, as a table, as JSON (schema: edgevlm/bench.schema.json) and as a plot.
 
-A run's stages are timed by the pipeline's profiler; this module only repeats, aggregates and reports.
+A run's stages are timed by the pipeline's profiler; this module loads each system in turn (edgevlm.loading),
+repeats, aggregates and reports.
 The roofline: each decoded token reads the decoder's weights and the KV cache once, so
 bytes/token x tokens/s is the memory traffic decoding achieved, next to what the memory can give.
 """
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevlm import __version__
+from edgevlm import __version__, loading, targets
+from edgevlm.bundle import atomic_file
 from edgevlm.calibration.data import read_items
 from edgevlm.errors import UsageError
 from edgevlm.images import load_image
+from edgevlm.loading import Source
+from edgevlm.options import Options
 from edgevlm.profiler import format_table, peak_rss_bytes
 
 SCHEMA = "edgevlm.bench/1"
@@ -54,6 +58,34 @@ def stats(values) -> dict:
             "max": round(float(a.max()), 3), "mean": round(float(a.mean()), 3)}
 
 
+def run(sources: list[Source], items: list[tuple], *, options: dict | None = None, warmup: int = 1, runs: int = 5,
+        target: str | None = None, progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Time each system in `sources` (loaded one at a time) on `items`, with the pipeline `options` (checked
+    first), against `target`'s memory bandwidth (default: a copy test here); the bench document."""
+    if not sources:
+        raise UsageError("nothing to time: give a bundle or an HF pair")
+    options = options or {}
+    opts = Options.of(options)
+    bandwidth = targets.bandwidth(target)
+
+    def time_one(source: Source, pipe) -> dict:
+        return bench(pipe, items, label=source.label(), source=_source(source, pipe), warmup=warmup, runs=runs,
+                     options=options, bandwidth_gb_s=bandwidth["bandwidth_gb_s"], progress=progress)
+
+    results = loading.each(sources, time_one, load_reasoner=opts.mode != "direct", progress=progress)
+    settings = {"warmup": warmup, "runs": runs, "fixed_tokens": opts.fixed_tokens, "mode": opts.mode,
+                "think": opts.think, "think_budget": opts.think_budget, "items": len(items),
+                "device": sources[0].device, "vision_cache": bool(sources[0].vision_cache_mb),
+                "prefix_cache": bool(sources[0].prefix_cache_mb)}
+    return document(results, settings=settings, bandwidth=bandwidth)
+
+
+def _source(source: Source, pipe) -> dict:
+    if source.bundle:
+        return {"bundle": source.bundle}
+    return {"extractor": pipe.extractor.name, "reasoner": pipe.reasoner.name if pipe.reasoner else None}
+
+
 def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1, runs: int = 5,
           options: dict | None = None, bandwidth_gb_s: float | None = None,
           progress: Callable[[str], None] = lambda m: None) -> dict:
@@ -69,28 +101,8 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
         results.append(pipe(image, question, choices=choices, **options))
         progress(f"{label}: run {i + 1}/{runs}  {results[-1].total_ms:.0f} ms")
     names = [s for s in STAGE_ORDER if s in results[0].stages]
-    stages = {}
-    for name in names:
-        runs_of = [r.stages[name] for r in results if name in r.stages]
-        t = [s.timings for s in runs_of]
-        decode_tok_s = [x.decode_tok_s for x in t if x.decode_tok_s > 0]
-        entry = {
-            "latency_ms": stats([x.total_ms for x in t]),
-            "ttft_ms": stats([x.ttft_ms for x in t]),
-            **{f"{p}_ms": stats([getattr(x, f"{p}_ms") for x in t]) for p in PHASES},
-            "prefill_tok_s": round(float(np.median([x.prefill_tok_s for x in t])), 3),
-            "decode_tok_s": round(float(np.median(decode_tok_s)), 3) if decode_tok_s else None,
-            "prompt_tokens": round(float(np.mean([s.prompt_tokens for s in runs_of])), 1),
-            "new_tokens": round(float(np.mean([s.new_tokens for s in runs_of])), 1),
-            "kv_allocated_mb": round(max(s.memory.get("kv_allocated", 0) for s in runs_of) / 1e6, 3),
-            "kv_used_mb": round(max(s.memory.get("kv_used", 0) for s in runs_of) / 1e6, 3),
-        }
-        entry["roofline"] = roofline(runs_of, entry["decode_tok_s"], bandwidth_gb_s)
-        stages[name] = entry
-    weights = {}
-    for r in results[:1]:
-        for s in r.stages.values():
-            weights[s.model] = sum(s.memory.get("weights", {}).values())
+    stages = {name: _stage([r.stages[name] for r in results if name in r.stages], bandwidth_gb_s) for name in names}
+    weights = {s.model: sum(s.memory.get("weights", {}).values()) for s in results[0].stages.values()}
     return {
         "label": label,
         "source": source,
@@ -105,6 +117,25 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
             "peak_gpu_mb": _peak_gpu_mb(),
         },
     }
+
+
+def _stage(runs_of: list, bandwidth_gb_s: float | None) -> dict:
+    """One stage's entry: its runs' percentiles, rates, token counts, KV sizes and roofline."""
+    t = [s.timings for s in runs_of]
+    decode_tok_s = [x.decode_tok_s for x in t if x.decode_tok_s > 0]
+    entry = {
+        "latency_ms": stats([x.total_ms for x in t]),
+        "ttft_ms": stats([x.ttft_ms for x in t]),
+        **{f"{p}_ms": stats([getattr(x, f"{p}_ms") for x in t]) for p in PHASES},
+        "prefill_tok_s": round(float(np.median([x.prefill_tok_s for x in t])), 3),
+        "decode_tok_s": round(float(np.median(decode_tok_s)), 3) if decode_tok_s else None,
+        "prompt_tokens": round(float(np.mean([s.prompt_tokens for s in runs_of])), 1),
+        "new_tokens": round(float(np.mean([s.new_tokens for s in runs_of])), 1),
+        "kv_allocated_mb": round(max(s.memory.get("kv_allocated", 0) for s in runs_of) / 1e6, 3),
+        "kv_used_mb": round(max(s.memory.get("kv_used", 0) for s in runs_of) / 1e6, 3),
+    }
+    entry["roofline"] = roofline(runs_of, entry["decode_tok_s"], bandwidth_gb_s)
+    return entry
 
 
 def roofline(stage_runs, decode_tok_s: float | None, bandwidth_gb_s: float | None) -> dict:
@@ -150,6 +181,12 @@ def validate(doc: dict) -> None:
     import jsonschema
 
     jsonschema.validate(doc, json.loads(SCHEMA_FILE.read_text()))
+
+
+def write(doc: dict, path: str | Path) -> None:
+    """Save a bench document as JSON, in one rename (a reader never sees half of it)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2))
 
 
 def read(path: str) -> dict:
@@ -271,7 +308,5 @@ def plot(doc: dict, path: str | Path) -> None:
             ly += 16
     d.text((left, 15), f"edgevlm bench: p50 latency per stage over {doc['settings']['runs']} runs", fill="black",
            font=font)
-    from edgevlm.bundle import atomic_file
-
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, UsageError, first_line
 from edgevlm.manifest import FORMAT, FORMAT_VERSION, Manifest, ModelSpec, is_relpath, named_paths, problem
 
@@ -58,6 +59,41 @@ class Bundle:
     def in_progress(cls, root: str | os.PathLike, models: Mapping[str, ModelSpec]) -> Bundle:
         """A bundle being written, before its manifest exists: its models' paths are confined, not listed."""
         return cls(Path(root), Manifest(stages={}, models=dict(models)))
+
+    @property
+    def target(self) -> str | None:
+        """The device it was built for (edgevlm.targets), whose memory budget it plans against by default."""
+        return self.manifest.target
+
+    @property
+    def label(self) -> str:
+        """Its name in tables and plots: its folder, and its decoders' precision where the name lacks it."""
+        name = os.path.basename(os.path.abspath(self.path))
+        quant = self.manifest.quantization or {}
+        precisions = "/".join(sorted({quant[k] for k in ("extractor", "reasoner") if quant.get(k)}))
+        return f"{name} ({precisions})" if precisions and precisions not in name else name
+
+    def describe(self) -> str:
+        """What `edgevlm info` prints: provenance, stages, each model with its graphs' sizes and precision, and
+        the fidelity report."""
+        m = self.manifest
+        sizes = {rel: meta["bytes"] for rel, meta in (m.files or {}).items()}
+        lines = [f"bundle {self.path}  (format {FORMAT_VERSION}, {sum(sizes.values()) / 1e6:.1f} MB, target "
+                 f"{m.target}, created {m.created})"]
+        versions = (m.provenance or {}).get("versions", {})
+        if versions:
+            lines.append("made with " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines.append("stages: " + ", ".join(f"{stage} -> {role}" for stage, role in m.stages.items()))
+        for role, spec in m.models.items():
+            source, kv = spec.source or {}, spec.kv
+            rev = f"@{source['revision'][:12]}" if source.get("revision") else ""
+            lines.append(f"{role}: {source.get('model', '?')}{rev}  family {spec.family}, context "
+                         f"{spec.max_context}, KV {kv.layers} layers x {kv.kv_heads} heads x {kv.head_dim}")
+            for name, g in spec.graphs.items():
+                size = sizes.get(g.file, 0) + sizes.get(g.file + ".data", 0)
+                lines.append(f"  {name:<8} {g.file:<28} {size / 1e6:>9.1f} MB  {g.quant}")
+        lines.append(report_table(m.fidelity))
+        return "\n".join(lines)
 
     def file(self, relpath: str, field: str | None = None) -> Path:
         """The regular file at `relpath`, once it stays inside the bundle (symlinks resolved) and is listed;
@@ -350,6 +386,20 @@ def check_output(out: str | Path, *, overwrite: bool) -> None:
     if foreign is not None:
         raise UsageError(f"{out} holds {_shown(foreign)}, which edgevlm did not write; remove it, or choose another "
                          "output directory")
+
+
+def check_output_file(path: str | os.PathLike | None, option: str) -> None:
+    """Refuse, in one line naming `option`, an output file that could not be written (a directory, a missing or
+    read-only folder, a read-only file): checked before the work starts, not after minutes of it."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path} cannot be written (permission denied)")
 
 
 @contextmanager

@@ -21,8 +21,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from edgevlm import loading
 from edgevlm.calibration.data import read_items
 from edgevlm.errors import ImageError, InputTooLongError, UsageError
+from edgevlm.loading import Source
+from edgevlm.options import Options
+
+MODES = ("extract-think", "direct")  # the modes that answer (extract stops at a description)
 
 
 def load_items(path: str | Path, *, image: bool = True) -> list[dict]:
@@ -86,6 +91,23 @@ def evaluate(pipe, items: list[dict], *, mode: str, label: str = "", progress: b
             sys.stderr.write(f"\r{label} {mode}: {n}/{len(items)}, accuracy {accuracy:.3f}".ljust(78) + end)
             sys.stderr.flush()
     return summarize(records)
+
+
+def compare(sources: list[Source], items: list[dict], *, modes: list[str] | tuple[str, ...] = ("extract-think",),
+            progress: bool = True, **options) -> dict[str, dict[str, dict]]:
+    """Score each system in `sources` (loaded one at a time) on `items` in each of `modes`, with the pipeline
+    `options` (checked first): {system label: {mode: summary}}, as `report` prints it."""
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        problem = f"unknown mode {bad[0]!r}" if bad else "no mode to score"
+        raise UsageError(f"{problem}; choose from: {', '.join(MODES)}")
+    Options.of(options)
+
+    def score(source: Source, pipe) -> tuple[str, dict]:
+        label = source.label()
+        return label, {m: evaluate(pipe, items, mode=m, label=label, progress=progress, **options) for m in modes}
+
+    return dict(loading.each(sources, score, load_reasoner="extract-think" in modes))
 
 
 def report(results: dict[str, dict[str, dict]]) -> str:

@@ -136,6 +136,26 @@ def format_table(head: tuple, rows: list[tuple]) -> list[str]:
     return [fmt.format(*head)] + [fmt.format(*r) for r in cells]
 
 
+def profile_table(result) -> str:
+    """A pipeline Result's per-stage table (`edgevlm run --profile`): where the milliseconds went, how fast
+    tokens came, what the caches saved."""
+    head = ("stage", "prompt", "new", "preproc ms", "vision ms", "embed ms", "prefill ms", "decode ms", "TTFT ms",
+            "total ms", "prefill tok/s", "decode tok/s", "KV MB")
+    rows = []
+    for name, s in result.stages.items():
+        t = s.timings
+        vision = f"{t.vision_ms:.1f} (cached)" if s.memory.get("vision_cache") == "hit" else t.vision_ms
+        reused = s.memory.get("prefix_tokens", 0)
+        prompt = f"{s.prompt_tokens} ({reused} cached)" if reused else s.prompt_tokens
+        rows.append((name, prompt, s.new_tokens, t.preprocess_ms, vision, t.embed_ms, t.prefill_ms,
+                     t.decode_ms, t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s,
+                     s.memory.get("kv_used", 0) / 1e6))
+    lines = format_table(head, rows)
+    lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms), "
+                 f"peak RSS {result.peak_rss_bytes / 1e6:.0f} MB")
+    return "\n".join(lines)
+
+
 def write_trace(path: str | Path, prof: Profiler, metadata: dict | None = None) -> None:
     """Chrome/Perfetto trace-event JSON (opens in ui.perfetto.dev and chrome://tracing)."""
     doc = {"traceEvents": prof.trace_events(), "displayTimeUnit": "ms", "otherData": metadata or {}}

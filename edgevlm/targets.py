@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgevlm.errors import UsageError
+from edgevlm.profiler import measure_bandwidth
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,12 @@ def get_target(name: str) -> Target:
         return TARGETS[name]
     except KeyError:
         raise UsageError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}") from None
+
+
+def bandwidth(target: str | None = None) -> dict:
+    """The memory bandwidth decoding is measured against: `target`'s peak, or where it has no figure (cpu, cuda,
+    none given) a copy test on this machine. As bench documents record it: bandwidth_gb_s, bandwidth_source."""
+    t = get_target(target) if target else None
+    if t is not None and t.bandwidth_gb_s:
+        return {"bandwidth_gb_s": t.bandwidth_gb_s, "bandwidth_source": t.name}
+    return {"bandwidth_gb_s": round(measure_bandwidth(), 3), "bandwidth_source": "copy test"}

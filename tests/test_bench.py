@@ -188,3 +188,62 @@ def test_export_refuses_a_nan_fidelity_gate(tmp_path):
     with pytest.raises(UsageError, match="min_agreement must be a finite number"):
         export_bundle(tmp_path / "b", preset="demo", min_agreement=float("nan"), log=lambda m: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_run_times_each_system_into_a_document_that_validates(tiny_bundle, image):
+    from edgevlm.loading import Source
+
+    items = benchmod.load_items([str(image)], ["What is shown?"], None)
+    source = Source(bundle=str(tiny_bundle), vision_cache_mb=0, prefix_cache_mb=0)
+    messages = []
+    doc = benchmod.run([source], items, options={"mode": "direct", "fixed_tokens": 3}, warmup=0, runs=2,
+                       target="jetson-orin-nano", progress=messages.append)
+    benchmod.validate(doc)
+    (result,) = doc["results"]
+    assert result["label"] == source.label() and result["source"] == {"bundle": str(tiny_bundle)}
+    assert list(result["stages"]) == ["direct"] and result["stages"]["direct"]["new_tokens"] == 3
+    assert result["stages"]["direct"]["roofline"]["bandwidth_gb_s"] == 68.0
+    assert doc["machine"]["bandwidth_source"] == "jetson-orin-nano"
+    assert {k: doc["settings"][k] for k in ("mode", "runs", "warmup", "items", "vision_cache", "prefix_cache")} == {
+        "mode": "direct", "runs": 2, "warmup": 0, "items": 1, "vision_cache": False, "prefix_cache": False}
+    assert messages[0] == f"loading {tiny_bundle}" and messages[-1].startswith(f"{result['label']}: run 2/2")
+    out = image.parent / "doc.json"
+    benchmod.write(doc, out)
+    assert benchmod.read(str(out)) == doc
+
+
+def test_bench_run_checks_its_options_before_loading_anything(tmp_path, image):
+    from edgevlm.errors import UsageError
+    from edgevlm.loading import Source
+
+    items = benchmod.load_items([str(image)], ["q"], None)
+    missing = [Source(bundle=str(tmp_path / "none"))]  # loading it would be a BundleError
+    with pytest.raises(UsageError, match="unknown mode 'dream'"):
+        benchmod.run(missing, items, options={"mode": "dream"})
+    with pytest.raises(UsageError, match="unknown target 'mars'"):
+        benchmod.run(missing, items, target="mars")
+
+
+def test_bandwidth_is_the_targets_figure_or_a_copy_test_here(monkeypatch):
+    from edgevlm import targets
+    from edgevlm.errors import UsageError
+
+    assert targets.bandwidth("jetson-orin-nx") == {"bandwidth_gb_s": 102.4, "bandwidth_source": "jetson-orin-nx"}
+    monkeypatch.setattr(targets, "measure_bandwidth", lambda: 12.34567)
+    for target in (None, "cpu"):  # cpu names this machine: no figure, so it is measured
+        assert targets.bandwidth(target) == {"bandwidth_gb_s": 12.346, "bandwidth_source": "copy test"}
+    with pytest.raises(UsageError, match="unknown target 'mars'"):
+        targets.bandwidth("mars")
+
+
+def test_profile_table_has_a_row_per_stage_and_a_total(tiny_bundle, image):
+    from edgevlm.profiler import profile_table
+
+    pipe = Pipeline.from_bundle(str(tiny_bundle))
+    pipe(str(image), "What is shown?", max_new_tokens=2, think_budget=2)  # the second run hits the caches
+    result = pipe(str(image), "What is shown?", max_new_tokens=2, think_budget=2)
+    lines = profile_table(result).splitlines()
+    assert lines[0].split()[:3] == ["stage", "prompt", "new"]
+    assert [line.split()[0] for line in lines[1:-1]] == ["plan", "extract", "think"]
+    assert "(cached)" in lines[2]  # the extract stage's vision features came from the cache
+    assert lines[-1].startswith(f"total {result.total_ms:.1f} ms") and "peak RSS" in lines[-1]

@@ -447,3 +447,29 @@ def test_the_validator_agrees_with_jsonschema_on_mutated_manifests(original, dat
         # at the object that holds it.
         where = {tuple(e.absolute_path) for e in errors}
         assert ours[0] in where or ours[0][:-1] in where, (ours, where)
+
+
+# ---------------------------------------------------------------- what a bundle says about itself
+def test_label_adds_the_precision_a_folder_name_lacks(tmp_path):
+    def label(name, quant):
+        return Bundle(tmp_path / name, Manifest(stages={}, models={}, quantization=quant)).label
+
+    assert label("pair", {"extractor": "int8", "reasoner": "int4", "vision": "fp16"}) == "pair (int4/int8)"
+    assert label("pair-int8", {"extractor": "int8", "reasoner": "int8"}) == "pair-int8"
+    assert label("pair", {}) == "pair"
+    assert Bundle(tmp_path / "pair", Manifest(stages={}, models={})).label == "pair"
+    assert Bundle(tmp_path, Manifest(stages={}, models={}, target="cpu")).target == "cpu"
+
+
+def test_describe_names_models_graphs_sizes_and_fidelity(tiny_bundle):
+    loaded = bundle_mod.load(tiny_bundle, verify=False)
+    text = loaded.describe()
+    lines = text.splitlines()
+    assert lines[0].startswith(f"bundle {tiny_bundle}  (format {bundle_mod.FORMAT_VERSION}, ")
+    assert f"target {loaded.target}" in lines[0]
+    assert "stages: " in text and "extract -> extractor" in text and "think -> reasoner" in text
+    for role in loaded.models:
+        assert any(line.startswith(f"{role}: ") and "KV 2 layers" in line for line in lines)
+    decoder = next(line for line in lines if line.strip().startswith("decoder"))
+    assert decoder.split()[-2:] == ["MB", "fp32"]
+    assert lines[-1].startswith("fidelity: not measured")

@@ -126,3 +126,24 @@ def test_eval_refuses_a_malformed_line_past_the_limit_before_loading_models(tmp_
     # --limit 1 scores one item, but every line is checked first; no model is loaded (--preset demo would be)
     assert_one_line_error(edgevlm("eval", "--data", path, "--preset", "demo", "--limit", "1"), 2,
                           f"{path}:3: \"answer\" must be a string")
+
+
+def test_compare_scores_each_system_in_each_mode(tiny_bundle, scene_set):
+    from edgevlm.loading import Source
+
+    items = evaluation.load_items(scene_set)[:2]
+    source = Source(bundle=str(tiny_bundle))
+    results = evaluation.compare([source], items, modes=["direct"], progress=False, max_new_tokens=2)
+    assert list(results) == [source.label()] and list(results[source.label()]) == ["direct"]
+    assert results[source.label()]["direct"]["n"] == 2
+    assert source.label() in evaluation.report(results)
+
+
+@pytest.mark.parametrize("modes, needle", [(["extract"], "unknown mode 'extract'"), ([], "no mode to score"),
+                                           (["direct"], "the seed must be at least 0")])
+def test_compare_checks_modes_and_options_before_loading_anything(tmp_path, modes, needle):
+    from edgevlm.loading import Source
+
+    missing = [Source(bundle=str(tmp_path / "none"))]  # loading it would be a BundleError
+    with pytest.raises(UsageError, match=needle):
+        evaluation.compare(missing, [], modes=modes, seed=-1)

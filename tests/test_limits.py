@@ -61,18 +61,18 @@ def test_run_refuses_bad_options_before_loading_anything(tmp_path, args, needle)
 
 
 def test_an_output_that_is_a_folder_or_unwritable_is_refused(tmp_path):
-    from edgevlm.cli import _check_output
+    from edgevlm.bundle import check_output_file
     from edgevlm.errors import UsageError
 
     with pytest.raises(UsageError, match="is a directory"):
-        _check_output(str(tmp_path), "--json")
+        check_output_file(str(tmp_path), "--json")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         if not os.access(locked, os.W_OK):  # root may write anywhere: then there is nothing to refuse
             with pytest.raises(UsageError, match="cannot be written"):
-                _check_output(str(locked / "x.json"), "--json")
+                check_output_file(str(locked / "x.json"), "--json")
     finally:
         locked.chmod(0o700)
-    _check_output(str(tmp_path / "fine.json"), "--json")  # a new file in a writable folder passes
+    check_output_file(str(tmp_path / "fine.json"), "--json")  # a new file in a writable folder passes

@@ -243,7 +243,7 @@ def pretrain_vision(extractor_dir: Path, items: list[dict], *, steps: int = VISI
     from PIL import Image
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from edgevlm.families import llava_onevision
+    from edgevlm.export import llava_onevision
     from edgevlm.train import loop
     from edgevlm.train.tune import save_model
 

@@ -41,14 +41,14 @@ from edgevlm import prompts
 from edgevlm.bundle import atomic_directory, atomic_file, check_output
 from edgevlm.errors import EdgeVLMError, UsageError, first_line
 from edgevlm.evaluation import load_items
-from edgevlm.families import extractor_family, read_config, reasoner_family
+from edgevlm.families import export_module, extractor_family, read_config, reasoner_family, vision_modules
 from edgevlm.tokenizer import Prompt, Tokenizer
 from edgevlm.train import loop
 
 CHECKPOINT = "checkpoint.pt"
 MAX_VAL = 160  # validation examples scored at each evaluation (a random sample of the held-out items')
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "connector")  # kept by freeze_vision
+VISION_MODULES = vision_modules()  # every family's vision tower and projector: kept by freeze_vision
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,8 @@ class _Batcher:
         self.pad = (self.tok.token_id(pad) if pad else None) or 0
         self.processor = None
         if vision:
-            from edgevlm.backends.torch_ref import PROCESSOR_LOADERS
 
-            self.processor = PROCESSOR_LOADERS[extractor_family(model_dir).name](model_dir)
+            self.processor = export_module(extractor_family(model_dir).name).load_hf_processor(model_dir)
         self._cache: dict = {}
         # An image's pixels, and a prompt's ids with its image tokens expanded (which depends on the image's
         # size alone), each made once: an image is asked about many times, an instruction about many images.
