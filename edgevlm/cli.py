@@ -114,6 +114,13 @@ def cli(debug: bool) -> None:
 @click.option("--choice", "choices", multiple=True, metavar="TEXT",
               help="An answer option (repeat for each); makes the question multiple choice (A, B, ...).")
 @click.option("--instruction", metavar="TEXT", help="Skip the planner: what the extractor should pay attention to.")
+@click.option("--schema", "schema_file", metavar="FILE.json", type=click.Path(dir_okay=False),
+              help="The answer must be JSON matching this JSON schema (decoded under it; --json: answer_json).")
+@click.option("--regex", metavar="RE", help="The answer must match this regular expression (decoded under it).")
+@click.option("--one-of", "one_of", multiple=True, metavar="TEXT",
+              help="The answer must be one of these (repeat for each; the question stays open, unlike --choice).")
+@click.option("--constrain/--no-constrain", default=True, show_default=True,
+              help="Decode a multiple-choice answer constrained to the options' letters.")
 @_TEMPERATURE
 @_SEED
 @_PLACE
@@ -123,8 +130,8 @@ def cli(debug: bool) -> None:
 @click.option("--trace", "trace_file", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write a Chrome/Perfetto trace (JSON; every decode step) to FILE: open it in ui.perfetto.dev.")
 def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, quant, mode, think, think_budget,
-        max_new_tokens, choices, instruction, temperature, seed, device, memory_budget, stream, as_json, profile,
-        trace_file):
+        max_new_tokens, choices, instruction, schema_file, regex, one_of, constrain, temperature, seed, device,
+        memory_budget, stream, as_json, profile, trace_file):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.bundle import check_output_file
     from edgevlm.loading import Source
@@ -133,7 +140,8 @@ def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, qua
 
     options = {"choices": list(choices) or None, "mode": mode, "think": think, "think_budget": think_budget,
                "max_new_tokens": max_new_tokens, "instruction": instruction, "temperature": temperature,
-               "seed": seed, "trace": bool(trace_file)}
+               "seed": seed, "trace": bool(trace_file), "schema": _read_schema(schema_file), "regex": regex,
+               "one_of": list(one_of) or None, "constrain": constrain}
     Options.of(options)  # the pipeline's own checks of the call (it repeats them), made before a model loads
     check_text(question, "the question")
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, quant=quant,
@@ -155,6 +163,23 @@ def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, qua
     if trace_file:
         write_trace(trace_file, result.profile, {"question": question, "models": result.models, "mode": mode})
         _note(f"trace written to {trace_file} (open it in ui.perfetto.dev)")
+
+
+MAX_SCHEMA_CHARS = 1_000_000
+
+
+def _read_schema(path: str | None) -> str | None:
+    """The text of a --schema file (Options checks that it is a JSON schema)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SCHEMA_CHARS + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--schema {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise UsageError(f"--schema {path} is over {MAX_SCHEMA_CHARS} characters")
+    return text
 
 
 def _read_image(image: str):
@@ -318,11 +343,13 @@ def info(bundle_dir, as_json, no_verify, memory_budget):
 @_THINK
 @_TEMPERATURE
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N items.")
+@click.option("--constrained", is_flag=True, help="Score each mode twice, side by side: free-text answers, and "
+              "answers constrained to their question type's answer set (multiple choice: the letters).")
 @_SEED
 @_PLACE
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (per system and mode).")
-def eval_(data, bundles, extractor, reasoner, preset, modes, think, temperature, limit, seed, device, memory_budget,
-          as_json):
+def eval_(data, bundles, extractor, reasoner, preset, modes, think, temperature, limit, constrained, seed, device,
+          memory_budget, as_json):
     """Accuracy on a question set, per mode and question type, for one or more systems side by side."""
     from edgevlm import evaluation
     from edgevlm.loading import sources
@@ -337,7 +364,7 @@ def eval_(data, bundles, extractor, reasoner, preset, modes, think, temperature,
         data = demo.TEST_SET / "items.jsonl"
     items = evaluation.load_items(data)[:limit]
     results = evaluation.compare(systems, items, modes=[m.strip() for m in modes.split(",") if m.strip()],
-                                 think=think, temperature=temperature, seed=seed)
+                                 think=think, temperature=temperature, seed=seed, constrained=constrained)
     if as_json:
         click.echo(json.dumps({"data": str(data), "results": results}, indent=2))
     else:

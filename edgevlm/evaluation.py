@@ -69,16 +69,31 @@ def summarize(records: list[tuple[str, bool]]) -> dict:
             "per_type": {t: {"accuracy": round(c / k, 4), "n": k} for t, (c, k) in sorted(per_type.items())}}
 
 
-def evaluate(pipe, items: list[dict], *, mode: str, label: str = "", progress: bool = True, **options) -> dict:
-    """Run every item through `pipe` in `mode` and summarize the answers' correctness."""
+def answer_sets(items: list[dict]) -> dict[str, list[str]]:
+    """Each question type's open answers in `items` (what `--constrained` restricts an open answer to)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        if not item.get("choices"):
+            found[str(item.get("type") or "untyped")].add(str(item["answer"]))
+    return {kind: sorted(answers) for kind, answers in found.items()}
+
+
+def evaluate(pipe, items: list[dict], *, mode: str, label: str = "", progress: bool = True,
+             constrained: bool | None = None, **options) -> dict:
+    """Run every item through `pipe` in `mode` and summarize the answers' correctness. `constrained`: True
+    restricts each answer to its question type's answer set (multiple choice: the options' letters), False
+    leaves every answer free (as in the paper), None keeps the pipeline's defaults."""
     records = []
+    sets = answer_sets(items) if constrained else {}
     for n, item in enumerate(items, 1):
         if item.get("image") is None:
             raise UsageError(f"item {n} has no image")
         kind = str(item.get("type") or "untyped")
+        constraint = {"constrain": False} if constrained is False else \
+            {"one_of": sets[kind]} if constrained and not item.get("choices") else {}
         try:
             result = pipe(item["image"], str(item["question"]), choices=item.get("choices") or None, mode=mode,
-                          **options)
+                          **options, **constraint)
         except (ImageError, InputTooLongError) as e:  # an unreadable image, a runaway description: no answer
             where = f"line {item['_line']}" if "_line" in item else f"item {n}"
             sys.stderr.write(f"{label} {mode}: {where}: {e}; scored wrong\n")
@@ -94,18 +109,24 @@ def evaluate(pipe, items: list[dict], *, mode: str, label: str = "", progress: b
 
 
 def compare(sources: list[Source], items: list[dict], *, modes: list[str] | tuple[str, ...] = ("extract-think",),
-            progress: bool = True, **options) -> dict[str, dict[str, dict]]:
+            progress: bool = True, constrained: bool = False, **options) -> dict[str, dict[str, dict]]:
     """Score each system in `sources` (loaded one at a time) on `items` in each of `modes`, with the pipeline
-    `options` (checked first): {system label: {mode: summary}}, as `report` prints it."""
+    `options` (checked first): {system label: {mode: summary}}, as `report` prints it. `constrained`: each
+    mode twice, side by side: "MODE free" (every answer free text) and "MODE constrained" (each answer
+    restricted to its type's answer set)."""
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         problem = f"unknown mode {bad[0]!r}" if bad else "no mode to score"
         raise UsageError(f"{problem}; choose from: {', '.join(MODES)}")
     Options.of(options)
 
+    runs = [(f"{m} {kind}", m, flag) for m in modes for kind, flag in (("free", False), ("constrained", True))] \
+        if constrained else [(m, m, None) for m in modes]
+
     def score(source: Source, pipe) -> tuple[str, dict]:
         label = source.label()
-        return label, {m: evaluate(pipe, items, mode=m, label=label, progress=progress, **options) for m in modes}
+        return label, {name: evaluate(pipe, items, mode=m, label=label, progress=progress, constrained=flag,
+                                      **options) for name, m, flag in runs}
 
     return dict(loading.each(sources, score, load_reasoner="extract-think" in modes))
 

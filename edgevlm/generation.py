@@ -97,10 +97,28 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+class AnswerConstraint(Protocol):
+    """A logits processor for the answer after the reasoning (edgevlm.constraints.AnswerMatcher)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def satisfied(self) -> bool: ...
+
+    def think_ended(self) -> None: ...
+
+    def mask(self, logits: np.ndarray, remaining: int) -> np.ndarray: ...
+
+    def observe(self, token: int) -> None: ...
+
+
 @dataclass
 class Generation:
     token_ids: list[int]
-    stop_reason: str  # "eos", "length" (max_new_tokens) or "context" (the model's context is full)
+    # "eos", "length" (max_new_tokens), "context" (the model's context is full), or "constraint" (the tokens
+    # ran out, or the constraint could go no further, before the constrained answer was complete)
+    stop_reason: str
 
 
 def generate(
@@ -111,23 +129,35 @@ def generate(
     max_context: int,
     rng: np.random.Generator,
     think: ThinkControl | None = None,
+    answer: AnswerConstraint | None = None,
 ) -> Generator[int, None, Generation]:
-    """Sample up to `decoding.max_new_tokens` tokens from `state`, yielding each as it is chosen.
+    """Sample up to `decoding.max_new_tokens` tokens from `state`, yielding each as it is chosen. While
+    thinking, `think` shapes the logits; after it, `answer` (if any) masks them to the answer's constraint.
 
     The generator's return value (`yield from`, or StopIteration.value) is the whole Generation.
     """
     ids: list[int] = []
     logits = state.logits
     thinking = think is not None
+    room = min(decoding.max_new_tokens, max_context - state.prompt_len)
     stop = "length"
     for n in range(1, decoding.max_new_tokens + 1):
         if thinking:
             logits = think.apply(np.array(logits, dtype=np.float32, copy=True), n)
+        elif answer is not None:
+            logits = answer.mask(np.array(logits, dtype=np.float32, copy=True), room - n + 1)
+            if np.isneginf(logits).all():  # the constraint can go no further (llguidance refused a token)
+                stop = "constraint"
+                break
         token = sample(logits, decoding, rng)
         ids.append(token)
         yield token
         if thinking and token == think.think_end_id:
             thinking = False
+            if answer is not None:
+                answer.think_ended()
+        elif answer is not None and not thinking:
+            answer.observe(token)
         if token in eos_ids:
             stop = "eos"
             break
@@ -137,5 +167,7 @@ def generate(
             stop = "context"
             break
         logits = state.step(token)
+    if answer is not None and answer.active and stop != "eos" and not answer.satisfied:
+        stop = "constraint"
     return Generation(ids, stop)
 

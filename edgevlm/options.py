@@ -29,6 +29,11 @@ class Options:
     seed: the sampling seed. bgr: a numpy image is in OpenCV's BGR order.
     fixed_tokens: every stage generates exactly this many tokens, end-of-sequence ignored (benchmarks).
     trace: also record each decode step and the sampling between steps (Result.profile; `--trace`).
+    schema / regex / one_of: the answer after the reasoning must match this JSON schema (a dict or its JSON
+    text; Result.answer_json holds the parsed value), this regular expression, or be one of these strings
+    (the question stays open: unlike `choices`, no letters), decoded under that constraint
+    (edgevlm.constraints). constrain: a multiple-choice answer is decoded constrained to the options'
+    letters (default); False leaves it free, as in the paper.
     Every value is checked here: a wrong type, a NaN or an unknown option is a UsageError.
     """
 
@@ -43,6 +48,10 @@ class Options:
     bgr: bool = False
     fixed_tokens: int | None = None
     trace: bool = False
+    schema: dict | str | None = None
+    regex: str | None = None
+    one_of: list[str] | None = None
+    constrain: bool = True
 
     @classmethod
     def of(cls, options: dict) -> Options:
@@ -62,7 +71,15 @@ class Options:
             check_text(self.instruction, "the instruction")
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        for name in ("think", "bgr", "trace"):
+        if sum(x is not None for x in (self.schema, self.regex, self.one_of)) > 1:
+            raise UsageError("give one constraint for the answer: a JSON schema, a regular expression or one_of")
+        if self.one_of is not None:
+            if isinstance(self.one_of, str) or not isinstance(self.one_of, (list, tuple)) or not self.one_of:
+                raise UsageError("one_of must be a non-empty list of strings")
+            for option in self.one_of:
+                check_text(option, "a one_of answer")
+        self.answer_constraint(None)  # an invalid schema or regex fails here, before any model runs
+        for name in ("think", "bgr", "trace", "constrain"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int(self.think_budget, "the thinking budget")
@@ -73,6 +90,20 @@ class Options:
         if self.temperature is not None and not finite_number(self.temperature, minimum=0):
             raise UsageError(f"the temperature must be a finite number, 0 (greedy) or more; got {self.temperature!r}")
 
+
+    def answer_constraint(self, letters: str | None):
+        """What the answer must match (edgevlm.constraints.Constraint), or None: the schema or regex asked
+        for, else a multiple-choice question's letters (`letters`) unless `constrain` is off."""
+        if self.schema is None and self.regex is None and self.one_of is None \
+                and not (letters and self.constrain is True):
+            return None
+        from edgevlm.constraints import Constraint
+
+        if self.schema is not None:
+            return Constraint.json_schema(self.schema)
+        if self.regex is not None:
+            return Constraint.regex(self.regex)
+        return Constraint.choice(list(self.one_of if self.one_of is not None else letters))
 
 def finite_number(value, minimum: float) -> bool:
     return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))

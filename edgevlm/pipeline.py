@@ -25,6 +25,7 @@ import numpy as np
 from edgevlm import prompts
 from edgevlm.backends.base import Model, State
 from edgevlm.cache import PrefixCache
+from edgevlm.constraints import AnswerMatcher, Constraint, answer_text
 from edgevlm.errors import EdgeVLMError, InputTooLongError, UsageError
 from edgevlm.generation import Decoding, Generation, ThinkControl, generate
 from edgevlm.images import ImageInput, load_image
@@ -59,6 +60,7 @@ class _Call:
     vision: Future | None = None  # the image's features, being computed beside the planner (overlap)
     letters: str | None = None  # the valid answer letters of a multiple-choice question, where known
     cancel: threading.Event | None = None  # set by a stream's consumer that went away: stop between tokens
+    constraint: Constraint | None = None  # what the answer must match (edgevlm.constraints)
 
 
 class _Cancelled(Exception):
@@ -251,6 +253,7 @@ class Pipeline:
         multiple_choice = bool(opts.choices) or prompts.is_multiple_choice(question)
         call = _Call(Profiler(detail=opts.trace), np.random.default_rng(opts.seed), opts.fixed_tokens,
                      letters=letters if multiple_choice else None, cancel=cancel)
+        call.constraint = opts.answer_constraint(call.letters)
         return self._run(image, question, multiple_choice, opts, call)
 
     # ------------------------------------------------------------------ stages
@@ -281,11 +284,12 @@ class Pipeline:
     def _direct(self, result: Result, call: _Call, image, opts: Options):
         """The VLM answers the question itself (the paper's baseline)."""
         prompt = prompts.direct_prompt(result.question, multiple_choice=result.multiple_choice)
+        answer = self._matcher(call, self.extractor, start="now", prefix=False)
         stage = yield from self._stage(result, call, "direct", self.extractor, prompt,
-                                       prompts.DIRECT.with_max_new_tokens(opts.max_new_tokens), image=image)
+                                       prompts.DIRECT.with_max_new_tokens(opts.max_new_tokens), image=image,
+                                       answer=answer)
         result.response = stage.text.strip()
-        answer = prompts.parse_answer(stage.text, multiple_choice=result.multiple_choice)
-        result.answer = _checked_answer(result, answer, call.letters)
+        self._answer(result, call, stage, stage.text, prefix=False)
 
     def _extract_think(self, result: Result, call: _Call, image, opts: Options):
         """Plan (unless the caller gave the instruction), extract, then think (unless mode is extract)."""
@@ -320,16 +324,39 @@ class Pipeline:
             decoding = replace(decoding, temperature=opts.temperature)
         prompt = prompts.reasoner_prompt(result.extraction, result.question, multiple_choice=result.multiple_choice,
                                          think=opts.think)
+        start = "think_end" if control is not None else "marker" if opts.think else "now"
         stage = yield from self._stage(result, call, "think", self.reasoner, prompt, decoding,
-                                       enable_thinking=opts.think, think=control)
+                                       enable_thinking=opts.think, think=control,
+                                       answer=self._matcher(call, self.reasoner, start=start))
         reasoning, response = self._split_thinking(stage, control)
         result.reasoning = reasoning.replace("<think>", "", 1).strip() or None
         result.response = response.strip()
         if control is not None and control.think_end_id not in stage.token_ids and stage.stop_reason != "eos":
             result.notes.append(f"the reasoner was still thinking when it stopped ({stage.stop_reason}); "
                                 "there is no answer")
-        answer = prompts.parse_answer(response, multiple_choice=result.multiple_choice)
-        result.answer = _checked_answer(result, answer, call.letters)
+        self._answer(result, call, stage, response, prefix=True)
+
+    def _matcher(self, call: _Call, model: Model, *, start: str, prefix: bool = True) -> AnswerMatcher | None:
+        """The answer's constraint for one stage (none for benchmarks' fixed-length runs)."""
+        if call.constraint is None or call.fixed_tokens:
+            return None
+        return AnswerMatcher(call.constraint, model.tokenizer, model.eos_ids, start=start, prefix=prefix)
+
+    def _answer(self, result: Result, call: _Call, stage: StageResult, response: str, *, prefix: bool) -> None:
+        """The answer from the last stage's visible output: the constrained part where there is a constraint
+        (and its parsed value for a schema), else the paper's "Answer:" rule."""
+        if call.constraint is None or call.fixed_tokens:
+            answer = prompts.parse_answer(response, multiple_choice=result.multiple_choice)
+            result.answer = _checked_answer(result, answer, call.letters)
+            return
+        if stage.stop_reason == "constraint":
+            result.notes.append(f"the answer did not complete its {call.constraint.kind.replace('_', ' ')} "
+                                f"within the {stage.name} stage's {stage.new_tokens} tokens; there is no answer")
+            return
+        answer = answer_text(response, prefix=prefix)
+        result.answer = _checked_answer(result, answer, call.letters) if call.letters and call.constraint.kind \
+            == "choice" else answer
+        result.answer_json = call.constraint.parse(answer)
 
     def _split_thinking(self, stage: StageResult, control: ThinkControl | None) -> tuple[str, str]:
         """(reasoning, response) of the think stage's output: either side of </think>."""
@@ -354,7 +381,8 @@ class Pipeline:
     # ------------------------------------------------------------------ one model call
     def _stage(self, result: Result, call: _Call, name: str, model: Model,
                prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,
-               think: ThinkControl | None = None) -> Generator[Event, None, StageResult]:
+               think: ThinkControl | None = None,
+               answer: AnswerMatcher | None = None) -> Generator[Event, None, StageResult]:
         """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
         _check_cancel(call)
         yield Event("stage_start", name)
@@ -377,7 +405,7 @@ class Pipeline:
             model.embed(prepared)
         with call.prof.span(name, "prefill"):
             state = model.prefill(prepared)
-        generation, first_token_at = yield from _decode(call, name, model, state, decoding, eos_ids, think)
+        generation, first_token_at = yield from _decode(call, name, model, state, decoding, eos_ids, think, answer)
         stage = StageResult(
             name=name, model=model.name, prompt=str(rendered), text=model.tokenizer.decode(generation.token_ids),
             token_ids=generation.token_ids, prompt_tokens=n_prompt, new_tokens=len(generation.token_ids),
@@ -404,11 +432,12 @@ class Pipeline:
 
 
 def _decode(call: _Call, name: str, model: Model, state: State, decoding: Decoding, eos_ids: set[int],
-            think: ThinkControl | None) -> Generator[Event, None, tuple[Generation, float | None]]:
+            think: ThinkControl | None,
+            answer: AnswerMatcher | None) -> Generator[Event, None, tuple[Generation, float | None]]:
     """The stage's tokens as text deltas, stopping between tokens when the call is cancelled; returns the
     Generation and when its first token came (None: no token)."""
     tokens = generate(call.prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
-                      rng=call.rng, think=think)
+                      rng=call.rng, think=think, answer=answer)
     detok = StreamDecoder(model.tokenizer)
     first_token_at = None
     while True:

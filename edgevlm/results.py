@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgevlm.profiler import Profiler, StageTimings
 
@@ -37,7 +38,8 @@ class StageResult:
 
 @dataclass
 class Result:
-    """The outcome of one question. `answer` is the letter for multiple choice, else the free text."""
+    """The outcome of one question. `answer` is the letter for multiple choice, else the free text (under a
+    constraint: the constrained answer's text, and `answer_json` its value for a JSON schema)."""
 
     answer: str
     mode: str
@@ -47,6 +49,7 @@ class Result:
     extraction: str | None = None
     reasoning: str | None = None
     response: str = ""  # the last stage's visible output (after any thinking)
+    answer_json: Any = None  # the answer parsed, when a JSON schema constrained it
     stages: dict[str, StageResult] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
     image_ms: float = 0.0  # reading and normalising the image, before any stage
@@ -61,6 +64,7 @@ class Result:
         """The `edgevlm run --json` object."""
         return {
             "answer": self.answer,
+            "answer_json": self.answer_json,
             "mode": self.mode,
             "question": self.question,
             "multiple_choice": self.multiple_choice,

@@ -270,6 +270,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer was loaded from (as `tokenizers` writes it)."""
+        return self._tok.to_str()
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

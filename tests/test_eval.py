@@ -147,3 +147,29 @@ def test_compare_checks_modes_and_options_before_loading_anything(tmp_path, mode
     missing = [Source(bundle=str(tmp_path / "none"))]  # loading it would be a BundleError
     with pytest.raises(UsageError, match=needle):
         evaluation.compare(missing, [], modes=modes, seed=-1)
+
+
+def test_eval_constrained_scores_free_and_constrained_side_by_side(tiny_bundle, scene_set):
+    proc = edgevlm("eval", "--data", scene_set, "--bundle", tiny_bundle, "--modes", "direct", "--limit", "6",
+                   "--constrained", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    (modes,) = json.loads(proc.stdout)["results"].values()
+    assert set(modes) == {"direct free", "direct constrained"}
+    assert all(r["n"] == 6 for r in modes.values())
+
+
+def test_constrained_answers_stay_in_their_types_answer_set(pipelines, scene_set):
+    from edgevlm.evaluation import answer_sets, load_items
+
+    items = load_items(scene_set)[:6]
+    sets = answer_sets(items)
+    assert sets and all(a == sorted(set(a)) for a in sets.values())
+    pipe = pipelines("llava_onevision")
+    for item in items:
+        kind = str(item.get("type") or "untyped")
+        r = pipe(item["image"], item["question"], choices=item.get("choices") or None, mode="direct",
+                 max_new_tokens=24, temperature=1.0, **({} if item.get("choices") else {"one_of": sets[kind]}))
+        if r.stages["direct"].stop_reason == "constraint":
+            continue
+        allowed = [chr(65 + i) for i in range(len(item["choices"]))] if item.get("choices") else sets[kind]
+        assert r.answer in allowed, (item["question"], r.answer)

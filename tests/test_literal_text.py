@@ -246,23 +246,25 @@ def test_multiple_choice_answers_are_letters_of_the_options():
 
 
 def test_an_answer_outside_the_options_is_no_answer_with_a_note(pipelines, monkeypatch):
-    """The reasoner answers "D" to a two-option question: the result says so instead of passing D on."""
+    """The reasoner answers "D" to a two-option question (free text, as in the paper: constrain=False): the result
+    says so instead of passing D on."""
     from edgevlm import pipeline as pipeline_module
 
     pipe = pipelines("llava_onevision")
     monkeypatch.setattr(pipeline_module.prompts, "parse_answer", lambda text, multiple_choice: "D")
-    r = pipe(random_image(), "Which?", choices=["red", "green"], instruction="the colors", **SHORT_THINK)
+    r = pipe(random_image(), "Which?", choices=["red", "green"], **FREE_CHOICE)
     assert r.answer == "" and any("not one of the options (A, B)" in n for n in r.notes)
     monkeypatch.setattr(pipeline_module.prompts, "parse_answer", lambda text, multiple_choice: "AB")
-    r = pipe(random_image(), "Which?", choices=["red", "green"], instruction="the colors", **SHORT_THINK)
+    r = pipe(random_image(), "Which?", choices=["red", "green"], **FREE_CHOICE)
     assert r.answer == "" and r.notes
     for said in ("B", "b", " b "):
         monkeypatch.setattr(pipeline_module.prompts, "parse_answer", lambda text, multiple_choice, said=said: said)
-        r = pipe(random_image(), "Which?", choices=["red", "green"], instruction="the colors", **SHORT_THINK)
+        r = pipe(random_image(), "Which?", choices=["red", "green"], **FREE_CHOICE)
         assert r.answer == "B" and not r.notes
 
 
 SHORT_THINK = dict(max_new_tokens=4, think_budget=4)
+FREE_CHOICE = dict(instruction="the colors", constrain=False, **SHORT_THINK)
 
 
 def test_a_template_that_writes_the_date_is_rendered_each_time(tiny_dir, tmp_path, monkeypatch):

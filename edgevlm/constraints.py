@@ -1,0 +1,195 @@
+"""Answers a robot can act on: the answer after the reasoning is decoded under a constraint (a JSON schema, a
+regular expression or a list of choices), token by token, with llguidance's masks on numpy logits.
+
+The reasoning stays free (thinking budget, NoWait). The constraint takes over where the answer starts:
+after `</think>` in thinking mode; from the first token when the stage writes nothing but the answer
+(no-think, direct); and for a reasoner that thinks in plain text (no `</think>` in its vocabulary), when
+its text reaches "Answer:", or when only the answer's share of the budget is left, at which point it is
+made to write "Answer:" and the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from edgevlm.errors import UsageError
+
+MARKER = "Answer:"  # what the method's prompts ask the reasoner to write before its answer
+# Tokens a plain-text reasoner keeps for its answer: past this point of its budget it must answer.
+ANSWER_RESERVE = 64
+_BIAS = np.array([-np.inf, 0.0], np.float32)  # added to a logit whose token is refused (0) or allowed (1)
+_LEADING_SPACE = r"/[ \t\n]{0,4}/"  # a blank line or so before the answer, as models write it
+
+
+def _llguidance():
+    import llguidance
+
+    return llguidance
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must be. `kind` is "json_schema", "regex" or "choice"; `rule` its Lark rule body."""
+
+    kind: str
+    rule: str
+    schema: dict | None = None
+
+    @classmethod
+    def json_schema(cls, schema: dict | str) -> Constraint:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise UsageError(f"the JSON schema is not JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise UsageError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        # Compact JSON (no whitespace between tokens) unless the schema's own x-guidance says otherwise.
+        options = {"whitespace_flexible": False, **(schema.get("x-guidance") or {})}
+        rule = "%json " + json.dumps({**schema, "x-guidance": options}, separators=(",", ":"))
+        return cls("json_schema", rule, schema)._checked()
+
+    @classmethod
+    def regex(cls, pattern: str) -> Constraint:
+        if not isinstance(pattern, str) or not pattern:
+            raise UsageError("the regular expression must be a non-empty string")
+        return cls("regex", "/" + _llguidance().regex_to_lark(pattern) + "/")._checked()
+
+    @classmethod
+    def choice(cls, options: list[str] | tuple[str, ...]) -> Constraint:
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise UsageError("choices must be a non-empty list of non-empty strings")
+        return cls("choice", " | ".join(json.dumps(o) for o in dict.fromkeys(options)))._checked()
+
+    def grammar(self, prefix: str | None) -> str:
+        """The Lark grammar of an answer: leading blanks, then `prefix` (if any), then the rule."""
+        start = _LEADING_SPACE + (f" {json.dumps(prefix)}" if prefix else "")
+        return f"start: {start} answer\nanswer: {self.rule}\n"
+
+    def _checked(self) -> Constraint:
+        """A constraint llguidance can compile, else a one-line UsageError (before any model runs)."""
+        compiled = _compile(self.grammar(MARKER + " "))
+        error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(compiled, None)
+        if error:
+            what = {"json_schema": "JSON schema", "regex": "regular expression", "choice": "choices"}[self.kind]
+            first = next((m for m in messages if m.strip()), "invalid")
+            raise UsageError(f"invalid {what}: {_first_line(first)}")
+        return self
+
+    def parse(self, answer: str) -> Any:
+        """The JSON value of an answer a schema constrained (None for other kinds, or text that is not JSON)."""
+        if self.kind != "json_schema":
+            return None
+        try:
+            return json.loads(answer)
+        except ValueError:
+            return None
+
+
+def answer_text(response: str, *, prefix: bool) -> str:
+    """The constrained answer in a stage's visible output: after the last "Answer:" (reasoner stages), or all
+    of it (direct mode)."""
+    return (response.rsplit(MARKER, 1)[-1] if prefix else response).strip()
+
+
+def _first_line(message: str) -> str:
+    """llguidance's error, on one line: its first line (less the grammar position) and its `error:` line."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    head = re.sub(r"^at \d+\(\d+\): ", "", lines[0]).removesuffix("regex parse error:").strip(" :")
+    detail = next((line.removeprefix("error:").strip() for line in lines[1:] if line.startswith("error:")), "")
+    return (f"{head}: {detail}" if detail else head)[:300]
+
+
+# Bounded: a server sees as many grammars as its clients send.
+@lru_cache(maxsize=256)
+def _compile(lark: str) -> str:
+    return _llguidance().grammar_from("lark", lark)
+
+
+class _Vocabulary:
+    """A tokenizer as llguidance reads it (built once per tokenizer: ~0.3 s for a 49k vocabulary, ~1 s for
+    150k)."""
+
+    def __init__(self, tokenizer, eos_ids: set[int]):
+        self.llg = _llguidance().LLTokenizer(tokenizer.to_json(), eos_token=sorted(eos_ids))
+        self.size = self.llg.vocab_size  # the bitmask's length in bits, as llguidance writes it
+
+
+@lru_cache(maxsize=8)
+def _vocabulary(tokenizer, eos: frozenset[int]) -> _Vocabulary:
+    return _Vocabulary(tokenizer, set(eos))
+
+
+@lru_cache(maxsize=64)
+def _template(vocab: _Vocabulary, grammar: str):
+    """A fresh matcher of `grammar`, to copy (~2 us) rather than build (~1 ms) for each generation."""
+    return _llguidance().LLMatcher(vocab.llg, grammar, log_level=0)
+
+
+class AnswerMatcher:
+    """One generation's constraint: idle while the model reasons, then masks every step to the answer's
+    grammar. `mask` before sampling, `observe` after, with the generation loop."""
+
+    def __init__(self, constraint: Constraint, tokenizer, eos_ids: set[int], *, start: str, prefix: bool = True):
+        """`start`: "now" (the stage writes only the answer), "think_end" (after `</think>`) or "marker" (when
+        the text reaches "Answer:", or only ANSWER_RESERVE tokens are left). `prefix`: the answer begins with
+        "Answer: " (reasoner stages; direct mode answers bare)."""
+        self.constraint, self.tokenizer, self.start = constraint, tokenizer, start
+        self.vocab = _vocabulary(tokenizer, frozenset(eos_ids))
+        self.prefix = prefix
+        self.matcher = None
+        self.text = ""  # the plain-text reasoning so far ("marker" start), to find the marker
+        if start == "now":
+            self._activate(MARKER + " " if prefix else None)
+
+    @property
+    def active(self) -> bool:
+        return self.matcher is not None
+
+    @property
+    def satisfied(self) -> bool:
+        """The answer so far is a complete one."""
+        return self.matcher is not None and (self.matcher.is_accepting() or self.matcher.is_stopped())
+
+    def _activate(self, prefix: str | None) -> None:
+        self.matcher = _template(self.vocab, _compile(self.constraint.grammar(prefix))).deep_copy()
+        self._bitmask = np.zeros((self.vocab.size + 31) // 32, np.int32)  # a bit per token: 1 = allowed
+        self._bits = self._bitmask.view(np.uint8)
+        self._pointer = (self._bitmask.ctypes.data, self._bitmask.nbytes)
+
+    def think_ended(self) -> None:
+        if self.start == "think_end" and self.matcher is None:
+            self._activate(MARKER + " ")
+
+    def mask(self, logits: np.ndarray, remaining: int) -> np.ndarray:
+        """`logits` (a copy the caller owns) with every token the answer cannot continue with at -inf."""
+        if self.matcher is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
+            self._activate("\n" + MARKER + " ")
+        if self.matcher is None:
+            return logits
+        self.matcher.unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
+        n = min(self.vocab.size, len(logits))
+        allowed = np.unpackbits(self._bits, count=n, bitorder="little")
+        share = np.count_nonzero(allowed) / max(n, 1)
+        if 0.05 < share < 0.95:  # a scattered mask (a character class): a branch-free add of 0 or -inf
+            logits[:n] += np.take(_BIAS, allowed)
+        else:  # a few tokens allowed, or a few refused: write only those
+            np.copyto(logits[:n], -np.inf, where=allowed == 0)
+        logits[n:] = -np.inf
+        return logits
+
+    def observe(self, token: int) -> None:
+        """The token the loop chose."""
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+        elif self.start == "marker":
+            self.text += self.tokenizer.decode([token], skip_special_tokens=False)
+            if self.text.rstrip(" ").endswith(MARKER):
+                self._activate(None)
+            self.text = self.text[-len(MARKER) - 8:]

@@ -1,0 +1,231 @@
+"""Constrained answers (edgevlm.constraints): the answer after the reasoning matches a JSON schema, a regular
+expression or a list of choices, on both backends; bad constraints are usage errors before any model runs;
+a constraint the model cannot complete in its tokens ends with stop_reason "constraint" and a note."""
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest import random_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgevlm.constraints import AnswerMatcher, Constraint
+from edgevlm.errors import UsageError
+from edgevlm.generation import Decoding, generate
+from edgevlm.pipeline import Pipeline
+
+SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "side": {"enum": ["left", "right", "none"]}},
+          "required": ["count", "side"], "additionalProperties": False}
+REGEX = r"(left|right|none)"
+# Enough tokens for a tiny random model to finish a short answer; thinking kept short.
+BUDGET = dict(max_new_tokens=48, think_budget=8, instruction="the shapes")
+
+
+@pytest.fixture(scope="module")
+def bundle_pipe(tiny_bundle):
+    return Pipeline.from_bundle(str(tiny_bundle))
+
+
+def _pipes(pipelines, bundle_pipe):
+    return {"torch": pipelines("llava_onevision"), "onnxruntime": bundle_pipe}
+
+
+@pytest.mark.parametrize("think", [True, False])
+def test_a_schema_constrained_answer_validates_on_both_backends(pipelines, bundle_pipe, think):
+    for backend, pipe in _pipes(pipelines, bundle_pipe).items():
+        for seed in range(3):
+            r = pipe(random_image(seed=seed), "How many shapes, and on which side?", schema=SCHEMA, think=think,
+                     seed=seed, temperature=1.0, **BUDGET)
+            think_stage = r.stages["think"]
+            if think_stage.stop_reason == "constraint":
+                assert r.answer == "" and any("did not complete its json schema" in n for n in r.notes)
+                continue
+            jsonschema.validate(r.answer_json, SCHEMA)
+            assert json.loads(r.answer) == r.answer_json, backend
+            assert r.to_dict()["answer_json"] == r.answer_json
+
+
+def test_a_regex_and_the_options_constrain_the_answer_on_both_backends(pipelines, bundle_pipe):
+    for backend, pipe in _pipes(pipelines, bundle_pipe).items():
+        r = pipe(random_image(seed=1), "Which side?", regex=REGEX, seed=1, temperature=1.0, **BUDGET)
+        assert r.stages["think"].stop_reason == "constraint" or re.fullmatch(REGEX, r.answer), (backend, r.answer)
+        assert r.answer_json is None
+        # multiple choice: constrained to the options' letters by default
+        r = pipe(random_image(seed=2), "Which color?", choices=["red", "green", "blue"], seed=2, temperature=1.0,
+                 **BUDGET)
+        assert r.answer in ("A", "B", "C"), (backend, r.response)
+        assert re.search(r"Answer: [ABC]$", r.response.strip()), r.response
+
+
+def test_direct_mode_constrains_the_vlm_answer(pipelines, bundle_pipe):
+    for backend, pipe in _pipes(pipelines, bundle_pipe).items():
+        r = pipe(random_image(seed=3), "Which side?", mode="direct", regex=REGEX, max_new_tokens=16, temperature=1.0)
+        assert re.fullmatch(REGEX, r.answer), (backend, r.response)
+        assert r.response == r.answer  # direct mode answers bare: no "Answer:" before it
+
+
+def test_an_unsatisfiable_budget_ends_with_the_stop_reason_and_a_note(pipelines):
+    pipe = pipelines("llava_onevision")
+    r = pipe(random_image(seed=4), "Count?", regex=r"[0-9]{40}", think=False, max_new_tokens=6, instruction="x")
+    assert r.stages["think"].stop_reason == "constraint"
+    assert r.answer == "" and any("did not complete its regex" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"schema": {"type": "objekt"}}, "invalid JSON schema: failed to compile JSON schema: Invalid type: objekt"),
+    ({"schema": "{not json"}, "the JSON schema is not JSON"),
+    ({"schema": [1, 2]}, "a JSON schema must be an object"),
+    ({"regex": "(left"}, "invalid regular expression"),
+    ({"regex": ""}, "non-empty string"),
+    ({"regex": "a", "schema": {"type": "integer"}}, "give one constraint"),
+])
+def test_bad_constraints_are_one_line_usage_errors_before_any_model_runs(options, needle):
+    # a Pipeline with no models: the call must fail on its options before it touches one
+    pipe = Pipeline.__new__(Pipeline)
+    with pytest.raises(UsageError, match=re.escape(needle)) as e:
+        Pipeline.__call__(pipe, random_image(), "q", **options)
+    assert "\n" not in str(e.value)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), temperature=st.sampled_from([0.0, 0.7, 1.5]),
+       kind=st.sampled_from(["schema", "regex", "choice"]))
+def test_whatever_the_model_samples_a_finished_answer_matches(torch_models, seed, temperature, kind):
+    """Property: on the real tiny reasoner, any seed and temperature, a constrained answer that finishes
+    (eos) matches its constraint; one that does not ends with stop_reason "constraint"."""
+    from edgevlm.pipeline import render_prompt
+
+    model = torch_models("qwen3")
+    constraint = {"schema": Constraint.json_schema(SCHEMA), "regex": Constraint.regex(REGEX),
+                  "choice": Constraint.choice(["A", "B", "C"])}[kind]
+    prepared = model.prepare(render_prompt(model, "Answer in one word.", enable_thinking=False))
+    matcher = AnswerMatcher(constraint, model.tokenizer, model.eos_ids, start="now", prefix=False)
+    gen = generate(model.prefill(prepared), Decoding(max_new_tokens=40, temperature=temperature),
+                   eos_ids=model.eos_ids, max_context=model.max_context, rng=np.random.default_rng(seed),
+                   answer=matcher)
+    tokens = []
+    while True:
+        try:
+            tokens.append(next(gen))
+        except StopIteration as done:
+            generation = done.value
+            break
+    text = model.tokenizer.decode(tokens).strip()
+    if generation.stop_reason == "constraint":
+        return
+    assert generation.stop_reason == "eos"
+    if kind == "schema":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    else:
+        assert re.fullmatch(REGEX if kind == "regex" else "[ABC]", text), text
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.one_of(st.text(max_size=60), st.from_regex(r"[a-z()|*+?\[\]{}\\/.^$0-9,-]{0,30}", fullmatch=True)),
+       as_schema=st.booleans())
+def test_any_user_text_as_a_constraint_is_accepted_or_a_one_line_usage_error(text, as_schema):
+    """Property: whatever a caller passes as a regex or a schema, it compiles or is refused in one line."""
+    try:
+        c = Constraint.json_schema(text) if as_schema else Constraint.regex(text)
+    except UsageError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert c.grammar("Answer: ").startswith("start:")
+
+
+@settings(max_examples=60, deadline=None)
+@given(schema=st.recursive(st.sampled_from([{"type": t} for t in ("integer", "string", "boolean", "null", "nope")]),
+                           lambda inner: st.one_of(
+                               st.builds(lambda p: {"type": "object", "properties": p},
+                                         st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                               st.builds(lambda i: {"type": "array", "items": i}, inner)), max_leaves=6))
+def test_any_schema_object_is_accepted_or_a_one_line_usage_error(schema):
+    try:
+        Constraint.json_schema(schema)
+    except UsageError as e:
+        assert "\n" not in str(e)
+
+
+def test_one_of_keeps_the_question_open_and_the_answer_in_the_list(pipelines, bundle_pipe):
+    for backend, pipe in _pipes(pipelines, bundle_pipe).items():
+        r = pipe(random_image(seed=5), "Which side?", one_of=["left side", "right", "none at all"], seed=5,
+                 temperature=1.0, **BUDGET)
+        assert not r.multiple_choice
+        assert r.stages["think"].stop_reason == "constraint" or r.answer in ("left side", "right", "none at all"), \
+            backend
+    with pytest.raises(UsageError, match="one constraint"):
+        pipe(random_image(), "q", one_of=["a"], regex="a")
+    with pytest.raises(UsageError, match="one_of must be a non-empty list"):
+        pipe(random_image(), "q", one_of="abc")
+
+
+@pytest.fixture(scope="module")
+def demo_pipes(tmp_path_factory):
+    """The shipped demo models on both backends (the bundle exported here, fp32)."""
+    from edgevlm import demo
+    from edgevlm.export.exporter import export_bundle
+
+    if not demo.available():
+        pytest.skip("this checkout has no demo models")
+    path = export_bundle(tmp_path_factory.mktemp("demo") / "fp32", preset="demo", fidelity_samples=0,
+                         log=lambda m: None)
+    return {"torch": Pipeline.from_pretrained(preset="demo"), "onnxruntime": Pipeline.from_bundle(str(path))}
+
+
+def test_on_the_demo_models_constraints_validate_and_keep_a_right_free_answer(demo_pipes):
+    """The demo answers its README example right; constrained to the shapes (regex), to a list, or to a
+    schema, it gives the same answer on both backends (greedy), and the outputs validate."""
+    from edgevlm import demo
+
+    label = json.loads(demo.EXAMPLE_LABEL.read_text())
+    schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "square", "triangle"]}},
+              "required": ["shape"], "additionalProperties": False}
+    for backend, pipe in demo_pipes.items():
+        ask = dict(temperature=0.0)
+        free = pipe(demo.EXAMPLE, label["question"], **ask)
+        assert free.answer == label["answer"], backend
+        regex = pipe(demo.EXAMPLE, label["question"], regex="(circle|square|triangle)", **ask)
+        listed = pipe(demo.EXAMPLE, label["question"], one_of=["circle", "square", "triangle"], **ask)
+        shaped = pipe(demo.EXAMPLE, label["question"], schema=schema, **ask)
+        assert regex.answer == listed.answer == free.answer, backend
+        jsonschema.validate(shaped.answer_json, schema)
+        assert shaped.answer_json["shape"] == free.answer, backend
+
+
+def test_a_reasoner_without_think_tokens_is_constrained_from_its_answer_marker(tiny_dir):
+    """A plain-text reasoner (one without </think>) reasons freely until it writes "Answer:", then is
+    constrained; one that never writes it is made to answer when only the answer's share of tokens is left."""
+    from edgevlm.backends.torch_ref import TorchModel
+    from edgevlm.constraints import ANSWER_RESERVE
+    from edgevlm.families import reasoner_family
+
+    llama = TorchModel(tiny_dir("llama"), reasoner_family(tiny_dir("llama")))
+    matcher = AnswerMatcher(Constraint.regex(REGEX), llama.tokenizer, llama.eos_ids, start="marker")
+    for token in llama.tokenizer.encode("The shapes are on the left. So the"):
+        matcher.observe(token)
+    assert not matcher.active
+    for token in llama.tokenizer.encode(" Answer:"):
+        matcher.observe(token)
+    assert matcher.active and not matcher.satisfied
+    late = AnswerMatcher(Constraint.regex(REGEX), llama.tokenizer, llama.eos_ids, start="marker")
+    logits = np.zeros(llama.tokenizer.vocab_size, np.float32)
+    late.mask(logits.copy(), ANSWER_RESERVE + 1)
+    assert not late.active
+    late.mask(logits.copy(), ANSWER_RESERVE)
+    assert late.active
+    # the real model, reasoning freely for its first 16 of 80 tokens, then made to answer
+    from edgevlm.constraints import answer_text
+    from edgevlm.pipeline import render_prompt
+
+    state = llama.prefill(llama.prepare(render_prompt(llama, "Which side? Reason, then answer.")))
+    forced = AnswerMatcher(Constraint.regex(REGEX), llama.tokenizer, llama.eos_ids, start="marker")
+    gen = generate(state, Decoding(max_new_tokens=ANSWER_RESERVE + 16, temperature=1.0), eos_ids=llama.eos_ids,
+                   max_context=llama.max_context, rng=np.random.default_rng(6), answer=forced)
+    tokens = list(gen)
+    text = llama.tokenizer.decode(tokens)
+    assert forced.active and "\nAnswer: " in text
+    assert not forced.satisfied or re.fullmatch(REGEX, answer_text(text, prefix=True)), text
