@@ -407,6 +407,45 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
     click.echo(json.dumps({"out": out, **scores}))
 
 
+@cli.command()
+@click.option("--bundle", "bundle_dir", metavar="DIR", help="An exported bundle (ONNX Runtime; no torch needed).")
+@_PAIR
+@_PLACE
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on (0.0.0.0: every "
+              "interface; then give an --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGEVLM_API_KEY", help="Clients must send it (Authorization: Bearer KEY); "
+              "also from $EDGEVLM_API_KEY.")
+@click.option("--allow-dir", type=click.Path(file_okay=False, exists=True),
+              help="image_url may name files under this folder (else data URLs only).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests that may wait for the models; more are refused with 503.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20, show_default=True, callback=_finite,
+              help="The largest request body.")
+def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, host, port, api_key, allow_dir, max_queue,
+          max_body_mb):
+    """An OpenAI-compatible HTTP server (POST /v1/chat/completions; /v1/models, /health, /metrics)."""
+    from pathlib import Path
+
+    from edgevlm.loading import Source
+    from edgevlm.runner import Runner
+
+    try:
+        import uvicorn
+
+        from edgevlm.server import Limits, create_app
+    except ImportError as e:
+        raise UsageError(f"edgevlm serve needs its extra ({e}); pip install 'edgevlm[serve]'") from None
+    source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
+                    memory_budget=memory_budget)
+    _note("loading models")
+    pipe = source.load()
+    limits = Limits(max_body_bytes=int(max_body_mb * 1e6), allow_dir=Path(allow_dir) if allow_dir else None)
+    with Runner(pipe, max_queue=max_queue) as runner:
+        app = create_app(runner, model=source.label(), api_key=api_key, limits=limits)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @cli.command("make-tiny")
 @click.argument("family")
 @click.argument("out_dir", type=click.Path(file_okay=False))

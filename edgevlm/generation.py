@@ -116,8 +116,9 @@ class AnswerConstraint(Protocol):
 @dataclass
 class Generation:
     token_ids: list[int]
-    # "eos", "length" (max_new_tokens), "context" (the model's context is full), or "constraint" (the tokens
-    # ran out, or the constraint could go no further, before the constrained answer was complete)
+    # "eos", "length" (max_new_tokens), "context" (the model's context is full), "constraint" (the tokens
+    # ran out, or the constraint could go no further, before the constrained answer was complete), or
+    # "deadline" (the pipeline stopped it at the call's time limit)
     stop_reason: str
 
 

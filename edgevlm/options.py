@@ -34,6 +34,8 @@ class Options:
     (the question stays open: unlike `choices`, no letters), decoded under that constraint
     (edgevlm.constraints). constrain: a multiple-choice answer is decoded constrained to the options'
     letters (default); False leaves it free, as in the paper.
+    time_limit_s: the run stops at the next token once it has taken this long (the stage it cut is
+    Result.cut; the stages before it are whole: a description without its answer is still useful).
     Every value is checked here: a wrong type, a NaN or an unknown option is a UsageError.
     """
 
@@ -52,6 +54,7 @@ class Options:
     regex: str | None = None
     one_of: list[str] | None = None
     constrain: bool = True
+    time_limit_s: float | None = None
 
     @classmethod
     def of(cls, options: dict) -> Options:
@@ -87,6 +90,8 @@ class Options:
         for name in ("max_new_tokens", "fixed_tokens"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name)
+        if self.time_limit_s is not None and not finite_number(self.time_limit_s, minimum=0):
+            raise UsageError(f"time_limit_s must be a finite number of seconds, 0 or more; got {self.time_limit_s!r}")
         if self.temperature is not None and not finite_number(self.temperature, minimum=0):
             raise UsageError(f"the temperature must be a finite number, 0 (greedy) or more; got {self.temperature!r}")
 

@@ -61,10 +61,23 @@ class _Call:
     letters: str | None = None  # the valid answer letters of a multiple-choice question, where known
     cancel: threading.Event | None = None  # set by a stream's consumer that went away: stop between tokens
     constraint: Constraint | None = None  # what the answer must match (edgevlm.constraints)
+    deadline: float | None = None  # time.perf_counter() past which the run stops at the next token
 
 
 class _Cancelled(Exception):
     """The consumer of a stream closed it: the run stops at a token boundary."""
+
+
+class _TimeUp(Exception):
+    """The call's time limit passed during (or before) the stage `stage`."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
+def _past_deadline(call: _Call) -> bool:
+    return call.deadline is not None and time.perf_counter() >= call.deadline
 
 
 def _check_cancel(call: _Call) -> None:
@@ -254,6 +267,8 @@ class Pipeline:
         call = _Call(Profiler(detail=opts.trace), np.random.default_rng(opts.seed), opts.fixed_tokens,
                      letters=letters if multiple_choice else None, cancel=cancel)
         call.constraint = opts.answer_constraint(call.letters)
+        if opts.time_limit_s is not None:
+            call.deadline = time.perf_counter() + opts.time_limit_s
         return self._run(image, question, multiple_choice, opts, call)
 
     # ------------------------------------------------------------------ stages
@@ -273,10 +288,13 @@ class Pipeline:
         pil = load_image(image, bgr=opts.bgr)
         call.image_key = self.vision.key(pil)
         result.image_ms = (time.perf_counter() - start) * 1e3
-        if opts.mode == "direct":
-            yield from self._direct(result, call, pil, opts)
-        else:
-            yield from self._extract_think(result, call, pil, opts)
+        try:
+            if opts.mode == "direct":
+                yield from self._direct(result, call, pil, opts)
+            else:
+                yield from self._extract_think(result, call, pil, opts)
+        except _TimeUp as up:
+            _keep_partial(result, up.stage, opts.time_limit_s)
         result.total_ms = (time.perf_counter() - t0) * 1e3
         result.peak_rss_bytes = peak_rss_bytes()
         yield Event("done", result=result)
@@ -383,8 +401,11 @@ class Pipeline:
                prompt: str, decoding: Decoding, *, image=None, enable_thinking: bool | None = None,
                think: ThinkControl | None = None,
                answer: AnswerMatcher | None = None) -> Generator[Event, None, StageResult]:
-        """One model call, yielding its events; returns its StageResult (also stored in `result`)."""
+        """One model call, yielding its events; returns its StageResult (also stored in `result`). Past the
+        call's deadline it raises _TimeUp, before it starts or once its stage_end is out."""
         _check_cancel(call)
+        if _past_deadline(call):
+            raise _TimeUp(name)
         yield Event("stage_start", name)
         eos_ids = model.eos_ids
         if call.fixed_tokens:  # benchmarks: the same length every run, whatever the model says
@@ -416,6 +437,8 @@ class Pipeline:
         )
         result.stages[name] = stage
         yield Event("stage_end", name, stage.text)
+        if stage.stop_reason == "deadline":
+            raise _TimeUp(name)
         return stage
 
     def _check_room(self, name: str, model: Model, n_prompt: int, *, with_image: bool) -> None:
@@ -439,22 +462,43 @@ def _decode(call: _Call, name: str, model: Model, state: State, decoding: Decodi
     tokens = generate(call.prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
                       rng=call.rng, think=think, answer=answer)
     detok = StreamDecoder(model.tokenizer)
-    first_token_at = None
+    first_token_at, ids = None, []
     while True:
         try:
             token = next(tokens)
         except StopIteration as done:
             generation = done.value
             break
+        ids.append(token)
         if first_token_at is None:
             first_token_at = time.perf_counter()
         _check_cancel(call)
+        if _past_deadline(call):
+            tokens.close()
+            generation = Generation(ids, "deadline")
+            if delta := detok.push(token):
+                yield Event("token", name, delta)
+            break
         delta = detok.push(token)
         if delta:
             yield Event("token", name, delta)
     if first_token_at is not None:
         call.prof.add(name, "decode", first_token_at, time.perf_counter())
     return generation, first_token_at
+
+
+def _keep_partial(result: Result, stage: str, limit: float | None) -> None:
+    """A run the time limit stopped: what its cut stage had written, where that is still useful."""
+    result.cut = stage
+    partial = result.stages[stage].text.strip() if stage in result.stages else ""
+    if stage == "extract":
+        result.extraction = partial or None
+    elif stage == "think":
+        result.reasoning = partial or None
+    elif stage == "direct":
+        result.response = partial
+    result.notes.append(f"the {stage} stage was cut at the time limit ({limit:g} s)"
+                        + ("" if result.answer else "; there is no answer"))
 
 
 def _memory(model: Model, state: State, vision: dict) -> dict:

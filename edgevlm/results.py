@@ -53,6 +53,8 @@ class Result:
     stages: dict[str, StageResult] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
     image_ms: float = 0.0  # reading and normalising the image, before any stage
+    queue_ms: float = 0.0  # waiting for the models (edgevlm.runner), before the run
+    cut: str | None = None  # the stage the time limit stopped (it and the ones after it are missing or partial)
     total_ms: float = 0.0
     peak_rss_bytes: int = 0  # of the process, so far
     # what the caller should know about how the answer came about: a clamped thinking budget, an answer that
@@ -72,7 +74,9 @@ class Result:
             "extraction": self.extraction,
             "reasoning": self.reasoning,
             "response": self.response,
-            "timings": {"total_ms": round(self.total_ms, 3), "image_ms": round(self.image_ms, 3),
+            "cut": self.cut,
+            "timings": {"total_ms": round(self.total_ms, 3), "queue_ms": round(self.queue_ms, 3),
+                        "image_ms": round(self.image_ms, 3),
                         **{name: s.timings.to_dict() for name, s in self.stages.items()}},
             "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
                        for name, s in self.stages.items()},
