@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -420,8 +419,11 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False):
     _remove_stale(out)
     check_output(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    # Named before it exists and made inside `try`: an interrupt (Ctrl-C, SIGTERM) landing right after the
+    # mkdir, which tempfile.mkdtemp would not have returned yet, still finds it in `finally`.
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{os.urandom(6).hex()}"
     try:
+        tmp.mkdir(mode=0o700)
         yield tmp
         if _bundle_manifest(tmp) is None:  # a bundle's manifest lists its files already
             write_marker(tmp)  # now, after every file exists: it lists them all

@@ -446,6 +446,52 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, host, 
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+@cli.command()
+@click.argument("bag")
+@click.option("--topic", required=True, help="The image topic (sensor_msgs/Image or CompressedImage).")
+@click.option("--question", required=True, help="What to ask about each frame.")
+@click.option("--every", default="0", show_default=True, metavar="TIME",
+              help="Answer at most one frame per TIME of recording (2s, 500ms; 0: every frame).")
+@click.option("--bundle", "bundle_dir", metavar="DIR", help="An exported bundle (ONNX Runtime; no torch needed).")
+@_PAIR
+@_GGUF
+@_MODE
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Most visible tokens per stage (default: 1024; thinking not counted).")
+@_TEMPERATURE
+@_SEED
+@_PLACE
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Answer only the first N picked frames.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a frame: time_s and the `run --json` result.")
+def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset, gguf_file, mode, think, think_budget,
+           max_new_tokens, temperature, seed, device, memory_budget, limit, as_json):
+    """Answer QUESTION about the frames of a rosbag2 recording BAG (MCAP or sqlite3), offline."""
+    import itertools
+
+    from edgevlm.loading import Source
+    from edgevlm.options import Options, check_text
+    from edgevlm.replay import frames, parse_every
+
+    options = {"mode": mode, "think": think, "think_budget": think_budget, "max_new_tokens": max_new_tokens,
+               "temperature": temperature, "seed": seed}
+    Options.of(options)
+    check_text(question, "the question")
+    picked = frames(bag, topic, parse_every(every))
+    first = next(picked, None)  # the recording and its topic are checked before any model loads
+    if first is None:
+        raise UsageError(f"{topic} has no messages in {bag}")
+    source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, gguf_file=gguf_file,
+                    device=device, memory_budget=memory_budget)
+    _note("loading models")
+    pipe = source.load(load_reasoner=mode != "direct")
+    for seconds, image in itertools.islice(itertools.chain([first], picked), limit):
+        result = pipe(image, question, **options)
+        if as_json:
+            click.echo(json.dumps({"time_s": round(seconds, 3), "result": result.to_dict()}, ensure_ascii=False))
+        else:
+            click.echo(f"{seconds:9.2f} s  {result.answer}  ({result.total_ms:.0f} ms)")
+
+
 @cli.command("make-tiny")
 @click.argument("family")
 @click.argument("out_dir", type=click.Path(file_okay=False))
