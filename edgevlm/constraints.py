@@ -74,8 +74,7 @@ class Constraint:
 
     def _checked(self) -> Constraint:
         """A constraint llguidance can compile, else a one-line UsageError (before any model runs)."""
-        compiled = _compile(self.grammar(MARKER + " "))
-        error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(compiled, None)
+        error, messages = _validate(self.grammar(MARKER + " "))
         if error:
             what = {"json_schema": "JSON schema", "regex": "regular expression", "choice": "choices"}[self.kind]
             first = next((m for m in messages if m.strip()), "invalid")
@@ -112,6 +111,14 @@ def _compile(lark: str) -> str:
     return _llguidance().grammar_from("lark", lark)
 
 
+@lru_cache(maxsize=256)
+def _validate(lark: str) -> tuple[bool, tuple[str, ...]]:
+    """(is_error, messages) of a grammar: once per grammar, though a call's options are checked twice (when
+    given, and when the run starts)."""
+    error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(_compile(lark), None)
+    return error, tuple(messages)
+
+
 class _Vocabulary:
     """A tokenizer as llguidance reads it (built once per tokenizer: ~0.3 s for a 49k vocabulary, ~1 s for
     150k)."""
@@ -142,7 +149,6 @@ class AnswerMatcher:
         "Answer: " (reasoner stages; direct mode answers bare)."""
         self.constraint, self.tokenizer, self.start = constraint, tokenizer, start
         self.vocab = _vocabulary(tokenizer, frozenset(eos_ids))
-        self.prefix = prefix
         self.matcher = None
         self.text = ""  # the plain-text reasoning so far ("marker" start), to find the marker
         if start == "now":

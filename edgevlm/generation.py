@@ -6,7 +6,7 @@ one token and returns the next logits (the KV cache lives inside it).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -131,9 +131,11 @@ def generate(
     rng: np.random.Generator,
     think: ThinkControl | None = None,
     answer: AnswerConstraint | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> Generator[int, None, Generation]:
     """Sample up to `decoding.max_new_tokens` tokens from `state`, yielding each as it is chosen. While
     thinking, `think` shapes the logits; after it, `answer` (if any) masks them to the answer's constraint.
+    `until`: asked after each token that does not end the generation; True stops it there ("deadline").
 
     The generator's return value (`yield from`, or StopIteration.value) is the whole Generation.
     """
@@ -167,8 +169,11 @@ def generate(
         if state.prompt_len + len(ids) >= max_context:
             stop = "context"
             break
+        if until is not None and until():
+            stop = "deadline"
+            break
         logits = state.step(token)
-    if answer is not None and answer.active and stop != "eos" and not answer.satisfied:
+    if answer is not None and answer.active and stop in ("length", "context") and not answer.satisfied:
         stop = "constraint"
     return Generation(ids, stop)
 

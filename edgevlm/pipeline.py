@@ -371,10 +371,10 @@ class Pipeline:
             result.notes.append(f"the answer did not complete its {call.constraint.kind.replace('_', ' ')} "
                                 f"within the {stage.name} stage's {stage.new_tokens} tokens; there is no answer")
             return
-        answer = answer_text(response, prefix=prefix)
-        result.answer = _checked_answer(result, answer, call.letters) if call.letters and call.constraint.kind \
-            == "choice" else answer
-        result.answer_json = call.constraint.parse(answer)
+        # The constraint made it valid: an option's letter, or what the caller's schema, regex or list allows
+        # (which then wins over the letters, so checking it against them would wrongly refuse it).
+        result.answer = answer_text(response, prefix=prefix)
+        result.answer_json = call.constraint.parse(result.answer)
 
     def _split_thinking(self, stage: StageResult, control: ThinkControl | None) -> tuple[str, str]:
         """(reasoning, response) of the think stage's output: either side of </think>."""
@@ -457,28 +457,22 @@ class Pipeline:
 def _decode(call: _Call, name: str, model: Model, state: State, decoding: Decoding, eos_ids: set[int],
             think: ThinkControl | None,
             answer: AnswerMatcher | None) -> Generator[Event, None, tuple[Generation, float | None]]:
-    """The stage's tokens as text deltas, stopping between tokens when the call is cancelled; returns the
-    Generation and when its first token came (None: no token)."""
+    """The stage's tokens as text deltas, stopping between tokens when the call is cancelled or its deadline
+    passes; returns the Generation and when its first token came (None: no token)."""
+    until = None if call.deadline is None else lambda: _past_deadline(call)
     tokens = generate(call.prof.timed(state, name), decoding, eos_ids=eos_ids, max_context=model.max_context,
-                      rng=call.rng, think=think, answer=answer)
+                      rng=call.rng, think=think, answer=answer, until=until)
     detok = StreamDecoder(model.tokenizer)
-    first_token_at, ids = None, []
+    first_token_at = None
     while True:
         try:
             token = next(tokens)
         except StopIteration as done:
             generation = done.value
             break
-        ids.append(token)
         if first_token_at is None:
             first_token_at = time.perf_counter()
         _check_cancel(call)
-        if _past_deadline(call):
-            tokens.close()
-            generation = Generation(ids, "deadline")
-            if delta := detok.push(token):
-                yield Event("token", name, delta)
-            break
         delta = detok.push(token)
         if delta:
             yield Event("token", name, delta)

@@ -157,6 +157,11 @@ def test_one_of_keeps_the_question_open_and_the_answer_in_the_list(pipelines, bu
         assert not r.multiple_choice
         assert r.stages["think"].stop_reason == "constraint" or r.answer in ("left side", "right", "none at all"), \
             backend
+        # a multiple-choice question asked for a listed answer instead of a letter gets that answer
+        mc = pipe(random_image(seed=5), "Which side?", choices=["left", "right"], one_of=["left side", "right"],
+                  seed=5, temperature=1.0, **BUDGET)
+        assert mc.stages["think"].stop_reason == "constraint" or (
+            mc.answer in ("left side", "right") and not any("not one of the options" in n for n in mc.notes)), backend
     with pytest.raises(UsageError, match="one constraint"):
         pipe(random_image(), "q", one_of=["a"], regex="a")
     with pytest.raises(UsageError, match="one_of must be a non-empty list"):

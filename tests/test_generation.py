@@ -161,3 +161,23 @@ def test_generation_stops_at_eos_length_and_context(torch_models):
     ctx = _tokens(generate(state, Decoding(max_new_tokens=12), eos_ids=set(), max_context=state.prompt_len + 3,
                            rng=np.random.default_rng(0)))
     assert ctx.stop_reason == "context" and ctx.token_ids == free.token_ids[:3]
+
+
+def test_until_stops_after_the_token_where_it_turns_true_even_under_a_constraint(torch_models):
+    from edgevlm.constraints import AnswerMatcher, Constraint
+
+    model = torch_models("qwen3")
+    asked = []
+
+    def until():
+        asked.append(1)
+        return len(asked) == 3
+
+    gen = _tokens(generate(_prepare(model, "Describe."), Decoding(max_new_tokens=12), eos_ids=set(),
+                           max_context=10_000, rng=np.random.default_rng(0), until=until))
+    assert gen.stop_reason == "deadline" and len(gen.token_ids) == 3
+    matcher = AnswerMatcher(Constraint.regex("[a-z]{30}"), model.tokenizer, model.eos_ids, start="now", prefix=False)
+    asked.clear()
+    cut = _tokens(generate(_prepare(model, "Describe."), Decoding(max_new_tokens=12), eos_ids=model.eos_ids,
+                           max_context=10_000, rng=np.random.default_rng(0), answer=matcher, until=until))
+    assert cut.stop_reason == "deadline" and not matcher.satisfied  # cut by the deadline, not the constraint
