@@ -90,6 +90,9 @@ _PLACE = _options(
     click.option("--memory-budget", metavar="SIZE", help="Bundles: plan the KV cache to fit SIZE (e.g. 6GB), or "
                  "fail saying what would fit (default: the bundle's target's budget, else the memory available)."),
 )
+_PIPELINED = click.option("--pipelined/--in-turn", default=None, help="Bundles: two frames in flight, one's extract "
+                          "beside the other's think [default: where there are 4 or more cores or a GPU and the "
+                          "memory plan fits both].")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -411,6 +414,7 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
 @click.option("--bundle", "bundle_dir", metavar="DIR", help="An exported bundle (ONNX Runtime; no torch needed).")
 @_PAIR
 @_PLACE
+@_PIPELINED
 @click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on (0.0.0.0: every "
               "interface; then give an --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -422,8 +426,8 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
               help="Requests that may wait for the models; more are refused with 503.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20, show_default=True, callback=_finite,
               help="The largest request body.")
-def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, host, port, api_key, allow_dir, max_queue,
-          max_body_mb):
+def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, pipelined, host, port, api_key, allow_dir,
+          max_queue, max_body_mb):
     """An OpenAI-compatible HTTP server (POST /v1/chat/completions; /v1/models, /health, /metrics)."""
     from pathlib import Path
 
@@ -437,7 +441,7 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, host, 
     except ImportError as e:
         raise UsageError(f"edgevlm serve needs its extra ({e}); pip install 'edgevlm[serve]'") from None
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, pipelined=pipelined)
     _note("loading models")
     pipe = source.load()
     limits = Limits(max_body_bytes=int(max_body_mb * 1e6), allow_dir=Path(allow_dir) if allow_dir else None)
@@ -461,16 +465,19 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, host, 
 @_TEMPERATURE
 @_SEED
 @_PLACE
+@_PIPELINED
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Answer only the first N picked frames.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a frame: time_s and the `run --json` result.")
 def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset, gguf_file, mode, think, think_budget,
-           max_new_tokens, temperature, seed, device, memory_budget, limit, as_json):
+           max_new_tokens, temperature, seed, device, memory_budget, pipelined, limit, as_json):
     """Answer QUESTION about the frames of a rosbag2 recording BAG (MCAP or sqlite3), offline."""
+    import collections
     import itertools
 
     from edgevlm.loading import Source
     from edgevlm.options import Options, check_text
     from edgevlm.replay import frames, parse_every
+    from edgevlm.runner import Runner
 
     options = {"mode": mode, "think": think, "think_budget": think_budget, "max_new_tokens": max_new_tokens,
                "temperature": temperature, "seed": seed}
@@ -481,15 +488,31 @@ def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset,
     if first is None:
         raise UsageError(f"{topic} has no messages in {bag}")
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, gguf_file=gguf_file,
-                    device=device, memory_budget=memory_budget)
+                    device=device, memory_budget=memory_budget, pipelined=pipelined)
     _note("loading models")
     pipe = source.load(load_reasoner=mode != "direct")
-    for seconds, image in itertools.islice(itertools.chain([first], picked), limit):
-        result = pipe(image, question, **options)
+
+    def show(seconds: float, request) -> None:
+        result = request.result()
         if as_json:
             click.echo(json.dumps({"time_s": round(seconds, 3), "result": result.to_dict()}, ensure_ascii=False))
         else:
             click.echo(f"{seconds:9.2f} s  {result.answer}  ({result.total_ms:.0f} ms)")
+
+    # Frames go through a Runner, one submitted ahead: read from the recording meanwhile, or (pipelined) the
+    # next frame's extract beside this one's think. Answers print in the recording's order.
+    ahead: collections.deque = collections.deque()
+    with Runner(pipe, max_queue=2) as runner:
+        try:
+            for seconds, image in itertools.islice(itertools.chain([first], picked), limit):
+                ahead.append((seconds, runner.submit(image, question, **options)))
+                if len(ahead) > 1:
+                    show(*ahead.popleft())
+            while ahead:
+                show(*ahead.popleft())
+        finally:  # a failure or Ctrl-C: the frame still in flight stops at its next token
+            for _, request in ahead:
+                request.cancel()
 
 
 @cli.command("make-tiny")

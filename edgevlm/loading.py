@@ -41,6 +41,7 @@ class Source:
     memory_budget: str | int | None = None
     vision_cache_mb: float = VISION_CACHE_MB
     prefix_cache_mb: float = PREFIX_CACHE_MB
+    pipelined: bool | None = None  # bundles: Pipeline's frame pipelining (None: its default)
 
     def __post_init__(self) -> None:
         pair = [f"--{name.replace('_', '-')}" for name in ("extractor", "reasoner", "preset", "quant", "gguf_file")
@@ -62,7 +63,8 @@ class Source:
         loads what it holds."""
         if self.bundle:
             return Pipeline.from_bundle(self.bundle, device=self.device, memory_budget=self.memory_budget,
-                                        vision_cache_mb=self.vision_cache_mb, prefix_cache_mb=self.prefix_cache_mb)
+                                        vision_cache_mb=self.vision_cache_mb, prefix_cache_mb=self.prefix_cache_mb,
+                                        pipelined=self.pipelined)
         return Pipeline.from_pretrained(self.extractor, self.reasoner, preset=self.preset, device=self.device,
                                         load_reasoner=load_reasoner, quant=self.quant, gguf_file=self.gguf_file,
                                         vision_cache_mb=self.vision_cache_mb)

@@ -147,6 +147,7 @@ class MemoryPlan:
     max_context: dict[str, int]  # per role
     stage_peak: dict[str, int] = field(default_factory=dict)  # per role, at its planned context
     overlap: bool = False  # the planner and the vision tower may run at once (both fit beside each other)
+    pipelining: bool = False  # two runs may be in flight: one model's stage beside the other's (both fit)
 
     @property
     def peak(self) -> int:
@@ -160,13 +161,17 @@ class MemoryPlan:
             lines.append(f"  {role}: context {context} tokens; KV, activations and vision at it "
                          f"{gb(self.stage_peak[role])}")
         lines.append(f"  planner beside the vision tower: {'fits' if self.overlap else 'does not fit (run in turn)'}")
+        if len(self.stage_peak) > 1:
+            lines.append("  one frame's extract beside another's think: "
+                         + ("fits" if self.pipelining else "does not fit (run in turn)"))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"budget_mb": None if self.budget is None else round(self.budget / 1e6, 1), "source": self.source,
                 "estimate_mb": round(self.peak / 1e6, 1), "max_context": dict(self.max_context),
                 "resident_mb": {k: round(v / 1e6, 1) for k, v in self.resident.items()},
-                "stage_mb": {k: round(v / 1e6, 1) for k, v in self.stage_peak.items()}, "overlap": self.overlap}
+                "stage_mb": {k: round(v / 1e6, 1) for k, v in self.stage_peak.items()}, "overlap": self.overlap,
+                "pipelining": self.pipelining}
 
 
 def costs(bundle: Bundle) -> list[ModelCost]:
@@ -220,7 +225,12 @@ def plan(bundle: Bundle, budget: int | None = None, *, source: str = "--memory-b
     both = fixed + (by_role[planner].stage_bytes(min(contexts[planner], MIN_CONTEXT), prefill_chunk)
                     + max(sum(m.vision_bytes()) for m in models) if planner else 0)
     overlap = planner is not None and (budget is None or both <= budget)
-    return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks, overlap)
+    # Pipelining (Pipeline): two runs in flight, each model in a stage of its own at its planned context, and
+    # the later run's vision tower overlapped beside them.
+    vision = max(sum(m.vision_bytes()) for m in models)
+    pipelining = len(models) > 1 and (budget is None or fixed + sum(peaks.values()) + vision <= budget)
+    return MemoryPlan(budget, source if budget is not None else "none", resident, contexts, peaks, overlap,
+                      pipelining)
 
 
 def budget_for(memory_budget: str | int | None, target: str | None) -> tuple[int | None, str]:

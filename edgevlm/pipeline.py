@@ -135,7 +135,8 @@ def render_prompt(model: Model, prompt: str, *, with_image: bool = False,
 
 
 class Pipeline:
-    """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads serialize.
+    """An extractor VLM and a reasoner LLM (also the planner). Calls from several threads share the models:
+    each model runs one stage at a time.
 
     Vision features are cached by image content (`vision_cache_mb`, LRU; 0 turns the cache off), so a
     second question about the same frame skips the vision tower. On ONNX Runtime each model also keeps the
@@ -145,27 +146,37 @@ class Pipeline:
     `overlap`: where the backend can (ONNX Runtime), the planner needs no image, so the vision tower encodes
     it on a second thread meanwhile. None (default) turns it on where there are cores to spare (4 or more, or
     a GPU) and the memory plan fits both at once; on 2 cores the two sessions' thread pools contend.
+
+    `pipelined`: two calls may be in flight at once, each stage taking its model when free: while the reasoner
+    thinks about one frame, the extractor describes the next (benchmarks/frame_pipelining.py). Off, calls run
+    one after another. None (default): as `overlap`, where the backend can, there are cores to spare and the
+    memory plan fits both models' stages at once.
     """
 
     def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB,
-                 prefix_cache_mb: float = PREFIX_CACHE_MB, overlap: bool | None = None):
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, overlap: bool | None = None,
+                 pipelined: bool | None = None):
         self.extractor, self.reasoner = extractor, reasoner
         for name, value in (("vision_cache_mb", vision_cache_mb), ("prefix_cache_mb", prefix_cache_mb)):
             if not finite_number(value, minimum=0):
                 raise UsageError(f"{name}: the cache size must be 0 (off) or a finite number of megabytes, "
                                  f"got {value!r}")
-        if overlap is None:
-            overlap = (os.cpu_count() or 1) >= 4 or extractor.device == "cuda"
+        spare = (os.cpu_count() or 1) >= 4 or extractor.device == "cuda"
+        overlap = spare if overlap is None else overlap
         self.vision = VisionFeatures(extractor, int(vision_cache_mb * 1e6),
-                                     overlap=overlap and extractor.concurrent_vision and extractor.family.vision)
+                                     overlap=overlap and extractor.concurrent and extractor.family.vision)
+        two = reasoner is not None and reasoner is not extractor and extractor.concurrent and reasoner.concurrent
+        self.pipelined = two and (spare if pipelined is None else pipelined)
         for model in (extractor, reasoner):
             if model is not None and model.prefix_cache is not None:
                 model.prefix_cache = PrefixCache(int(prefix_cache_mb * 1e6))
         # Streams run here, one after another: one long-lived thread rather than one per call. With a new thread
         # per question, benchmarks/soak.py's RSS still grew 6 MB per 100 calls after 1000 (692 -> 803 MB); with
         # this one it is flat from the 800th call.
-        self._runner = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-run")
-        self._lock = threading.Lock()
+        self._runner = ThreadPoolExecutor(2 if self.pipelined else 1, thread_name_prefix="edgevlm-run")
+        # Runs in flight (one, or two when pipelined); each stage also holds its model while it computes.
+        self._slots = threading.BoundedSemaphore(2 if self.pipelined else 1)
+        self._models = {id(m): threading.Lock() for m in (extractor, reasoner) if m is not None}
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
         self.memory_plan = None  # edgevlm.memory.MemoryPlan (bundles)
 
@@ -203,7 +214,8 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
                     vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB,
-                    memory_budget: int | str | None = None, overlap: bool | None = None) -> Pipeline:
+                    memory_budget: int | str | None = None, overlap: bool | None = None,
+                    pipelined: bool | None = None) -> Pipeline:
         """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256.
 
         Before loading, a memory plan (edgevlm.memory) gives each model the longest context that fits
@@ -215,14 +227,14 @@ class Pipeline:
         ex, rs, plan = onnx.load(path, device=device, threads=threads, verify=verify, memory_budget=memory_budget,
                                  vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
         pipe = cls(ex, rs, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
-                   overlap=overlap if plan.overlap else False)
+                   overlap=overlap if plan.overlap else False, pipelined=pipelined if plan.pipelining else False)
         pipe.memory_plan = plan
         return pipe
 
     def __call__(self, image: ImageInput, question: str, **options) -> Result:
         """Answer `question` about `image`; `options` are those of `Options`."""
         run = self._start(image, question, Options.of(options))
-        with self._lock:  # held only while the models compute: nothing here waits on the caller
+        with self._slots:  # held only while the models compute: nothing here waits on the caller
             for event in run:
                 if event.kind == "done":
                     return event.result
@@ -242,7 +254,7 @@ class Pipeline:
 
         def produce():
             try:
-                with self._lock:
+                with self._slots:
                     for event in run:
                         events.put(event)
             except _Cancelled:
@@ -402,7 +414,15 @@ class Pipeline:
                think: ThinkControl | None = None,
                answer: AnswerMatcher | None = None) -> Generator[Event, None, StageResult]:
         """One model call, yielding its events; returns its StageResult (also stored in `result`). Past the
-        call's deadline it raises _TimeUp, before it starts or once its stage_end is out."""
+        call's deadline it raises _TimeUp, before it starts or once its stage_end is out. It holds its model
+        from start to end (a pipelined run's other stage may hold the other model meanwhile)."""
+        with self._models[id(model)]:
+            return (yield from self._stage_on(result, call, name, model, prompt, decoding, image=image,
+                                              enable_thinking=enable_thinking, think=think, answer=answer))
+
+    def _stage_on(self, result: Result, call: _Call, name: str, model: Model, prompt: str, decoding: Decoding, *,
+                  image, enable_thinking: bool | None, think: ThinkControl | None,
+                  answer: AnswerMatcher | None) -> Generator[Event, None, StageResult]:
         _check_cancel(call)
         if _past_deadline(call):
             raise _TimeUp(name)

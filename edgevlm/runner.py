@@ -1,4 +1,4 @@
-"""Requests for control loops: questions about frames, answered one at a time by a pipeline's models, with
+"""Requests for control loops: questions about frames, answered in order by a pipeline's models, with
 deadlines, cancellation, a bounded queue and a latest-frame mode.
 
     runner = Runner(Pipeline.from_bundle("bundle"), max_queue=4)
@@ -11,6 +11,7 @@ A request's deadline counts from its submission (queue wait included): the run s
 passes, and the Result says which stage was cut (`Result.cut`) and keeps what was finished. A `latest` key
 makes a camera loop's newest frame replace the one still waiting under that key, never queue behind it. A full
 queue refuses at once (QueueFullError). Every Result carries its queue wait (`queue_ms`) and stage timings.
+On a pipelined Pipeline two requests run at once, one's extract beside the other's think; otherwise one.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Request:
 
 
 class Runner:
-    """Serves requests on one worker thread, one at a time, in order of submission."""
+    """Serves requests in order of submission on one worker thread, or two for a pipelined pipeline."""
 
     def __init__(self, pipeline, *, max_queue: int = MAX_QUEUE):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
@@ -94,8 +95,10 @@ class Runner:
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._serve, name="edgevlm-runner", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._serve, name=f"edgevlm-runner-{i}", daemon=True)
+                         for i in range(2 if pipeline.pipelined else 1)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, image: ImageInput, question: str, *, deadline_s: float | None = None, latest=None,
                **options) -> Request:
@@ -146,8 +149,9 @@ class Runner:
                     request.future.cancel()
                     request._events.put(None)
                 self._waiting.clear()
-            self._lock.notify()
-        self._worker.join()
+            self._lock.notify_all()
+        for worker in self._workers:
+            worker.join()
 
     def __enter__(self) -> Runner:
         return self

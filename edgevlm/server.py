@@ -6,12 +6,14 @@
                                 field of the response
     GET  /v1/models, /health, /metrics (Prometheus text)
 
-Requests go through an edgevlm.runner.Runner: the models answer one at a time, a full queue is a 503. A
-malformed, oversized or unauthorised request is a 4xx with a JSON error; nothing answers with a traceback.
+Requests go through an edgevlm.runner.Runner: the models answer one at a time (two when pipelined), a full
+queue is a 503, and a client that goes away cancels its request, streamed or not. A malformed, oversized or
+unauthorised request is a 4xx with a JSON error; nothing answers with a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -34,6 +36,8 @@ from edgevlm.runner import QueueFullError, Runner
 
 MAX_BODY_BYTES = 20_000_000  # a 4K PNG as a data URL is ~15 MB
 MAX_TOKENS = 4096  # the most `max_tokens` a client may ask for
+DISCONNECT_POLL_S = 0.25  # how often a plain (not streamed) request looks for its client having gone
+CLIENT_GONE = 499  # the status counted for a request whose client went away before its answer (nginx's)
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # seconds, for the stage latency histograms
 
 
@@ -193,7 +197,10 @@ def create_app(runner: Runner, *, model: str, api_key: str | None = None, limits
             if stream:
                 status = 200
                 return StreamingResponse(_sse(request, model, request_id, metrics), media_type="text/event-stream")
-            result = await request
+            result = await _result(http, request)
+            if result is None:
+                status = CLIENT_GONE
+                return Response(status_code=CLIENT_GONE)
             metrics.observe(result)
             status = 200
             return JSONResponse(completion(result, model, request_id))
@@ -253,6 +260,19 @@ async def _body(http: HttpRequest, limits: Limits):
         return json.loads(data)
     except (ValueError, RecursionError):
         raise HttpError(400, "the body is not valid JSON") from None
+
+
+async def _result(http: HttpRequest, request):
+    """The request's Result, or None when the client went away first: the request is then cancelled (dropped if
+    waiting, else stopped at its next token), so the models move on."""
+    waiting = asyncio.wrap_future(request.future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await http.is_disconnected():
+            request.cancel()
+            return None
 
 
 async def _sse(request, model: str, request_id: str, metrics: Metrics):

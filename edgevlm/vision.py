@@ -25,7 +25,8 @@ class VisionFeatures:
     def __init__(self, extractor: Model, cache_bytes: int, overlap: bool):
         self.extractor, self.overlap = extractor, overlap
         self.cache = FeatureCache(cache_bytes)
-        self._executor: ThreadPoolExecutor | None = None
+        # made now (it starts no thread before its first job), so two runs in flight never race to make it
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-vision") if overlap else None
 
     def key(self, image: Image.Image) -> str | None:
         """The cache's key for `image` (None while the cache is off)."""
@@ -35,8 +36,6 @@ class VisionFeatures:
         """Encode `image` on the overlap thread, unless overlap is off or the cache holds its features."""
         if not self.overlap or (key is not None and key in self.cache):
             return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgevlm-vision")
         return self._executor.submit(self._encode, image)
 
     def _encode(self, image: Image.Image) -> tuple[np.ndarray, float, float]:

@@ -140,14 +140,19 @@ def test_frames_are_read_from_both_storages_at_the_asked_interval(tmp_path, stor
 
 def test_edgevlm_replay_answers_the_frames_of_a_recording(tmp_path, tiny_bundle):
     write_bag(tmp_path / "bag", "mcap")
-    proc = subprocess.run([sys.executable, "-m", "edgevlm", "replay", str(tmp_path / "bag"), "--topic",
-                           "/camera/image_raw", "--question", "What is shown?", "--every", "1s", "--bundle",
-                           str(tiny_bundle), "--max-new-tokens", "4", "--think-budget", "4", "--json"],
-                          capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr.decode()
-    lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
-    assert [line["time_s"] for line in lines] == [0.0, 1.0, 2.0]
-    assert all("answer" in line["result"] and line["result"]["timings"]["total_ms"] > 0 for line in lines)
+    runs = {}
+    for how in ("--in-turn", "--pipelined"):  # frames pipelined answer as frames in turn, in the same order
+        proc = subprocess.run([sys.executable, "-m", "edgevlm", "replay", str(tmp_path / "bag"), "--topic",
+                               "/camera/image_raw", "--question", "What is shown?", "--every", "1s", "--bundle",
+                               str(tiny_bundle), "--max-new-tokens", "4", "--think-budget", "4", "--json", how],
+                              capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()
+        runs[how] = lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+        assert [line["time_s"] for line in lines] == [0.0, 1.0, 2.0]
+        assert all("answer" in line["result"] and line["result"]["timings"]["total_ms"] > 0 for line in lines)
+    text = ("answer", "instruction", "extraction", "reasoning", "response", "tokens")
+    assert [[x["result"][k] for k in text] for x in runs["--in-turn"]] == [[x["result"][k] for k in text]
+                                                                          for x in runs["--pipelined"]]
     missing = subprocess.run([sys.executable, "-m", "edgevlm", "replay", str(tmp_path / "nope"), "--topic", "/x",
                               "--question", "q", "--bundle", str(tiny_bundle)], capture_output=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.decode().count("\n") == 1

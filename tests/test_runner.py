@@ -24,10 +24,11 @@ def pipe(pipelines):
 
 
 class Held:
-    """Hold the pipeline's models (its run lock) so that the runner's first request blocks on them."""
+    """Hold the pipeline's models (its one run slot) so that the runner's first request blocks on them."""
 
     def __init__(self, pipe):
-        self.lock = pipe._lock
+        assert not pipe.pipelined
+        self.lock = pipe._slots
 
     def __enter__(self):
         self.lock.acquire()
@@ -169,4 +170,4 @@ def test_a_closed_runner_refuses_and_its_worker_ends(pipe):
     runner.close()
     with pytest.raises(UsageError, match="closed"):
         runner.submit(random_image(), "q")
-    assert not runner._worker.is_alive()
+    assert not any(worker.is_alive() for worker in runner._workers)

@@ -140,7 +140,7 @@ def test_concurrent_clients_are_all_answered(served):
 
 def test_a_full_queue_is_a_503_and_the_server_goes_on(served, client):
     base, pipe, runner, _ = served
-    with pipe._lock:  # hold the models: one request runs (blocked), two wait, the next is refused
+    with pipe._slots:  # hold the models: one request runs (blocked), two wait, the next is refused
         pending = [threading.Thread(target=lambda: client.chat.completions.create(
             model="tiny", messages=messages(), **ASK)) for _ in range(3)]
         for t in pending:
@@ -155,6 +155,33 @@ def test_a_full_queue_is_a_503_and_the_server_goes_on(served, client):
     for t in pending:
         t.join(120)
     assert http("GET", base + "/health").json()["status"] == "ok"
+
+
+def test_a_client_that_goes_away_cancels_its_waiting_request(served, client):
+    base, pipe, runner, _ = served
+    parts = urllib.parse.urlsplit(base)
+    before = http("GET", base + "/metrics").text
+    with pipe._slots:  # hold the models: the first request runs (blocked), the second waits
+        first = threading.Thread(target=lambda: client.chat.completions.create(model="tiny", messages=messages(),
+                                                                                **ASK))
+        first.start()
+        end = time.monotonic() + 30
+        time.sleep(1.0)  # the worker has taken the first, and waits for the models
+        gone = httplib.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        body = json.dumps({"messages": messages(), **ASK}).encode()
+        gone.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json",
+                                                                         "authorization": f"Bearer {KEY}"})
+        while runner.waiting < 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert runner.waiting == 1
+        gone.close()  # the client goes away without reading its answer
+        while runner.waiting and time.monotonic() < end:
+            time.sleep(0.05)
+        assert runner.waiting == 0  # withdrawn while the models were still held
+    first.join(120)
+    after = http("GET", base + "/metrics").text
+    gone_count = [line for line in after.splitlines() if 'status="499"' in line]
+    assert gone_count and gone_count[0] not in before
 
 
 @pytest.mark.parametrize("body, status, needle", [

@@ -45,10 +45,11 @@ class Model(Protocol):
     device: str  # "cpu" or "cuda"
     weight_bytes: dict[str, int]  # per graph or part: vision, embed, decoder
     step_bytes: int  # weight bytes one decode step reads: the decoder's, less token-embedding rows not read
-    # Capabilities. concurrent_vision: `encode` may run on another thread while this backend's other model
-    # decodes (the pipeline then overlaps the vision tower with the planner). prefix_cache: the KV of recent
-    # prompts, which the pipeline sizes (None: the backend has none).
-    concurrent_vision: bool
+    # Capabilities. concurrent: this model may compute on one thread while the pipeline's other model computes
+    # on another (the pipeline then overlaps the vision tower with the planner, and may pipeline frames: one's
+    # extract beside another's think). One model still runs one stage at a time. prefix_cache: the KV of
+    # recent prompts, which the pipeline sizes (None: the backend has none).
+    concurrent: bool
     prefix_cache: PrefixCache | None
 
     def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:

@@ -83,7 +83,7 @@ class OrtModel:
     """One model of a bundle (the extractor or the reasoner) on ONNX Runtime."""
 
     backend = "onnxruntime"
-    concurrent_vision = True  # sessions are thread-safe; the vision tower's runs beside the decoder's
+    concurrent = True  # sessions are thread-safe: the vision tower's and the other model's run beside these
 
     def __init__(self, bundle: Bundle, role: str, *, device: str = "cpu", threads: int | None = None,
                  prefill_chunk: int = 512, max_context: int | None = None):

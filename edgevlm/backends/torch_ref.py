@@ -111,7 +111,7 @@ class TorchModel:
     """A HF checkpoint directory loaded for the reference backend."""
 
     backend = "torch"
-    concurrent_vision = False  # transformers runs one forward at a time well; the pipeline runs its stages in turn
+    concurrent = False  # transformers runs one forward at a time well; the pipeline runs its stages in turn
     prefix_cache = None  # transformers' DynamicCache is not reused across prompts
 
     def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu",
