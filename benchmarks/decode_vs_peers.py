@@ -318,7 +318,7 @@ def main() -> None:
              e["decode_tok_s_median"], e["peak_rss_mb"], e["step_mb"], e["gb_s"], f"{e['gb_s'] / bandwidth:.0%}")
             for e in entries]
     print(f"\n{args.prompt}-token prompt, {args.new} new tokens, {args.threads} threads, {args.repeats} generations "
-          f"in each of {args.rounds} interleaved rounds; copy bandwidth {bandwidth:.1f} GB/s")
+          f"in each of {args.rounds} interleaved rounds; read bandwidth {bandwidth:.1f} GB/s")
     print("\n".join(format_table(("model", "runtime", "precision", "prefill tok/s", "TTFT ms", "decode tok/s",
                                   "median", "peak RSS MB", "step MB", "GB/s", "of copy"), rows)))
     print("\nedgevlm's decode tokens/s over each peer's, best / median (the median's 95% bootstrap interval; "

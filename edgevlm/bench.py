@@ -4,7 +4,8 @@ memory and the decode roofline, as a table, as JSON (schema: edgevlm/bench.schem
 A run's stages are timed by the pipeline's profiler; this module loads each system in turn (edgevlm.loading),
 repeats, aggregates and reports.
 The roofline: each decoded token reads the decoder's weights and the KV cache once, so
-bytes/token x tokens/s is the memory traffic decoding achieved, next to what the memory can give.
+bytes/token x tokens/s is the memory traffic decoding achieved, next to what the memory can give: a named
+target's peak, or a read of as many bytes on this machine with the run's threads (edgevlm.targets.ceiling).
 """
 
 from __future__ import annotations
@@ -61,16 +62,16 @@ def stats(values) -> dict:
 def run(sources: list[Source], items: list[tuple], *, options: dict | None = None, warmup: int = 1, runs: int = 5,
         target: str | None = None, progress: Callable[[str], None] = lambda m: None) -> dict:
     """Time each system in `sources` (loaded one at a time) on `items`, with the pipeline `options` (checked
-    first), against `target`'s memory bandwidth (default: a copy test here); the bench document."""
+    first), against `target`'s memory bandwidth (default: read tests here); the bench document."""
     if not sources:
         raise UsageError("nothing to time: give a bundle or an HF pair")
     options = options or {}
     opts = Options.of(options)
-    bandwidth = targets.bandwidth(target)
+    bandwidth, ceiling = targets.bandwidth(target), targets.ceiling(target)
 
     def time_one(source: Source, pipe) -> dict:
         return bench(pipe, items, label=source.label(), source=_source(source, pipe), warmup=warmup, runs=runs,
-                     options=options, bandwidth_gb_s=bandwidth["bandwidth_gb_s"], progress=progress)
+                     options=options, ceiling=ceiling, progress=progress)
 
     results = loading.each(sources, time_one, load_reasoner=opts.mode != "direct", progress=progress)
     settings = {"warmup": warmup, "runs": runs, "fixed_tokens": opts.fixed_tokens, "mode": opts.mode,
@@ -87,9 +88,10 @@ def _source(source: Source, pipe) -> dict:
 
 
 def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1, runs: int = 5,
-          options: dict | None = None, bandwidth_gb_s: float | None = None,
+          options: dict | None = None, ceiling: Callable[[int], float] | None = None,
           progress: Callable[[str], None] = lambda m: None) -> dict:
-    """Warm up, time `runs` runs cycling through `items`, and aggregate them into one result entry."""
+    """Warm up, time `runs` runs cycling through `items`, and aggregate them into one result entry; `ceiling`
+    gives the bandwidth (GB/s) a decode step reading that many bytes is compared with."""
     options = options or {}
     for i in range(warmup):
         image, question, choices = items[i % len(items)]
@@ -101,7 +103,7 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
         results.append(pipe(image, question, choices=choices, **options))
         progress(f"{label}: run {i + 1}/{runs}  {results[-1].total_ms:.0f} ms")
     names = [s for s in STAGE_ORDER if s in results[0].stages]
-    stages = {name: _stage([r.stages[name] for r in results if name in r.stages], bandwidth_gb_s) for name in names}
+    stages = {name: _stage([r.stages[name] for r in results if name in r.stages], ceiling) for name in names}
     weights = {s.model: sum(s.memory.get("weights", {}).values()) for s in results[0].stages.values()}
     return {
         "label": label,
@@ -119,7 +121,7 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
     }
 
 
-def _stage(runs_of: list, bandwidth_gb_s: float | None) -> dict:
+def _stage(runs_of: list, ceiling: Callable[[int], float] | None) -> dict:
     """One stage's entry: its runs' percentiles, rates, token counts, KV sizes and roofline."""
     t = [s.timings for s in runs_of]
     decode_tok_s = [x.decode_tok_s for x in t if x.decode_tok_s > 0]
@@ -134,14 +136,14 @@ def _stage(runs_of: list, bandwidth_gb_s: float | None) -> dict:
         "kv_allocated_mb": round(max(s.memory.get("kv_allocated", 0) for s in runs_of) / 1e6, 3),
         "kv_used_mb": round(max(s.memory.get("kv_used", 0) for s in runs_of) / 1e6, 3),
     }
-    entry["roofline"] = roofline(runs_of, entry["decode_tok_s"], bandwidth_gb_s)
+    entry["roofline"] = roofline(runs_of, entry["decode_tok_s"], ceiling)
     return entry
 
 
-def roofline(stage_runs, decode_tok_s: float | None, bandwidth_gb_s: float | None) -> dict:
+def roofline(stage_runs, decode_tok_s: float | None, ceiling: Callable[[int], float] | None) -> dict:
     """Bytes each decoded token reads (decoder weights, less the token-embedding rows it does not read, + the
     KV cache at the mean decode length) and the traffic that amounts to at the measured rate, against the
-    memory bandwidth."""
+    bandwidth `ceiling` gives for a read of that many bytes."""
     s = stage_runs[0]
     weights = s.memory.get("step_weights", s.memory.get("weights", {}).get("decoder", 0))
     total = s.prompt_tokens + s.new_tokens
@@ -149,6 +151,7 @@ def roofline(stage_runs, decode_tok_s: float | None, bandwidth_gb_s: float | Non
     kv_read = kv_per_position * (s.prompt_tokens + s.new_tokens / 2)
     per_token = weights + kv_read
     achieved = per_token * decode_tok_s / 1e9 if decode_tok_s else None
+    bandwidth_gb_s = ceiling(int(per_token)) if ceiling is not None and per_token else None
     return {
         "bytes_per_token": int(per_token),
         "achieved_gb_s": round(achieved, 3) if achieved is not None else None,

@@ -228,7 +228,7 @@ def _follow(events, stream: bool, out):
 @click.option("--prefix-cache", is_flag=True, help="Keep the prompt-prefix KV cache on (bundles: prompts that start "
               "like an earlier one prefill only the rest; off by default so every run prefills its whole prompt).")
 @click.option("--target", metavar="NAME", help="Roofline against this target's bandwidth (e.g. jetson-orin-nano) "
-              "instead of a copy test on this machine.")
+              "instead of read tests on this machine.")
 @click.option("--json", "json_file", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write the results as JSON (schema: edgevlm/bench.schema.json).")
 @click.option("--plot", "plot_file", metavar="FILE.png", type=click.Path(dir_okay=False),

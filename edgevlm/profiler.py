@@ -7,9 +7,12 @@ sampling between steps (for `--trace`); its cost is measured by benchmarks/profi
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,13 +196,31 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s by a numpy copy (bytes read + bytes written), best of `repeats`."""
-    src = np.ones(megabytes * 2**20 // 8, np.float64)
-    dst = np.empty_like(src)
+DRAM_PROBE_BYTES = 256 * 2**20  # far past any CPU cache: what a read of this size gets is the DRAM's
+
+
+def run_threads() -> int:
+    """The threads a run computes with: EDGEVLM_THREADS, else one per core (ONNX Runtime's default)."""
+    return int(os.environ.get("EDGEVLM_THREADS", "0") or 0) or os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=64)
+def _read_bandwidth(size: int, threads: int, repeats: int) -> float:
+    data = np.ones(size // 8, np.float64)  # written once: its pages are resident before the timing
+    parts = np.array_split(data, threads)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best / 1e9
+    with ThreadPoolExecutor(threads) as pool:  # numpy's reductions let go of the GIL: the threads read at once
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def measure_bandwidth(nbytes: int = DRAM_PROBE_BYTES, threads: int | None = None, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: `threads` threads (default: the run's, `run_threads`) each summing their share of
+    `nbytes` (rounded up to a power of two, 1 MB to 256 MB), best of `repeats`. A working set that fits a cache
+    reads at the cache's rate, so a decode step is compared with a read of as many bytes as it reads. Measured
+    once per size and thread count."""
+    size = min(max(1 << max(int(nbytes) - 1, 1).bit_length(), 2**20), DRAM_PROBE_BYTES)
+    return _read_bandwidth(size, threads or run_threads(), repeats)

@@ -55,7 +55,7 @@ def test_bench_json_validates_against_the_documented_schema(benched):
         assert stage["new_tokens"] == FIXED  # --fixed-tokens: EOS ignored, every run the same length
         assert stage["latency_ms"]["p50"] <= stage["latency_ms"]["p90"] <= stage["latency_ms"]["max"]
         assert 0 < stage["kv_used_mb"] <= stage["kv_allocated_mb"]
-        assert stage["roofline"]["bytes_per_token"] > 0 and stage["roofline"]["fraction"] > 0
+        assert stage["roofline"]["bytes_per_token"] > 0 and 0 < stage["roofline"]["fraction"] <= 1
     assert result["stages"]["extract"]["vision_ms"]["p50"] > 0
     assert "p50 ms" in proc.stdout.decode() and "peak RSS" in proc.stdout.decode()
     assert "run 3/3" in proc.stderr.decode()  # progress
@@ -161,7 +161,7 @@ def test_the_roofline_leaves_out_token_embedding_rows_a_step_does_not_read(tiny_
     think = result.stages["think"]
     lookup = b.models["reasoner"].graphs["decoder"].lookup_bytes
     assert think.memory["step_weights"] == think.memory["weights"]["decoder"] - lookup
-    roof = benchmod.roofline([think], 10.0, 20.0)
+    roof = benchmod.roofline([think], 10.0, lambda nbytes: 20.0)
     kv = think.memory["kv_used"] / (think.prompt_tokens + think.new_tokens)
     kv_read = kv * (think.prompt_tokens + think.new_tokens / 2)
     assert roof["bytes_per_token"] == int(think.memory["step_weights"] + kv_read)
@@ -224,16 +224,22 @@ def test_bench_run_checks_its_options_before_loading_anything(tmp_path, image):
         benchmod.run(missing, items, target="mars")
 
 
-def test_bandwidth_is_the_targets_figure_or_a_copy_test_here(monkeypatch):
-    from edgevlm import targets
+def test_bandwidth_is_the_targets_figure_or_a_read_test_here_with_the_runs_threads(monkeypatch):
+    from edgevlm import profiler, targets
     from edgevlm.errors import UsageError
 
     assert targets.bandwidth("jetson-orin-nx") == {"bandwidth_gb_s": 102.4, "bandwidth_source": "jetson-orin-nx"}
-    monkeypatch.setattr(targets, "measure_bandwidth", lambda: 12.34567)
+    assert targets.ceiling("jetson-orin-nx")(123) == 102.4
+    monkeypatch.setenv("EDGEVLM_THREADS", "1")
     for target in (None, "cpu"):  # cpu names this machine: no figure, so it is measured
-        assert targets.bandwidth(target) == {"bandwidth_gb_s": 12.346, "bandwidth_source": "copy test"}
+        measured = targets.bandwidth(target)
+        assert measured["bandwidth_source"] == "read test, 1 threads" and measured["bandwidth_gb_s"] > 0
     with pytest.raises(UsageError, match="unknown target 'mars'"):
         targets.bandwidth("mars")
+    # a working set that fits a cache is compared with a read of its size, never with the DRAM's rate
+    small, dram = profiler.measure_bandwidth(2**20, 1), profiler.measure_bandwidth(profiler.DRAM_PROBE_BYTES, 1)
+    assert targets.ceiling(None)(2**20) == small and small > 0 and dram > 0
+    assert profiler.measure_bandwidth(3 * 2**20, 1) == profiler.measure_bandwidth(4 * 2**20, 1)  # one probe a size
 
 
 def test_profile_table_has_a_row_per_stage_and_a_total(tiny_bundle, image):
