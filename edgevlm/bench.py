@@ -20,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevlm import __version__, loading, targets
+from edgevlm import __version__, loading, memory, targets
 from edgevlm.bundle import atomic_file
 from edgevlm.calibration.data import read_items
 from edgevlm.errors import UsageError
 from edgevlm.images import load_image
 from edgevlm.loading import Source
+from edgevlm.manifest import ModelSpec
 from edgevlm.options import Options
-from edgevlm.profiler import format_table, peak_rss_bytes
+from edgevlm.profiler import format_table, measure_gemm, peak_rss_bytes
 
 SCHEMA = "edgevlm.bench/1"
 SCHEMA_FILE = Path(__file__).with_name("bench.schema.json")
@@ -103,7 +104,10 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
         results.append(pipe(image, question, choices=choices, **options))
         progress(f"{label}: run {i + 1}/{runs}  {results[-1].total_ms:.0f} ms")
     names = [s for s in STAGE_ORDER if s in results[0].stages]
-    stages = {name: _stage([r.stages[name] for r in results if name in r.stages], ceiling) for name in names}
+    reasoner = pipe.reasoner.spec if pipe.reasoner is not None else None
+    specs = {"plan": reasoner, "think": reasoner, "extract": pipe.extractor.spec, "direct": pipe.extractor.spec}
+    stages = {name: _stage([r.stages[name] for r in results if name in r.stages], ceiling, specs[name])
+              for name in names}
     weights = {s.model: sum(s.memory.get("weights", {}).values()) for s in results[0].stages.values()}
     return {
         "label": label,
@@ -121,7 +125,7 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
     }
 
 
-def _stage(runs_of: list, ceiling: Callable[[int], float] | None) -> dict:
+def _stage(runs_of: list, ceiling: Callable[[int], float] | None, spec: ModelSpec | None) -> dict:
     """One stage's entry: its runs' percentiles, rates, token counts, KV sizes and roofline."""
     t = [s.timings for s in runs_of]
     decode_tok_s = [x.decode_tok_s for x in t if x.decode_tok_s > 0]
@@ -137,6 +141,7 @@ def _stage(runs_of: list, ceiling: Callable[[int], float] | None) -> dict:
         "kv_used_mb": round(max(s.memory.get("kv_used", 0) for s in runs_of) / 1e6, 3),
     }
     entry["roofline"] = roofline(runs_of, entry["decode_tok_s"], ceiling)
+    entry["compute"] = compute_roofline(runs_of, spec)
     return entry
 
 
@@ -158,6 +163,31 @@ def roofline(stage_runs, decode_tok_s: float | None, ceiling: Callable[[int], fl
         "bandwidth_gb_s": round(bandwidth_gb_s, 3) if bandwidth_gb_s else None,
         "fraction": round(achieved / bandwidth_gb_s, 4) if achieved and bandwidth_gb_s else None,
     }
+
+
+def compute_roofline(stage_runs, spec: ModelSpec | None) -> dict:
+    """Prefill and the vision tower, the stages' compute-bound parts, against the GEMM rate ONNX Runtime reaches
+    here at their precision with the run's threads: FLOPs (edgevlm.memory's floor count from the manifest's
+    sizes) over time, medians over the runs. Nones where a figure cannot be had (no bundle, no vision run)."""
+    out = {"prefill_gflop_s": None, "prefill_fraction": None, "vision_gflop_s": None, "vision_fraction": None}
+    if spec is None:
+        return out
+    prefill, vision = [], []
+    for s in stage_runs:
+        reused = s.memory.get("prefix_tokens", 0)
+        flops = memory.prefill_flops(spec, s.prompt_tokens - reused, reused)
+        if flops and s.timings.prefill_ms > 0:
+            prefill.append(flops / s.timings.prefill_ms / 1e6)
+        crops, tower_ms = s.memory.get("vision_crops", 0), s.memory.get("vision_overlapped_ms", s.timings.vision_ms)
+        flops = memory.vision_flops(spec, crops)
+        if flops and tower_ms > 0:
+            vision.append(flops / tower_ms / 1e6)
+    for part, rates, graph in (("prefill", prefill, "decoder"), ("vision", vision, "vision")):
+        if rates and graph in spec.graphs:
+            rate = float(np.median(rates))
+            peak = measure_gemm(memory.compute_precision(spec.graphs[graph].quant))
+            out[f"{part}_gflop_s"], out[f"{part}_fraction"] = round(rate, 3), round(rate / peak, 4)
+    return out
 
 
 def _peak_gpu_mb() -> float | None:
@@ -212,18 +242,19 @@ def report(doc: dict) -> str:
              f"{'fixed ' + str(s['fixed_tokens']) + ' tokens per stage' if s.get('fixed_tokens') else 'EOS ends'};"
              f" bandwidth {doc['machine']['bandwidth_gb_s']:.1f} GB/s ({doc['machine']['bandwidth_source']})"]
     head = ("stage", "p50 ms", "p90 ms", "max ms", "TTFT ms", "vision ms", "prefill tok/s", "decode tok/s",
-            "new tok", "GB/s", "% peak")
+            "new tok", "decode GB/s", "% bw", "prefill GFLOP/s", "% gemm", "vision GFLOP/s", "% gemm")
     for r in doc["results"]:
         lines += ["", f"{r['label']}  ({r['backend']})"]
         rows = []
         for name, st in r["stages"].items():
-            roof = st["roofline"]
+            roof, compute = st["roofline"], st.get("compute", {})
             rows.append((name, st["latency_ms"]["p50"], st["latency_ms"]["p90"], st["latency_ms"]["max"],
                          st["ttft_ms"]["p50"], st["vision_ms"]["p50"], st["prefill_tok_s"], st["decode_tok_s"],
-                         st["new_tokens"], roof["achieved_gb_s"],
-                         100 * roof["fraction"] if roof["fraction"] is not None else None))
+                         st["new_tokens"], roof["achieved_gb_s"], _percent(roof["fraction"]),
+                         compute.get("prefill_gflop_s"), _percent(compute.get("prefill_fraction")),
+                         compute.get("vision_gflop_s"), _percent(compute.get("vision_fraction"))))
         t = r["total_ms"]
-        rows.append(("total", t["p50"], t["p90"], t["max"], None, None, None, None, None, None, None))
+        rows.append(("total", t["p50"], t["p90"], t["max"], *[None] * (len(head) - 4)))
         lines += format_table(head, rows)
         m = r["memory"]
         gpu = f", peak GPU {m['peak_gpu_mb']:.0f} MB" if m.get("peak_gpu_mb") else ""
@@ -232,6 +263,10 @@ def report(doc: dict) -> str:
     if len(doc["results"]) > 1:
         lines += ["", compare_lines(doc["results"][0], doc["results"][1:])]
     return "\n".join(lines)
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
 def compare_lines(base: dict, others: list[dict]) -> str:

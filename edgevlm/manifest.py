@@ -169,13 +169,14 @@ class VisionDims:
     tokens: int  # per crop
     max_crops: int
     feature: int  # per token, after the projector
+    layers: int | None = None  # the tower's (bundles before 2026-12 lack it: no vision compute roofline)
 
     @classmethod
     def from_dict(cls, d: dict) -> VisionDims:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _present(**asdict(self))
 
 
 @dataclass(frozen=True)

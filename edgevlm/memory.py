@@ -97,6 +97,37 @@ def model_dims(spec: ModelSpec) -> Dims:
     return Dims(hidden, heads, 4 * hidden, last_dim("decoder", default=152_000), vision)
 
 
+def prefill_flops(spec: ModelSpec, positions: int, past: int = 0) -> float | None:
+    """FLOPs (2 per multiply-add) of a prefill of `positions` after `past` cached ones: on every position the
+    attention projections (grouped KV) and the MLP (gate, up, down), attention scores and values against the
+    causal context, and the LM head on the last position only (the graphs return its logits alone). Norms,
+    rotary and softmax are left out: the count is a floor. None without the manifest's sizes."""
+    if spec.dims is None or positions <= 0:
+        return None
+    d, kv = spec.dims, spec.kv
+    q, k = d.heads * kv.head_dim, kv.kv_heads * kv.head_dim
+    per_position = d.hidden * (2 * q + 2 * k) + 3 * d.hidden * d.intermediate
+    context = positions * past + positions * (positions + 1) / 2
+    return 2.0 * kv.layers * per_position * positions + 4.0 * kv.layers * q * context + 2.0 * d.hidden * d.vocab
+
+
+def vision_flops(spec: ModelSpec, crops: int) -> float | None:
+    """FLOPs of the vision tower on `crops` crops: per layer the attention projections and the two-matrix MLP on
+    every token, and full (not causal) attention among a crop's tokens. The patch embedding and the projector
+    are left out: a floor. None without the manifest's vision sizes (bundles before its `layers`)."""
+    v = spec.dims.vision if spec.dims is not None else None
+    if v is None or v.layers is None or crops <= 0:
+        return None
+    per_token = 4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate
+    return float(crops * v.layers * (2 * v.tokens * per_token + 4 * v.tokens * v.tokens * v.hidden))
+
+
+def compute_precision(quant: str) -> str:
+    """The GEMM precision a graph of `quant` computes in on ONNX Runtime's CPU kernels: int8 and int4 weights
+    with int8 activations (MatMulNBits, accuracy level 4), else fp32."""
+    return "int8" if quant in ("int8", "int4") else "fp32"
+
+
 def image_tokens(spec: ModelSpec) -> int:
     """The most prompt positions one image can take (0 for a text-only model)."""
     if not spec.vision:

@@ -224,3 +224,33 @@ def measure_bandwidth(nbytes: int = DRAM_PROBE_BYTES, threads: int | None = None
     once per size and thread count."""
     size = min(max(1 << max(int(nbytes) - 1, 1).bit_length(), 2**20), DRAM_PROBE_BYTES)
     return _read_bandwidth(size, threads or run_threads(), repeats)
+
+
+GEMM_SIZE = 1024  # the probe's M = K = N: 2.1 GFLOP, past the caches' reuse, long enough to time
+
+
+@functools.lru_cache(maxsize=8)
+def measure_gemm(precision: str, threads: int | None = None, repeats: int = 5) -> float:
+    """GEMM rate in GFLOP/s that ONNX Runtime reaches here at `precision` ("fp32", or "int8": uint8 x int8, what
+    int8 activations against int8/int4 weights run on) with `threads` (default: the run's), best of `repeats` on
+    a GEMM_SIZE cube: the compute roofline of prefill and the vision tower. Measured once per setting."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or run_threads()
+    options.log_severity_level = 3
+    probe = Path(__file__).parent / "probes" / f"gemm_{precision}.onnx"
+    session = ort.InferenceSession(probe.read_bytes(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    n = GEMM_SIZE
+    if precision == "int8":
+        feed = {"A": rng.integers(0, 255, (n, n), dtype=np.uint8), "B": rng.integers(-127, 127, (n, n), dtype=np.int8)}
+    else:
+        feed = {"A": rng.standard_normal((n, n), dtype=np.float32), "B": rng.standard_normal((n, n), dtype=np.float32)}
+    session.run(None, feed)  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

@@ -46,6 +46,11 @@ class VisionFeatures:
         self.extractor.encode(prepared)
         return prepared.image_features, start, time.perf_counter()
 
+    @staticmethod
+    def _crops(prepared: Prepared) -> dict:
+        """The crops the tower just encoded, for the stage's record (where the backend counts them)."""
+        return {"vision_crops": prepared.crops} if prepared.crops else {}
+
     def fill(self, prepared: Prepared, key: str | None, pending: Future | None, prof: Profiler) -> dict:
         """Set `prepared.image_features`; what happened, for the stage's memory record: the cache's outcome
         ("vision_cache": "hit" or "miss") or the overlapped run's length ("vision_overlapped_ms")."""
@@ -54,17 +59,17 @@ class VisionFeatures:
             prof.add("vision (overlapped)", "vision", start, end)
             if key is not None:
                 self.cache.put(key, prepared.image_features)
-            return {"vision_overlapped_ms": round((end - start) * 1e3, 3)}
+            return {"vision_overlapped_ms": round((end - start) * 1e3, 3), **self._crops(prepared)}
         if key is None:
             self.extractor.encode(prepared)
-            return {}
+            return self._crops(prepared)
         features = self.cache.get(key)
         if features is not None:
             prepared.image_features = features
             return {"vision_cache": "hit"}
         self.extractor.encode(prepared)
         self.cache.put(key, prepared.image_features)
-        return {"vision_cache": "miss"}
+        return {"vision_cache": "miss", **self._crops(prepared)}
 
     @staticmethod
     def finish(pending: Future | None) -> None:

@@ -240,7 +240,8 @@ def model_dims(family: str, text_config, vision_config=None, preprocess: dict | 
         side = vision_config.image_size // vision_config.patch_size
         dims["vision"] = {"hidden": vision_config.hidden_size, "heads": vision_config.num_attention_heads,
                           "intermediate": vision_config.intermediate_size, "tokens": side * side,
-                          "max_crops": family_module(family).max_crops(preprocess), "feature": text_config.hidden_size}
+                          "max_crops": family_module(family).max_crops(preprocess), "feature": text_config.hidden_size,
+                          "layers": vision_config.num_hidden_layers}
     return dims
 
 

@@ -253,3 +253,67 @@ def test_profile_table_has_a_row_per_stage_and_a_total(tiny_bundle, image):
     assert [line.split()[0] for line in lines[1:-1]] == ["plan", "extract", "think"]
     assert "(cached)" in lines[2]  # the extract stage's vision features came from the cache
     assert lines[-1].startswith(f"total {result.total_ms:.1f} ms") and "peak RSS" in lines[-1]
+
+
+def test_the_flop_counts_are_those_pytorch_counts_for_the_same_models(tiny_bundle, tiny_dir):
+    """The compute roofline's FLOPs (edgevlm.memory) against torch's FlopCounterMode on the HF models the bundle
+    was exported from, eager attention (whose full score matrix torch counts; edgevlm counts the causal half)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from edgevlm import memory
+
+    b = bundle_mod.load(tiny_bundle, verify=False)
+    spec = b.models["reasoner"]
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen3"), attn_implementation="eager").eval()
+    q = spec.dims.heads * spec.kv.head_dim
+    for n in (1, 9):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            lm(torch.ones(1, n, dtype=torch.long), logits_to_keep=1)
+        causal_to_full = 4 * spec.kv.layers * q * (n * n - n * (n + 1) / 2)
+        assert memory.prefill_flops(spec, n) + causal_to_full == counter.get_total_flops()
+    assert memory.prefill_flops(spec, 4, past=5) > memory.prefill_flops(spec, 4)  # attention to the cached ones
+    assert memory.prefill_flops(spec, 0) is None
+
+    vlm = AutoModelForImageTextToText.from_pretrained(tiny_dir("llava_onevision"), attn_implementation="eager").eval()
+    config = vlm.config.vision_config
+    spec = b.models["extractor"]
+    assert spec.dims.vision.layers == config.num_hidden_layers
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vlm.model.vision_tower(torch.zeros(3, 3, config.image_size, config.image_size))
+    patch_embedding = 3 * spec.dims.vision.tokens * 2 * 3 * config.patch_size**2 * config.hidden_size
+    assert memory.vision_flops(spec, 3) + patch_embedding == counter.get_total_flops()
+
+
+def test_the_compute_roofline_compares_prefill_and_vision_with_a_gemm_measured_here(tiny_bundle, image):
+    from edgevlm.manifest import Manifest
+    from edgevlm.profiler import measure_gemm
+
+    for precision in ("fp32", "int8"):
+        assert measure_gemm(precision, 1, repeats=1) > 0
+    result = Pipeline.from_bundle(str(tiny_bundle), vision_cache_mb=0)(image, "What is shown?", max_new_tokens=4)
+    b = bundle_mod.load(tiny_bundle, verify=False)
+    extract = benchmod.compute_roofline([result.stages["extract"]], b.models["extractor"])
+    assert result.stages["extract"].memory["vision_crops"] > 0
+    for part in ("prefill", "vision"):
+        assert extract[f"{part}_gflop_s"] > 0 and 0 < extract[f"{part}_fraction"] <= 1
+    assert benchmod.compute_roofline([result.stages["think"]], None)["prefill_gflop_s"] is None  # no bundle
+    think = benchmod.compute_roofline([result.stages["think"]], b.models["reasoner"])
+    assert think["prefill_fraction"] > 0 and think["vision_gflop_s"] is None
+    # a bundle written before the vision tower's layer count was recorded has no vision figure, and loads
+    raw = b.manifest.to_dict()
+    del raw["models"]["extractor"]["dims"]["vision"]["layers"]
+    old = Manifest.from_dict(raw).models["extractor"]
+    assert old.dims.vision.layers is None
+    assert benchmod.compute_roofline([result.stages["extract"]], old)["vision_gflop_s"] is None
+
+
+def test_the_shipped_gemm_probes_are_the_ones_the_toolchain_builds():
+    import onnx
+
+    from edgevlm.export import probes
+
+    for precision, built in probes.graphs().items():
+        shipped = onnx.load(probes.PROBES / f"gemm_{precision}.onnx")
+        assert shipped.graph == built.graph and shipped.opset_import == built.opset_import

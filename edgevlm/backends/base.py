@@ -11,6 +11,7 @@ from PIL import Image
 from edgevlm.cache import PrefixCache
 from edgevlm.families import Family
 from edgevlm.generation import DecodeState
+from edgevlm.manifest import ModelSpec
 from edgevlm.tokenizer import Prompt, Tokenizer
 
 
@@ -21,6 +22,7 @@ class Prepared:
     input_ids: list[int]
     image_inputs: dict[str, Any] = field(default_factory=dict)
     image_features: Any = None  # set by Model.encode
+    crops: int = 0  # image crops the vision tower encodes (where the backend counts them: ONNX Runtime)
     inputs_embeds: Any = None  # set by Model.embed, for backends that embed the prompt apart from the decoder
 
 
@@ -51,6 +53,7 @@ class Model(Protocol):
     # recent prompts, which the pipeline sizes (None: the backend has none).
     concurrent: bool
     prefix_cache: PrefixCache | None
+    spec: ModelSpec | None  # its bundle manifest entry (sizes, precision); None: not loaded from a bundle
 
     def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
         """Tokenize a rendered prompt (a str is trusted: its special tokens are control tokens); with an

@@ -93,6 +93,7 @@ class OrtModel:
             raise ModelError(f"the bundle at {bundle.path} has no {role}")
         entry = bundle.models[role]
         self.entry, self.device, self.prefill_chunk = entry, device, prefill_chunk
+        self.spec = entry
         self.name = entry.name or f"{bundle.path}:{role}"
         self.module = family_module(entry.family)
         self.family: Family = self.module.FAMILY
@@ -131,7 +132,7 @@ class OrtModel:
         if image is None:
             return Prepared(self.tokenizer.encode_prompt(prompt, add_special_tokens=self.family.vision))
         ids, inputs = self.module.prepare_inputs(prompt, image, self.entry.preprocess, self.tokenizer)
-        return Prepared(ids, inputs)
+        return Prepared(ids, inputs, crops=len(inputs[PIXEL_VALUES]))
 
     def encode(self, prepared: Prepared) -> None:
         if not prepared.image_inputs:

@@ -113,6 +113,7 @@ class TorchModel:
     backend = "torch"
     concurrent = False  # transformers runs one forward at a time well; the pipeline runs its stages in turn
     prefix_cache = None  # transformers' DynamicCache is not reused across prompts
+    spec = None  # an HF checkpoint, not a bundle
 
     def __init__(self, model_dir: str | Path, family: Family, *, name: str | None = None, device: str = "cpu",
                  quant: str | None = None):
