@@ -89,6 +89,9 @@ _PLACE = _options(
     click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda", help="Where the models run."),
     click.option("--memory-budget", metavar="SIZE", help="Bundles: plan the KV cache to fit SIZE (e.g. 6GB), or "
                  "fail saying what would fit (default: the bundle's target's budget, else the memory available)."),
+    click.option("--max-image-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Bundles: cut each image (a smaller AnyRes grid, a shorter resized edge) to at most N prompt "
+                 "positions [default: the bundle's own budget, if any]."),
 )
 _PIPELINED = click.option("--pipelined/--in-turn", default=None, help="Bundles: two frames in flight, one's extract "
                           "beside the other's think [default: where there are 4 or more cores or a GPU and the "
@@ -134,7 +137,7 @@ def cli(debug: bool) -> None:
               help="Write a Chrome/Perfetto trace (JSON; every decode step) to FILE: open it in ui.perfetto.dev.")
 def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, quant, mode, think, think_budget,
         max_new_tokens, choices, instruction, schema_file, regex, one_of, constrain, temperature, seed, device,
-        memory_budget, stream, as_json, profile, trace_file):
+        memory_budget, max_image_tokens, stream, as_json, profile, trace_file):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.bundle import check_output_file
     from edgevlm.loading import Source
@@ -148,7 +151,7 @@ def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, qua
     Options.of(options)  # the pipeline's own checks of the call (it repeats them), made before a model loads
     check_text(question, "the question")
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, quant=quant,
-                    gguf_file=gguf_file, device=device, memory_budget=memory_budget)
+                    gguf_file=gguf_file, device=device, memory_budget=memory_budget, max_image_tokens=max_image_tokens)
     check_output_file(trace_file, "--trace")
     pil = _read_image(image)
     _note("loading models")
@@ -235,7 +238,8 @@ def _follow(events, stream: bool, out):
               help="Write stacked per-stage latency bars (one per bundle) as PNG.")
 @click.option("--compare", nargs=2, metavar="A.json B.json", help="Print B's ratios to A from two saved runs.")
 def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, think, think_budget, warmup, runs,
-          fixed_tokens, device, memory_budget, vision_cache, prefix_cache, target, json_file, plot_file, compare):
+          fixed_tokens, device, memory_budget, max_image_tokens, vision_cache, prefix_cache, target, json_file,
+          plot_file, compare):
     """Time the pipeline: warmup, N runs, p50/p90/max per stage, TTFT, decode tokens/s, memory, roofline."""
     from edgevlm import bench as benchmod
     from edgevlm.bundle import check_output_file
@@ -247,7 +251,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
         click.echo(benchmod.compare_lines(a["results"][0], b["results"]))
         return
     systems = sources(bundles, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                      memory_budget=memory_budget, vision_cache_mb=VISION_CACHE_MB if vision_cache else 0,
+                      memory_budget=memory_budget, max_image_tokens=max_image_tokens,
+                      vision_cache_mb=VISION_CACHE_MB if vision_cache else 0,
                       prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache else 0)
     check_output_file(json_file, "--json")
     check_output_file(plot_file, "--plot")
@@ -295,9 +300,12 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               help="Fail if any stage's mean KL from fp32 exceeds this.")
 @click.option("--target", default="cpu", show_default=True, metavar="NAME", help="Where the bundle will run.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
+@click.option("--max-image-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+              help="A visual-token budget kept in the bundle: each image cut (a smaller AnyRes grid, a shorter resized "
+              "edge) to at most N prompt positions.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
            vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, calibration, fidelity_samples,
-           fidelity_tokens, min_agreement, max_kl, target, overwrite):
+           fidelity_tokens, min_agreement, max_kl, target, overwrite, max_image_tokens):
     """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
 
     Quantized bundles carry a fidelity report: each stage compared with fp32 on held-out prompts.
@@ -313,7 +321,7 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
                            with_reasoner=not no_reasoner, gguf_file=gguf_file, fmt=fmt, quant=plan, target=target,
                            calibration=calibration, fidelity_samples=fidelity_samples,
                            fidelity_tokens=fidelity_tokens, min_agreement=min_agreement, max_kl=max_kl,
-                           overwrite=overwrite)
+                           overwrite=overwrite, max_image_tokens=max_image_tokens)
 
 
 @cli.command()
@@ -352,13 +360,13 @@ def info(bundle_dir, as_json, no_verify, memory_budget):
 @_PLACE
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (per system and mode).")
 def eval_(data, bundles, extractor, reasoner, preset, modes, think, temperature, limit, constrained, seed, device,
-          memory_budget, as_json):
+          memory_budget, max_image_tokens, as_json):
     """Accuracy on a question set, per mode and question type, for one or more systems side by side."""
     from edgevlm import evaluation
     from edgevlm.loading import sources
 
     systems = sources(bundles, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, max_image_tokens=max_image_tokens)
     if data is None:
         if preset != "demo":
             raise UsageError("give the items to score with --data FILE.jsonl (only --preset demo has a default)")
@@ -426,8 +434,8 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
               help="Requests that may wait for the models; more are refused with 503.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20, show_default=True, callback=_finite,
               help="The largest request body.")
-def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, pipelined, host, port, api_key, allow_dir,
-          max_queue, max_body_mb):
+def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, max_image_tokens, pipelined, host, port,
+          api_key, allow_dir, max_queue, max_body_mb):
     """An OpenAI-compatible HTTP server (POST /v1/chat/completions; /v1/models, /health, /metrics)."""
     from pathlib import Path
 
@@ -441,7 +449,7 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, pipeli
     except ImportError as e:
         raise UsageError(f"edgevlm serve needs its extra ({e}); pip install 'edgevlm[serve]'") from None
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                    memory_budget=memory_budget, pipelined=pipelined)
+                    memory_budget=memory_budget, max_image_tokens=max_image_tokens, pipelined=pipelined)
     _note("loading models")
     pipe = source.load()
     limits = Limits(max_body_bytes=int(max_body_mb * 1e6), allow_dir=Path(allow_dir) if allow_dir else None)
@@ -469,7 +477,7 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, pipeli
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Answer only the first N picked frames.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a frame: time_s and the `run --json` result.")
 def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset, gguf_file, mode, think, think_budget,
-           max_new_tokens, temperature, seed, device, memory_budget, pipelined, limit, as_json):
+           max_new_tokens, temperature, seed, device, memory_budget, max_image_tokens, pipelined, limit, as_json):
     """Answer QUESTION about the frames of a rosbag2 recording BAG (MCAP or sqlite3), offline."""
     import collections
     import itertools
@@ -488,7 +496,7 @@ def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset,
     if first is None:
         raise UsageError(f"{topic} has no messages in {bag}")
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, gguf_file=gguf_file,
-                    device=device, memory_budget=memory_budget, pipelined=pipelined)
+                    device=device, memory_budget=memory_budget, max_image_tokens=max_image_tokens, pipelined=pipelined)
     _note("loading models")
     pipe = source.load(load_reasoner=mode != "direct")
 

@@ -42,6 +42,7 @@ class Source:
     vision_cache_mb: float = VISION_CACHE_MB
     prefix_cache_mb: float = PREFIX_CACHE_MB
     pipelined: bool | None = None  # bundles: Pipeline's frame pipelining (None: its default)
+    max_image_tokens: int | None = None  # bundles: a visual-token budget (Pipeline.from_bundle)
 
     def __post_init__(self) -> None:
         pair = [f"--{name.replace('_', '-')}" for name in ("extractor", "reasoner", "preset", "quant", "gguf_file")
@@ -55,6 +56,9 @@ class Source:
             if not self.bundle:
                 raise UsageError("--memory-budget plans an exported bundle's memory (--bundle); the PyTorch "
                                  "backend loads checkpoints as they are")
+        if self.max_image_tokens is not None and not self.bundle:
+            raise UsageError("--max-image-tokens cuts an exported bundle's images (--bundle); the PyTorch backend "
+                             "preprocesses as the checkpoint's processor does")
         if self.preset:
             get_preset(self.preset)  # an unknown name is a usage error before anything loads
 
@@ -64,7 +68,7 @@ class Source:
         if self.bundle:
             return Pipeline.from_bundle(self.bundle, device=self.device, memory_budget=self.memory_budget,
                                         vision_cache_mb=self.vision_cache_mb, prefix_cache_mb=self.prefix_cache_mb,
-                                        pipelined=self.pipelined)
+                                        pipelined=self.pipelined, max_image_tokens=self.max_image_tokens)
         return Pipeline.from_pretrained(self.extractor, self.reasoner, preset=self.preset, device=self.device,
                                         load_reasoner=load_reasoner, quant=self.quant, gguf_file=self.gguf_file,
                                         vision_cache_mb=self.vision_cache_mb)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgevlm.bundle import Bundle, graph_bytes
 from edgevlm.errors import UsageError
@@ -128,13 +128,31 @@ def compute_precision(quant: str) -> str:
     return "int8" if quant in ("int8", "int4") else "fp32"
 
 
+def _tokens_per_crop(spec: ModelSpec) -> int:
+    per_crop = spec.graphs["vision"].outputs[0].shape[1]
+    return per_crop if isinstance(per_crop, int) else 1024
+
+
 def image_tokens(spec: ModelSpec) -> int:
     """The most prompt positions one image can take (0 for a text-only model)."""
     if not spec.vision:
         return 0
-    per_crop = spec.graphs["vision"].outputs[0].shape[1]
-    per_crop = per_crop if isinstance(per_crop, int) else 1024
-    return family_module(spec.family).max_image_tokens(spec.preprocess, per_crop)
+    return family_module(spec.family).max_image_tokens(spec.preprocess, _tokens_per_crop(spec))
+
+
+def with_image_budget(spec: ModelSpec, max_tokens: int | None) -> ModelSpec:
+    """`spec` with its images cut to at most `max_tokens` prompt positions each (a smaller AnyRes grid, a shorter
+    resized edge: the family's `within`), its planned crops to match; unchanged for None or a text model."""
+    if max_tokens is None or not spec.vision:
+        return spec
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise UsageError(f"max image tokens must be a whole number, 1 or more; got {max_tokens!r}")
+    module = family_module(spec.family)
+    cfg = module.within(spec.preprocess, max_tokens, _tokens_per_crop(spec))
+    dims = spec.dims
+    if dims is not None and dims.vision is not None:
+        dims = replace(dims, vision=replace(dims.vision, max_crops=module.max_crops(cfg)))
+    return replace(spec, preprocess=cfg, dims=dims)
 
 
 @dataclass

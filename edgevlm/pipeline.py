@@ -215,17 +215,19 @@ class Pipeline:
     def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
                     vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB,
                     memory_budget: int | str | None = None, overlap: bool | None = None,
-                    pipelined: bool | None = None) -> Pipeline:
+                    pipelined: bool | None = None, max_image_tokens: int | None = None) -> Pipeline:
         """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256.
 
         Before loading, a memory plan (edgevlm.memory) gives each model the longest context that fits
         `memory_budget` ("6GB"; default: the bundle's target's budget, or the memory available now) with
         the caches at their sizes; a budget that cannot hold the bundle is refused (MemoryBudgetError).
-        The plan is `pipe.memory_plan`."""
+        The plan is `pipe.memory_plan`. `max_image_tokens`: a visual-token budget, each image cut (a smaller
+        AnyRes grid, a shorter resized edge) to at most that many prompt positions, which the plan then counts."""
         from edgevlm.backends import onnx
 
         ex, rs, plan = onnx.load(path, device=device, threads=threads, verify=verify, memory_budget=memory_budget,
-                                 vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
+                                 vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
+                                 max_image_tokens=max_image_tokens)
         pipe = cls(ex, rs, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
                    overlap=overlap if plan.overlap else False, pipelined=pipelined if plan.pipelining else False)
         pipe.memory_plan = plan

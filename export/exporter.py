@@ -27,6 +27,7 @@ from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, UsageError
 from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
+from edgevlm.memory import with_image_budget
 
 FORMATS = ("onnx",)
 REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
@@ -164,9 +165,12 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
                   fmt: str = "onnx", quant: QuantPlan | str = "fp32", target: str = "cpu",
                   calibration: str | Path = "scenes", fidelity_samples: int = 8, fidelity_tokens: int = 32,
                   min_agreement: float | None = None, max_kl: float | None = None, overwrite: bool = False,
+                  max_image_tokens: int | None = None,
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
     """Export an extractor and a reasoner (hub ids, directories, or a GGUF reasoner; else the preset's)
-    into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`)."""
+    into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`).
+    `max_image_tokens`: a visual-token budget recorded in the extractor's preprocessing (edgevlm.memory.
+    with_image_budget), so every run and memory plan of the bundle keeps its images within it."""
     from edgevlm.calibration import data
     from edgevlm.export.checkpoints import resolve, resolve_extractor
     from edgevlm.families import export_module, extractor_family, family_module, reasoner_family
@@ -184,6 +188,9 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     gated = min_agreement is not None or max_kl is not None
     if gated and (plan.is_reference or fidelity_samples < 1):
         raise UsageError("--min-agreement/--max-kl need a quantized export with --fidelity-samples >= 1")
+    if max_image_tokens is not None and (isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int)
+                                         or max_image_tokens < 1):
+        raise UsageError(f"max_image_tokens must be a whole number, 1 or more; got {max_image_tokens!r}")
     items = data.load(calibration)
     calib_items, eval_items = data.split(items)
     eval_items = eval_items[:fidelity_samples]
@@ -212,6 +219,8 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
                 log(f"[{done[0]}/{total}] {role}: {what} done in {time.perf_counter() - t:.1f} s")
 
             reference = export_module(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step)
+            if role == "extractor":  # the quantized model and the fidelity check see the same images
+                reference = with_image_budget(reference, max_image_tokens)
             references[role] = reference
             models[role] = _finish_model(tmp, role, reference, plan, calib_items, log)
             models[role] = replace(models[role], source=_source(name, model_dir))

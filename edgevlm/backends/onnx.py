@@ -11,6 +11,7 @@ buffer set and write `present` (past and new, concatenated) into the other.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -49,11 +50,16 @@ def _session(path, device: str, threads: int | None):
 
 
 def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
-         memory_budget: int | str | None = None, vision_cache_mb: float = 0,
-         prefix_cache_mb: float = 0) -> tuple[OrtModel, OrtModel | None, memory.MemoryPlan]:
+         memory_budget: int | str | None = None, vision_cache_mb: float = 0, prefix_cache_mb: float = 0,
+         max_image_tokens: int | None = None) -> tuple[OrtModel, OrtModel | None, memory.MemoryPlan]:
     """A bundle's extractor and reasoner (None if it has none), each given the context the memory plan
-    fits in `memory_budget` beside the caches at their sizes (MemoryBudgetError when nothing fits)."""
+    fits in `memory_budget` beside the caches at their sizes (MemoryBudgetError when nothing fits), images cut
+    to `max_image_tokens` prompt positions (default: the bundle's own budget, if it was exported with one)."""
     b = bundle.load(path, verify=verify)
+    if max_image_tokens is not None:
+        role = b.stages["extract"]
+        models = {**b.models, role: memory.with_image_budget(b.models[role], max_image_tokens)}
+        b = replace(b, manifest=replace(b.manifest, models=models))
     budget, source = memory.budget_for(memory_budget, b.manifest.target)
     plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
     models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])

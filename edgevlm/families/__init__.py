@@ -102,6 +102,11 @@ class VisionFamilyModule(FamilyModule, Protocol):
         """The most prompt positions one image can take (the memory planner's upper bound)."""
         ...
 
+    def within(self, cfg: dict, max_tokens: int, tokens_per_crop: int) -> dict:
+        """`cfg` with images cut (fewer or smaller crops) to at most `max_tokens` positions (a visual-token
+        budget), or a UsageError naming the least this model's images can take."""
+        ...
+
 
 class ExportModule(Protocol):
     """The export side of a family: edgevlm/export/<name>.py (needs torch and transformers)."""

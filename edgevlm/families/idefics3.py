@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgevlm.errors import UsageError
 from edgevlm.families import Family
 from edgevlm.tokenizer import Prompt, Tokenizer
 
@@ -40,6 +41,7 @@ PREPROCESS_SCHEMA = {
 # Reproduces transformers' Idefics3ImageProcessor(Pil) and Idefics3Processor's prompt expansion (tests
 # compare them). For one image every crop is full-size, so the vision graph needs no pixel mask.
 MAX_IMAGE_SIZE = 4096  # HF's absolute cap on the resized image
+MARKERS_PER_CROP = 4  # at most: the opening marker, the crop's name, a closing marker or a row's newline, and one
 
 
 def preprocess_config(model_dir: str | Path) -> dict:
@@ -137,12 +139,25 @@ def image_features(vision_output: np.ndarray, inputs: dict, cfg: dict, arrays: d
 
 # ---------------------------------------------------------------- the memory planner's bounds
 def max_crops(cfg: dict) -> int:
-    """The tiles of the largest resized image, plus the global view."""
+    """The tiles of the largest resized image, plus the global view (one crop where nothing is split)."""
     per_side = -(-cfg["longest_edge"] // cfg["max_image_size"])
-    return 1 + per_side * per_side
+    return 1 if per_side == 1 or not cfg["do_image_splitting"] else 1 + per_side * per_side
 
 
 def max_image_tokens(cfg: dict, tokens_per_crop: int) -> int:
-    """Every crop's tokens, and one more per feature row for the markers around them (an upper bound)."""
-    crops = max_crops(cfg)
-    return crops * tokens_per_crop + crops * int(tokens_per_crop ** 0.5)
+    """Every crop's tokens and the markers around it (<fake_token_around_image>, its <row_r_col_c> or
+    <global-img>, the closing one on the global view, a newline per row): an upper bound over image sizes."""
+    return max_crops(cfg) * (tokens_per_crop + MARKERS_PER_CROP)
+
+
+def within(cfg: dict, max_tokens: int, tokens_per_crop: int) -> dict:
+    """`cfg` with the longest resized edge cut (in whole crops, down to one crop without splitting) until no
+    image takes more than `max_tokens` prompt positions; UsageError when even one crop takes more."""
+    m = cfg["max_image_size"]
+    for per_side in range(-(-cfg["longest_edge"] // m), 0, -1):
+        trial = {**cfg, "longest_edge": min(per_side * m, cfg["longest_edge"])}
+        if max_image_tokens(trial, tokens_per_crop) <= max_tokens:
+            return trial
+    least = max_image_tokens({**cfg, "longest_edge": m}, tokens_per_crop)
+    raise UsageError(f"max image tokens {max_tokens}: one crop of this model takes up to {least} positions; give "
+                     "at least that")

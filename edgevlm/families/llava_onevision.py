@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from edgevlm import prompts
+from edgevlm.errors import UsageError
 from edgevlm.families import Family
 from edgevlm.tokenizer import Part, Prompt, Tokenizer
 
@@ -216,7 +217,22 @@ def max_crops(cfg: dict) -> int:
 
 
 def max_image_tokens(cfg: dict, tokens_per_crop: int) -> int:
-    """Every crop's tokens (the grid pooled down to anyres_max_N crops' worth) and a newline per feature row:
-    an upper bound of num_image_tokens over image sizes."""
-    crops = min(max_crops(cfg), 1 + int(cfg["vision_aspect_ratio"].rsplit("_", 1)[1]))
-    return crops * tokens_per_crop + crops * int(tokens_per_crop ** 0.5)
+    """The base crop's tokens, the grid's (pooled past anyres_max_N crops' worth, to at most 1.1^2 times that:
+    pooling starts at a ratio of 1.1) and a newline per feature row: an upper bound of num_image_tokens over
+    image sizes."""
+    grid = max_crops(cfg) - 1
+    pooled = min(grid, 1.21 * int(cfg["vision_aspect_ratio"].rsplit("_", 1)[1]))
+    return tokens_per_crop + math.floor(pooled * tokens_per_crop) + grid * int(tokens_per_crop ** 0.5)
+
+
+def within(cfg: dict, max_tokens: int, tokens_per_crop: int) -> dict:
+    """`cfg` keeping only the AnyRes grids whose images stay within `max_tokens` prompt positions (an image then
+    gets the best of those grids); UsageError when even the smallest grid takes more."""
+    fits = [p for p in cfg["image_grid_pinpoints"]
+            if max_image_tokens({**cfg, "image_grid_pinpoints": [p]}, tokens_per_crop) <= max_tokens]
+    if not fits:
+        least = min(max_image_tokens({**cfg, "image_grid_pinpoints": [p]}, tokens_per_crop)
+                    for p in cfg["image_grid_pinpoints"])
+        raise UsageError(f"max image tokens {max_tokens}: this model's smallest AnyRes grid takes up to {least} "
+                         "positions an image; give at least that")
+    return {**cfg, "image_grid_pinpoints": fits}
