@@ -55,9 +55,10 @@ class Bundle:
         return self.manifest.stages
 
     @classmethod
-    def in_progress(cls, root: str | os.PathLike, models: Mapping[str, ModelSpec]) -> Bundle:
+    def in_progress(cls, root: str | os.PathLike, models: Mapping[str, ModelSpec],
+                    flavour: str = "onnxruntime") -> Bundle:
         """A bundle being written, before its manifest exists: its models' paths are confined, not listed."""
-        return cls(Path(root), Manifest(stages={}, models=dict(models)))
+        return cls(Path(root), Manifest(stages={}, models=dict(models), flavour=flavour))
 
     @property
     def target(self) -> str | None:

@@ -264,10 +264,11 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
 @_PAIR
 @_GGUF
 @click.option("--no-reasoner", is_flag=True, help="Export the extractor alone (a bundle for --mode direct).")
-@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx",
-              help="Graph format (TensorRT engines come later).")
-@click.option("--quant", default="fp32", show_default=True, metavar="fp32|fp16|int8|int4",
-              help="Weight precision of both models.")
+@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx|tensorrt",
+              help="Graphs for ONNX Runtime (its fused CPU operators), or for TensorRT's ONNX parser (standard "
+                   "operators only, checked against TensorRT's table; they also run under ONNX Runtime).")
+@click.option("--quant", metavar="fp32|fp16|int8|int4",
+              help="Weight precision of both models [default: fp32; fp16 with --format tensorrt].")
 @click.option("--extractor-quant", metavar="Q", help="Precision of the extractor (default: --quant).")
 @click.option("--reasoner-quant", metavar="Q", help="Precision of the reasoner (default: --quant).")
 @click.option("--vision-quant", metavar="Q", help="Precision of the vision tower (default: the extractor's; "
@@ -290,7 +291,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               help="Fail unless every stage's top-1 agreement with fp32 reaches this.")
 @click.option("--max-kl", type=click.FloatRange(min=0), callback=_finite,
               help="Fail if any stage's mean KL from fp32 exceeds this.")
-@click.option("--target", default="cpu", show_default=True, metavar="NAME", help="Where the bundle will run.")
+@click.option("--target", metavar="NAME", help="Where the bundle will run: cpu, cuda, jetson-orin-nano, "
+              "jetson-orin-nx, jetson-orin-agx [default: cpu; cuda with --format tensorrt].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
            vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, calibration, fidelity_samples,
@@ -303,6 +305,8 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
     if no_reasoner and (reasoner or reasoner_quant):
         raise UsageError("--no-reasoner contradicts --reasoner/--reasoner-quant")
     keep = tuple(x.strip() for x in int4_keep_int8.split(",") if x.strip() and x.strip() != "none")
+    quant = quant or ("fp16" if fmt == "tensorrt" else "fp32")
+    target = target or ("cuda" if fmt == "tensorrt" else "cpu")
     plan = exporter.QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant,
                               vision=vision_quant, embed=embed_quant, int4_method=int4_method,
                               block_size=block_size, keep_int8=keep)
