@@ -337,6 +337,28 @@ def info(bundle_dir, as_json, no_verify, memory_budget):
                            prefix_cache_mb=PREFIX_CACHE_MB).describe())
 
 
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--memory-budget", metavar="SIZE", help="Plan the engines' shapes and builder memory for SIZE "
+              "(default: the bundle's target's budget, else the memory available).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (default: one "
+              "per TensorRT version and GPU under ~/.cache/edgevlm/tensorrt).")
+@click.option("--plan", "show_plan", is_flag=True, help="Print the trtexec commands of the plan and stop "
+              "(no TensorRT needed).")
+def build(bundle_dir, memory_budget, timing_cache, show_plan):
+    """Build TensorRT engines for a bundle exported with --format tensorrt, on the device that will run them."""
+    from edgevlm import bundle, engines, memory
+
+    if show_plan:
+        b = bundle.load(bundle_dir)
+        budget, source = memory.budget_for(memory_budget, b.target)
+        click.echo(engines.trtexec_script(engines.plan(b, budget, source=source), b.target), nl=False)
+        return
+    from edgevlm import engine_build
+
+    engine_build.build(bundle_dir, memory_budget=memory_budget, timing_cache=timing_cache)
+
+
 @cli.command("eval")
 @click.option("--data", metavar="FILE.jsonl", type=click.Path(dir_okay=False),
               help="Items (image, question, choices, answer, type); default with --preset demo: its test split.")

@@ -247,9 +247,34 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
             quantization={**plan.describe(), "calibration": str(calibration)},
             provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
             fidelity=fidelity)
+        if flavour == "tensorrt":
+            _write_trtexec_script(tmp, manifest, target)
         bundle.write_manifest(tmp, manifest, progress=lambda m: log(f"{m} ..."))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return Path(out)
+
+
+TRTEXEC_SCRIPT = "trtexec.sh"
+
+
+def _write_trtexec_script(root: Path, manifest: Manifest, target: str) -> None:
+    """The trtexec lines that build this bundle's engines by hand (as `edgevlm build` would), planned for the
+    target's memory budget (a Jetson's; a desktop GPU's is unknown here, so each model's whole context)."""
+    from edgevlm import engines
+    from edgevlm.targets import get_target
+
+    t = get_target(target)
+    budget = int(t.budget_gb * 1e9) if t.budget_gb else None
+    plans = engines.plan(bundle.Bundle(root, manifest), budget, source=target, default_budget=False)
+    path = root / TRTEXEC_SCRIPT
+    path.write_text(engines.trtexec_script(plans, target))
+    path.chmod(0o755 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, calib_items: list,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -272,3 +273,135 @@ def test_quantized_tensorrt_bundles_pass_the_checker_and_keep_fidelity(tiny_dir,
         _compare_with_pytorch(b, torch_models, 0.05)
     for stage, r in b.manifest.fidelity.items():
         assert r["top1_agreement"] >= agreement and r["mean_kl"] < 1e-3, (stage, r)
+
+
+# ---------------------------------------------------------------- engine-build planning (edgevlm.engines)
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def test_decoder_profiles_cover_prefill_chunks_and_decode_steps_up_to_the_planned_context():
+    from edgevlm import engines
+    from edgevlm.manifest import Graph, Tensor
+
+    g = Graph("reasoner/decoder.onnx", "fp16", (
+        Tensor("input_ids", "int64", ("s0", "s1")), Tensor("attention_mask", "int64", ("s2", "s3")),
+        Tensor("position_ids", "int64", ("s0", "s1")), Tensor("past.0.key", "float32", ("s0", 2, "s4", 16))), ())
+    prefill, decode = engines.profiles(g, "decoder", context=3000)
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    assert prefill.shapes["input_ids"] == ((1, 1), (1, 512), (1, 512))  # chunks of PREFILL_CHUNK
+    assert prefill.shapes["past.0.key"] == ((1, 2, 0, 16), (1, 2, 0, 16), (1, 2, 2999, 16))
+    assert prefill.shapes["attention_mask"] == ((1, 1), (1, 512), (1, 3000))
+    assert decode.shapes["input_ids"] == ((1, 1),) * 3  # one token after 1 .. context - 1 cached ones
+    assert decode.shapes["past.0.key"] == ((1, 2, 1, 16), (1, 2, 1500, 16), (1, 2, 2999, 16))
+    assert decode.shapes["attention_mask"] == ((1, 2), (1, 1501), (1, 3000))
+    for prof in (prefill, decode):
+        for lo, opt, hi in prof.shapes.values():
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True))
+    short = engines.profiles(g, "decoder", context=100)[0]  # a context below one chunk bounds the chunk
+    assert short.shapes["input_ids"][2] == (1, 100)
+    vision = Graph("extractor/vision.onnx", "int8", (Tensor("pixel_values", "float32", ("s9", 3, 384, 384)),), ())
+    (only,) = engines.profiles(vision, "vision", context=4096, max_crops=37)
+    assert only.shapes["pixel_values"] == ((1, 3, 384, 384), (4, 3, 384, 384), (4, 3, 384, 384))  # VISION_BATCH
+    odd = Graph("x.onnx", "fp16", (Tensor("input_ids", "int64", ("s0", "s1", "s2")),), ())
+    with pytest.raises(engines.EngineError, match="input_ids: no range planned for its axis 2"):
+        engines.profiles(odd, "embed", context=10)
+
+
+def test_builder_workspace_fits_an_8gb_orin_or_says_what_would():
+    from edgevlm import engines, memory
+    from edgevlm.targets import get_target
+
+    nano = int(get_target("jetson-orin-nano").budget_gb * 1e9)
+    assert engines.workspace_bytes(None, 10**9) == engines.WORKSPACE_CAP
+    assert engines.workspace_bytes(nano, 1_200_000_000) == engines.WORKSPACE_CAP  # Qwen3-1.7B int4 decoder
+    tight = engines.workspace_bytes(nano, 2_400_000_000)  # 5.5 GB - 2 x 2.4 GB - runtime: what is left
+    assert tight == (nano - 4_800_000_000 - memory.RUNTIME_BYTES) // 2**20 * 2**20 and tight % 2**20 == 0
+    with pytest.raises(engines.EngineError) as e:  # Qwen3-1.7B fp16 (3.4 GB) cannot be built in 8 GB
+        engines.workspace_bytes(nano, 3_400_000_000, "reasoner decoder")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("building the reasoner decoder engine needs about 7.22 GB")
+    assert "export it int4 or int8" in message
+
+
+def test_engines_built_for_another_tensorrt_or_gpu_are_refused_in_one_line(tmp_path):
+    from edgevlm.engines import Compatibility, compatibility_problem, timing_cache_path
+
+    orin = Compatibility("10.3.0", "Orin (nvgpu)", "8.7")
+    assert compatibility_problem(orin, Compatibility("10.3.0", "Orin (nvgpu)", "8.7")) is None
+    for here in (Compatibility("10.15.1", "Orin (nvgpu)", "8.7"), Compatibility("10.3.0", "NVIDIA H200", "9.0")):
+        message = compatibility_problem(orin, here, "/data/b")
+        assert message == (f"the engines in /data/b were built with TensorRT 10.3.0 on Orin (nvgpu) (compute "
+                           f"capability 8.7), but this is {here.describe()}: rebuild them here with "
+                           "`edgevlm build /data/b`")
+    assert Compatibility.from_dict(orin.to_dict()) == orin
+    assert timing_cache_path(orin, tmp_path) == tmp_path / "trt10.3.0-orin--nvgpu-sm87.timing"
+
+
+def test_bundle_carries_the_trtexec_commands_edgevlm_build_plans(fp16_bundle):
+    from edgevlm import engines
+
+    b = bundle_mod.load(fp16_bundle)
+    assert "trtexec.sh" in b.manifest.files  # listed and checksummed like every file
+    plans = engines.plan(b, None, default_budget=False)
+    assert (fp16_bundle / "trtexec.sh").read_text() == engines.trtexec_script(plans, "cuda")
+    assert [(p.role, p.graph) for p in plans] == [("extractor", "vision"), ("extractor", "embed"),
+                                                  ("extractor", "decoder"), ("reasoner", "decoder")]
+    decoder = plans[-1]
+    line = engines.trtexec_command(decoder)
+    assert line.startswith("trtexec --onnx=reasoner/decoder.onnx --saveEngine=engines/reasoner.decoder.plan ")
+    assert line.count("--minShapes=") == 2 and "--fp16" in line and "--memPoolSize=workspace:2048M" in line
+    assert "past.0.key:1x2x0x16" in line and "attention_mask:1x2048" in line  # tiny Qwen3: 2048 positions
+    # every input of every graph has a range in every profile, and the context is the memory plan's
+    for p in plans:
+        inputs = {t.name for t in b.models[p.role].graphs[p.graph].inputs}
+        assert all(set(prof.shapes) == inputs for prof in p.profiles)
+    small = engines.plan(b, 515_000_000)  # just above what the bundle needs at its minimum context
+    from edgevlm import memory
+
+    context = memory.plan(b, 515_000_000).max_context["reasoner"]
+    assert context < 2048 and small[-1].profiles[0].shapes["attention_mask"][2] == (1, context)
+
+
+def test_cli_build_without_tensorrt_or_on_an_onnxruntime_bundle_refuses_in_one_line(fp16_bundle, tmp_path):
+    import shutil
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgevlm", "build", *map(str, args)], capture_output=True,
+                              env=ENV, timeout=120)
+
+    if not _has_tensorrt():
+        proc = cli(fp16_bundle)
+        err = proc.stderr.decode().strip()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert "needs TensorRT's Python package (`tensorrt`), which is not importable here" in err
+        assert not (fp16_bundle / "engines").exists()
+    proc = cli(fp16_bundle, "--plan")
+    assert proc.returncode == 0 and proc.stdout.decode().startswith("#!/bin/sh")
+    ort_flavour = tmp_path / "b"
+    shutil.copytree(fp16_bundle, ort_flavour)
+    manifest = json.loads((ort_flavour / "manifest.json").read_text())
+    del manifest["flavour"]
+    (ort_flavour / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli(ort_flavour, "--plan")
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "export it again with --format tensorrt" in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT (tensorrt) and an NVIDIA GPU")
+def test_build_makes_one_engine_per_graph_bound_to_this_gpu(fp16_bundle, tmp_path):
+    import shutil
+
+    from edgevlm import engine_build
+
+    b = tmp_path / "b"
+    shutil.copytree(fp16_bundle, b)
+    out = engine_build.build(b, timing_cache=tmp_path / "timing.cache", log=lambda m: None)
+    record = engine_build.check_engines(b)
+    assert set(record["engines"]) == {"extractor.vision", "extractor.embed", "extractor.decoder", "reasoner.decoder"}
+    assert all((out / Path(e["file"]).name).stat().st_size > 0 for e in record["engines"].values())
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    bundle_mod.load(b)  # the bundle still verifies
