@@ -78,7 +78,8 @@ class Bundle:
         the fidelity report."""
         m = self.manifest
         sizes = {rel: meta["bytes"] for rel, meta in (m.files or {}).items()}
-        lines = [f"bundle {self.path}  (format {FORMAT_VERSION}, {sum(sizes.values()) / 1e6:.1f} MB, target "
+        total = sum(sizes.values()) / 1e6
+        lines = [f"bundle {self.path}  (format {FORMAT_VERSION}, {m.flavour} graphs, {total:.1f} MB, target "
                  f"{m.target}, created {m.created})"]
         versions = (m.provenance or {}).get("versions", {})
         if versions:

@@ -242,7 +242,10 @@ def test_tensorrt_bundle_is_fp16_standard_operators_and_matches_pytorch_on_cpu(f
         assert {"top1_agreement", "mean_kl", "exact_match"} <= set(r) and r["top1_agreement"] >= 0.95, stage
 
 
-def test_a_manifest_names_only_known_flavours(fp16_bundle):
+def test_a_manifest_names_only_known_flavours_and_info_shows_it(fp16_bundle):
+    proc = subprocess.run([sys.executable, "-m", "edgevlm", "info", fp16_bundle], capture_output=True, env=ENV,
+                          timeout=120)
+    assert proc.returncode == 0 and ", tensorrt graphs, " in proc.stdout.decode().splitlines()[0]
     manifest = json.loads((fp16_bundle / "manifest.json").read_text())
     manifest["flavour"] = "openvino"
     with pytest.raises(ValueError, match="flavour"):
