@@ -175,18 +175,21 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
 
 def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: str | None = None,
                   preset: str | None = None, with_reasoner: bool = True, gguf_file: str | None = None,
-                  fmt: str = "onnx", quant: QuantPlan | str = "fp32", target: str = "cpu",
+                  fmt: str = "onnx", quant: QuantPlan | str | None = None, target: str | None = None,
                   calibration: str | Path = "scenes", fidelity_samples: int = 8, fidelity_tokens: int = 32,
                   min_agreement: float | None = None, max_kl: float | None = None, overwrite: bool = False,
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
     """Export an extractor and a reasoner (hub ids, directories, or a GGUF reasoner; else the preset's)
-    into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`)."""
+    into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`).
+    `quant` defaults to fp32 (fp16 for fmt "tensorrt"), `target` to cpu (cuda for fmt "tensorrt")."""
     from edgevlm.calibration import data
     from edgevlm.export.checkpoints import resolve, resolve_extractor
     from edgevlm.families import export_module, extractor_family, family_module, reasoner_family
     from edgevlm.presets import DEFAULT_PRESET, get_preset
     from edgevlm.targets import get_target
 
+    quant = quant or ("fp16" if fmt == "tensorrt" else "fp32")
+    target = target or ("cuda" if fmt == "tensorrt" else "cpu")
     plan = QuantPlan(extractor=quant, reasoner=quant) if isinstance(quant, str) else quant
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; this edgevlm exports: {', '.join(FORMATS)}")

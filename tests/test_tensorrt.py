@@ -191,6 +191,22 @@ def test_cli_refuses_a_bad_target_in_one_line(tmp_path):
     assert err.startswith("edgevlm: error: unknown target 'nonsense'")
 
 
+def test_export_refuses_a_graph_tensorrt_cannot_parse_naming_the_node_and_writes_nothing(tiny_dir, tmp_path,
+                                                                                        monkeypatch):
+    # a family whose export ignored the flavour and wrote ONNX Runtime's fused decoder: the real writer and
+    # the real checker, only the flavour switch is overridden
+    from edgevlm.export import graphs
+
+    export_decoder = graphs.export_decoder
+    monkeypatch.setattr(graphs, "export_decoder", lambda *a, **kw: export_decoder(*a, **{**kw, "fused": True}))
+    with pytest.raises(tensorrt.TensorRTError) as e:
+        export_bundle(tmp_path / "out", extractor=str(tiny_dir("llava_onevision")), with_reasoner=False,
+                      fmt="tensorrt", quant="fp32", fidelity_samples=0, log=lambda m: None)
+    message = str(e.value)
+    assert message.startswith("decoder.onnx: node ") and "\n" not in message and "TensorRT" in message
+    assert list(tmp_path.iterdir()) == []  # the atomic write left nothing
+
+
 # ---------------------------------------------------------------- exported bundles
 @pytest.fixture(scope="module")
 def fp16_bundle(tiny_dir, tmp_path_factory):
