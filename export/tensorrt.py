@@ -173,18 +173,24 @@ def int8_weight_only(src: Path, dst: Path, *, include: list[str] | None = None) 
     for n in graph.node:
         for name in n.input:
             uses[name] = uses.get(name, 0) + 1
-    changed = 0
+    changed, dequantized = 0, {}  # weight -> its DequantizeLinear's output (a weight two MatMuls share)
     for node in list(graph.node):
         if node.op_type != "MatMul" or (include is not None and node.name not in include):
             continue
         weight = node.input[1]
+        if weight in dequantized:
+            node.input[1] = dequantized[weight]
+            changed += 1
+            continue
         t = inits.get(weight)
         if t is None or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
             continue
         q, scale = _int8_per_channel(numpy_helper.to_array(t).astype(np.float32))
-        if uses[weight] == 1:
-            graph.initializer.remove(inits.pop(weight))
+        if uses[weight] == sum(n.op_type == "MatMul" and n.input[1] == weight and (include is None or n.name in include)
+                               for n in graph.node):
+            graph.initializer.remove(inits.pop(weight))  # nothing else reads the fp32 weight
         _dq_matmul(graph, node, weight, numpy_helper.from_array(q), scale, axis=1)
+        dequantized[weight] = node.input[1]
         changed += 1
     _toposort_save(model, dst)
     return changed

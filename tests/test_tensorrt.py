@@ -170,6 +170,17 @@ def test_int8_weights_are_per_channel_dequantize_linear(tmp_path):
     assert np.all(np.abs(deq - w) <= scale / 2 + 1e-7)  # round to nearest, per column
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(_exact(dst).run(None, {"x": x})[0], x @ deq, rtol=1e-4, atol=1e-4)
+    # a weight two MatMuls share is quantized once, and both read it
+    shared = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="m1"),
+                     helper.make_node("MatMul", ["x", "w"], ["b"], name="m2"),
+                     helper.make_node("Add", ["a", "b"], ["y"])], [numpy_helper.from_array(w, "w")], opset=20,
+                    outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 40])])
+    onnx.save(shared, str(tmp_path / "shared.onnx"))
+    assert tensorrt.int8_weight_only(tmp_path / "shared.onnx", tmp_path / "shared8.onnx") == 2
+    model = onnx.load(str(tmp_path / "shared8.onnx"))
+    assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 1 and tensorrt.problems(model) == []
+    np.testing.assert_allclose(_exact(tmp_path / "shared8.onnx").run(None, {"x": x})[0], 2 * (x @ deq), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_options_the_tensorrt_flavour_cannot_honour_are_refused_before_any_work(tmp_path):
