@@ -55,9 +55,10 @@ class Bundle:
         return self.manifest.stages
 
     @classmethod
-    def in_progress(cls, root: str | os.PathLike, models: Mapping[str, ModelSpec]) -> Bundle:
+    def in_progress(cls, root: str | os.PathLike, models: Mapping[str, ModelSpec],
+                    flavour: str = "onnxruntime") -> Bundle:
         """A bundle being written, before its manifest exists: its models' paths are confined, not listed."""
-        return cls(Path(root), Manifest(stages={}, models=dict(models)))
+        return cls(Path(root), Manifest(stages={}, models=dict(models), flavour=flavour))
 
     @property
     def target(self) -> str | None:
@@ -77,7 +78,8 @@ class Bundle:
         the fidelity report."""
         m = self.manifest
         sizes = {rel: meta["bytes"] for rel, meta in (m.files or {}).items()}
-        lines = [f"bundle {self.path}  (format {FORMAT_VERSION}, {sum(sizes.values()) / 1e6:.1f} MB, target "
+        total = sum(sizes.values()) / 1e6
+        lines = [f"bundle {self.path}  (format {FORMAT_VERSION}, {m.flavour} graphs, {total:.1f} MB, target "
                  f"{m.target}, created {m.created})"]
         versions = (m.provenance or {}).get("versions", {})
         if versions:

@@ -272,10 +272,11 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
 @_PAIR
 @_GGUF
 @click.option("--no-reasoner", is_flag=True, help="Export the extractor alone (a bundle for --mode direct).")
-@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx",
-              help="Graph format (TensorRT engines come later).")
-@click.option("--quant", default="fp32", show_default=True, metavar="fp32|fp16|int8|int4",
-              help="Weight precision of both models.")
+@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx|tensorrt",
+              help="Graphs for ONNX Runtime (its fused CPU operators), or for TensorRT's ONNX parser (standard "
+                   "operators only, checked against TensorRT's table; they also run under ONNX Runtime).")
+@click.option("--quant", metavar="fp32|fp16|int8|int4",
+              help="Weight precision of both models [default: fp32; fp16 with --format tensorrt].")
 @click.option("--extractor-quant", metavar="Q", help="Precision of the extractor (default: --quant).")
 @click.option("--reasoner-quant", metavar="Q", help="Precision of the reasoner (default: --quant).")
 @click.option("--vision-quant", metavar="Q", help="Precision of the vision tower (default: the extractor's; "
@@ -298,7 +299,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               help="Fail unless every stage's top-1 agreement with fp32 reaches this.")
 @click.option("--max-kl", type=click.FloatRange(min=0), callback=_finite,
               help="Fail if any stage's mean KL from fp32 exceeds this.")
-@click.option("--target", default="cpu", show_default=True, metavar="NAME", help="Where the bundle will run.")
+@click.option("--target", metavar="NAME", help="Where the bundle will run: cpu, cuda, jetson-orin-nano, "
+              "jetson-orin-nx, jetson-orin-agx [default: cpu; cuda with --format tensorrt].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
 @click.option("--max-image-tokens", type=click.IntRange(min=1), default=None, metavar="N",
               help="A visual-token budget kept in the bundle: each image cut (a smaller AnyRes grid, a shorter resized "
@@ -314,6 +316,8 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
     if no_reasoner and (reasoner or reasoner_quant):
         raise UsageError("--no-reasoner contradicts --reasoner/--reasoner-quant")
     keep = tuple(x.strip() for x in int4_keep_int8.split(",") if x.strip() and x.strip() != "none")
+    quant = quant or ("fp16" if fmt == "tensorrt" else "fp32")
+    target = target or ("cuda" if fmt == "tensorrt" else "cpu")
     plan = exporter.QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant,
                               vision=vision_quant, embed=embed_quant, int4_method=int4_method,
                               block_size=block_size, keep_int8=keep)
@@ -342,6 +346,28 @@ def info(bundle_dir, as_json, no_verify, memory_budget):
     budget, source = memory.budget_for(memory_budget, b.target)
     click.echo(memory.plan(b, budget, source=source, vision_cache_mb=VISION_CACHE_MB,
                            prefix_cache_mb=PREFIX_CACHE_MB).describe())
+
+
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--memory-budget", metavar="SIZE", help="Plan the engines' shapes and builder memory for SIZE "
+              "(default: the bundle's target's budget, else the memory available).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (default: one "
+              "per TensorRT version and GPU under ~/.cache/edgevlm/tensorrt).")
+@click.option("--plan", "show_plan", is_flag=True, help="Print the trtexec commands of the plan and stop "
+              "(no TensorRT needed).")
+def build(bundle_dir, memory_budget, timing_cache, show_plan):
+    """Build TensorRT engines for a bundle exported with --format tensorrt, on the device that will run them."""
+    from edgevlm import bundle, engines, memory
+
+    if show_plan:
+        b = bundle.load(bundle_dir)
+        budget, source = memory.budget_for(memory_budget, b.target)
+        click.echo(engines.trtexec_script(engines.plan(b, budget, source=source), b.target), nl=False)
+        return
+    from edgevlm import engine_build
+
+    engine_build.build(bundle_dir, memory_budget=memory_budget, timing_cache=timing_cache)
 
 
 @cli.command("eval")

@@ -19,6 +19,9 @@ from edgevlm.schema import first_error, json_path
 SCHEMA_FILE = Path(__file__).with_name("bundle.schema.json")
 FORMAT = "edgevlm-bundle"
 FORMAT_VERSION = 2  # 2: fused decoders take their lengths from the position ids, not an attention_mask
+# What the graphs are written for: ONNX Runtime (its contrib operators: fused attention, MatMulNBits), or
+# TensorRT's ONNX parser (standard operators only, weights as DequantizeLinear; they also run under ONNX Runtime).
+FLAVOURS = ("onnxruntime", "tensorrt")
 
 
 @cache
@@ -253,6 +256,7 @@ class Manifest:
     quantization: Mapping | None = None
     provenance: Mapping | None = None
     fidelity: Mapping | None = None  # per stage: top1_agreement, mean_kl, exact_match, ...
+    flavour: str = "onnxruntime"  # one of FLAVOURS; absent from manifests written before it existed
 
     @classmethod
     def from_dict(cls, d) -> Manifest:
@@ -262,11 +266,11 @@ class Manifest:
             raise ValueError(found)
         return cls(dict(d["stages"]), {role: ModelSpec.from_dict(m) for role, m in d["models"].items()},
                    d["files"], d.get("created"), d.get("target"), d.get("quantization"), d.get("provenance"),
-                   d.get("fidelity"))
+                   d.get("fidelity"), d.get("flavour", "onnxruntime"))
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                **_present(created=self.created, target=self.target, stages=dict(self.stages),
+                **_present(created=self.created, target=self.target, flavour=self.flavour, stages=dict(self.stages),
                            models={role: m.to_dict() for role, m in self.models.items()},
                            quantization=self.quantization, provenance=self.provenance, fidelity=self.fidelity,
                            files=self.files)}

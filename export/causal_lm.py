@@ -10,14 +10,15 @@ import torch
 from edgevlm.export import graphs
 
 
-def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> dict:
+def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable, fused: bool = True) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     text = model.config.get_text_config()
     out.mkdir(parents=True, exist_ok=True)
     with step("decoder"):
-        decoder = graphs.export_decoder(model.model, model.lm_head, text, out / "decoder.onnx", embeds=False)
+        decoder = graphs.export_decoder(model.model, model.lm_head, text, out / "decoder.onnx", embeds=False,
+                                          fused=fused)
     return graphs.model_entry("causal_lm", {"decoder": decoder}, text, model_dir, out, root)
 
 

@@ -29,7 +29,7 @@ from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSI
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
 from edgevlm.memory import with_image_budget
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "tensorrt")  # graphs for ONNX Runtime, or for TensorRT's ONNX parser (edgevlm.export.tensorrt)
 REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
 
 
@@ -58,7 +58,11 @@ class QuantPlan:
                 "embed": self.embed, "int4_method": self.int4_method, "block_size": self.block_size,
                 "keep_int8": list(self.keep_int8), "keep_int8_block_size": KEEP_INT8_BLOCK}
 
-    def validate(self) -> None:
+    def validate(self, flavour: str = "onnxruntime") -> None:
+        if flavour == "tensorrt":
+            from edgevlm.export import tensorrt
+
+            tensorrt.check_plan(self)
         for q in (self.extractor, self.reasoner, self.vision or "fp32", self.embed):
             if q not in QUANTS:
                 raise UsageError(f"unknown precision {q!r}; choose one of: {', '.join(QUANTS)}")
@@ -94,11 +98,11 @@ def _versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def _ort_model(root: Path, spec: ModelSpec):
+def _ort_model(root: Path, spec: ModelSpec, flavour: str = "onnxruntime"):
     """An OrtModel on one model of the bundle being written."""
     from edgevlm.backends.onnx import OrtModel
 
-    return OrtModel(bundle.Bundle.in_progress(root, {"model": spec}), "model")
+    return OrtModel(bundle.Bundle.in_progress(root, {"model": spec}, flavour=flavour), "model")
 
 
 def decoder_feeds(model, inputs: list, max_tokens: int = 512) -> list[dict[str, np.ndarray]]:
@@ -141,9 +145,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan, reader_for: Callable) -> None:
-    from edgevlm.export import graphs, quantize
+def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan, reader_for: Callable,
+                   flavour: str = "onnxruntime") -> None:
+    from edgevlm.export import graphs, quantize, tensorrt
 
+    if flavour == "tensorrt" and quant in ("int8", "int4"):
+        if quant == "int8":
+            tensorrt.int8_weight_only(src, dst)
+        else:
+            reader = reader_for(kind) if plan.int4_method in ("awq", "gptq") else None
+            keep = quantize.sensitive_matmuls(src, plan.keep_int8) if kind == "decoder" else []
+            tensorrt.int4_weight_only(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
+                                      keep_int8=keep)
+        return
     if quant in ("fp32", "fp16"):
         for suffix in ("", ".data"):
             if Path(str(src) + suffix).exists():
@@ -162,13 +176,14 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
 
 def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: str | None = None,
                   preset: str | None = None, with_reasoner: bool = True, gguf_file: str | None = None,
-                  fmt: str = "onnx", quant: QuantPlan | str = "fp32", target: str = "cpu",
+                  fmt: str = "onnx", quant: QuantPlan | str | None = None, target: str | None = None,
                   calibration: str | Path = "scenes", fidelity_samples: int = 8, fidelity_tokens: int = 32,
                   min_agreement: float | None = None, max_kl: float | None = None, overwrite: bool = False,
                   max_image_tokens: int | None = None,
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
     """Export an extractor and a reasoner (hub ids, directories, or a GGUF reasoner; else the preset's)
     into bundle `out`. `with_reasoner=False` exports the extractor alone (a bundle for `--mode direct`).
+    `quant` defaults to fp32 (fp16 for fmt "tensorrt"), `target` to cpu (cuda for fmt "tensorrt").
     `max_image_tokens`: a visual-token budget recorded in the extractor's preprocessing (edgevlm.memory.
     with_image_budget), so every run and memory plan of the bundle keeps its images within it."""
     from edgevlm.calibration import data
@@ -177,11 +192,18 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     from edgevlm.presets import DEFAULT_PRESET, get_preset
     from edgevlm.targets import get_target
 
+    quant = quant or ("fp16" if fmt == "tensorrt" else "fp32")
+    target = target or ("cuda" if fmt == "tensorrt" else "cpu")
     plan = QuantPlan(extractor=quant, reasoner=quant) if isinstance(quant, str) else quant
-    plan.validate()
-    get_target(target)
     if fmt not in FORMATS:
-        raise UsageError(f"format {fmt!r} is not available yet; this edgevlm exports: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {fmt!r}; this edgevlm exports: {', '.join(FORMATS)}")
+    flavour = "tensorrt" if fmt == "tensorrt" else "onnxruntime"
+    plan.validate(flavour)
+    get_target(target)
+    if flavour == "tensorrt":
+        from edgevlm.export import tensorrt
+
+        tensorrt.check_target(target)
     for name, value in (("min_agreement", min_agreement), ("max_kl", max_kl)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise UsageError(f"{name} must be a finite number, 0 or more; got {value!r}")  # NaN passes every gate
@@ -218,30 +240,57 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
                 yield
                 log(f"[{done[0]}/{total}] {role}: {what} done in {time.perf_counter() - t:.1f} s")
 
-            reference = export_module(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step)
+            reference = export_module(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step,
+                                                                fused=flavour == "onnxruntime")
             if role == "extractor":  # the quantized model and the fidelity check see the same images
                 reference = with_image_budget(reference, max_image_tokens)
             references[role] = reference
-            models[role] = _finish_model(tmp, role, reference, plan, calib_items, log)
+            models[role] = _finish_model(tmp, role, reference, plan, calib_items, log, flavour)
             models[role] = replace(models[role], source=_source(name, model_dir))
         fidelity = None
         if not plan.is_reference and fidelity_samples > 0:
-            fidelity = _fidelity(tmp, models, references, eval_items, fidelity_tokens, log)
+            fidelity = _fidelity(tmp, models, references, eval_items, fidelity_tokens, log, flavour)
             log(report_table(fidelity))
             _gate(fidelity, min_agreement, max_kl)
         shutil.rmtree(tmp / REFERENCE)
         manifest = Manifest(
             stages=stages, models=models, created=datetime.now(UTC).isoformat(timespec="seconds"), target=target,
+            flavour=flavour,
             quantization={**plan.describe(), "calibration": str(calibration)},
             provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
             fidelity=fidelity)
+        if flavour == "tensorrt":
+            _write_trtexec_script(tmp, manifest, target)
         bundle.write_manifest(tmp, manifest, progress=lambda m: log(f"{m} ..."))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return Path(out)
 
 
+TRTEXEC_SCRIPT = "trtexec.sh"
+
+
+def _write_trtexec_script(root: Path, manifest: Manifest, target: str) -> None:
+    """The trtexec lines that build this bundle's engines by hand (as `edgevlm build` would), planned for the
+    target's memory budget (a Jetson's; a desktop GPU's is unknown here, so each model's whole context)."""
+    from edgevlm import engines
+    from edgevlm.targets import get_target
+
+    t = get_target(target)
+    budget = int(t.budget_gb * 1e9) if t.budget_gb else None
+    plans = engines.plan(bundle.Bundle(root, manifest), budget, source=target, default_budget=False)
+    path = root / TRTEXEC_SCRIPT
+    path.write_text(engines.trtexec_script(plans, target))
+    path.chmod(0o755 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, calib_items: list,
-                  log) -> ModelSpec:
+                  log, flavour: str = "onnxruntime") -> ModelSpec:
     """Move the non-graph files next to the final graphs and convert each graph to its precision."""
     ref_dir = root / reference.tokenizer
     out = root / role
@@ -258,7 +307,7 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
         from edgevlm.images import load_image
 
         if kind not in readers:
-            model = readers.get("model") or readers.setdefault("model", _ort_model(root, reference))
+            model = readers.get("model") or readers.setdefault("model", _ort_model(root, reference, flavour))
             if kind == "vision":
                 images = [load_image(p) for p in dict.fromkeys(i.image for i in calib_items)][:16]
                 readers[kind] = FeedReader(_vision_feeds(model, images))
@@ -269,7 +318,7 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
         readers[kind].rewind()
         return readers[kind]
 
-    from edgevlm.export import fused, graphs
+    from edgevlm.export import fused, graphs, tensorrt
 
     converted = {}
     for name, g in reference.graphs.items():
@@ -277,19 +326,23 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
         src, dst = root / g.file, out / Path(g.file).name
         if q != "fp32":
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
-        _convert_graph(src, dst, q, name, plan, reader_for)
+        _convert_graph(src, dst, q, name, plan, reader_for, flavour)
+        if flavour == "tensorrt":
+            tensorrt.check(dst)  # refuses, naming the node, what TensorRT's parser would
         converted[name] = graphs.graph_entry(dst, root, q)
     shared = fused.updates_cache_in_place(root / converted["decoder"].file)  # not after an fp16 conversion
     return replace(reference, graphs=converted, tokenizer=role, kv=replace(reference.kv, shared=shared),
                    arrays={k: f"{role}/{Path(v).name}" for k, v in reference.arrays.items()})
 
 
-def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: int, log) -> dict:
+def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: int, log,
+              flavour: str = "onnxruntime") -> dict:
     """Per stage: the exported model against its fp32 reference on held-out prompts."""
     from edgevlm.calibration.fidelity import STAGES, measure, stage_inputs
 
     report = {}
-    loaded = {role: (_ort_model(root, references[role]), _ort_model(root, models[role])) for role in models}
+    loaded = {role: (_ort_model(root, references[role], flavour), _ort_model(root, models[role], flavour))
+              for role in models}
     describe = None
     if "extractor" in loaded:
         describe = _describer(loaded["extractor"][0])

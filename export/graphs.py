@@ -163,19 +163,22 @@ def to_fp16(path: str | Path) -> None:
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
-def export_decoder(body: nn.Module, lm_head: nn.Module, text_config, path: Path, *, embeds: bool) -> Path:
+def export_decoder(body: nn.Module, lm_head: nn.Module, text_config, path: Path, *, embeds: bool,
+                   fused: bool = True) -> Path:
     """Export a decoder with explicit KV (see module docstring): written with ONNX Runtime's fused operators
     where edgevlm.export.fused covers the architecture (its cache can be updated in place), traced otherwise
-    (or when EDGEVLM_TRACED_DECODER=1, to compare the two).
+    (or when EDGEVLM_TRACED_DECODER=1, to compare the two; and with `fused` False: TensorRT bundles, whose
+    parser takes standard operators only).
 
     A head tied to the input embedding gets its own copy of the weight: exported tied, the graph would
     transpose the embedding at run time (ONNX Runtime folds it into a second fp32 copy anyway), and the
     head could never be quantized, since quantizers only touch MatMuls with constant weights.
     """
-    from edgevlm.export import fused
+    from edgevlm.export import fused as fused_graphs
 
-    if os.environ.get("EDGEVLM_TRACED_DECODER") != "1" and fused.unsupported(body, text_config) is None:
-        return fused.build_decoder(body, lm_head, text_config, path, embeds=embeds)
+    fused = fused and os.environ.get("EDGEVLM_TRACED_DECODER") != "1"
+    if fused and fused_graphs.unsupported(body, text_config) is None:
+        return fused_graphs.build_decoder(body, lm_head, text_config, path, embeds=embeds)
     embedding = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None
     if embedding is not None and lm_head.weight is embedding.weight:
         head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
@@ -217,7 +220,7 @@ def graph_entry(path: Path, root: Path, quant: str) -> Graph:
 
 
 def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body: nn.Module, out: Path, *,
-                      step, vision_label: str) -> dict[str, Path]:
+                      step, vision_label: str, fused: bool = True) -> dict[str, Path]:
     """A VLM's three fp32 graphs: vision (pixel_values [crops, 3, h, w] -> image_features), embedding, decoder."""
     text = model.config.text_config
     with step(vision_label):
@@ -226,7 +229,8 @@ def export_vlm_graphs(model, vision: nn.Module, crop: tuple[int, int], text_body
     with step("token embedding"):
         graphs["embed"] = export_embedding(model.get_input_embeddings(), text.vocab_size, out / "embed.onnx")
     with step("decoder"):
-        graphs["decoder"] = export_decoder(text_body, model.lm_head, text, out / "decoder.onnx", embeds=True)
+        graphs["decoder"] = export_decoder(text_body, model.lm_head, text, out / "decoder.onnx", embeds=True,
+                                           fused=fused)
     return graphs
 
 

@@ -46,7 +46,7 @@ class VisionFeatures(nn.Module):
         return self.connector(self.post_layernorm(hidden))
 
 
-def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> dict:
+def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable, fused: bool = True) -> dict:
     from transformers import Idefics3ForConditionalGeneration
 
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -54,6 +54,6 @@ def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> d
     out.mkdir(parents=True, exist_ok=True)
     m = pre["max_image_size"]
     exported = graphs.export_vlm_graphs(model, VisionFeatures(model), (m, m), model.model.text_model, out,
-                                        step=step, vision_label="vision tower + connector")
+                                        step=step, vision_label="vision tower + connector", fused=fused)
     return graphs.model_entry("idefics3", exported, model.config.text_config, model_dir, out, root,
                               vision_config=model.config.vision_config, preprocess=pre)

@@ -92,7 +92,7 @@ class VisionFeatures(nn.Module):
         return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
 
 
-def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> dict:
+def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable, fused: bool = True) -> dict:
     from transformers import LlavaOnevisionForConditionalGeneration
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -100,7 +100,7 @@ def export_model(model_dir: Path, out: Path, root: Path, *, step: Callable) -> d
     out.mkdir(parents=True, exist_ok=True)
     exported = graphs.export_vlm_graphs(model, VisionFeatures(model), tuple(pre["crop_size"]),
                                         model.model.language_model, out, step=step,
-                                        vision_label="vision tower + projector")
+                                        vision_label="vision tower + projector", fused=fused)
     newline = out / "image_newline.npy"
     np.save(newline, model.model.image_newline.detach().float().numpy())
     return graphs.model_entry("llava_onevision", exported, model.config.text_config, model_dir, out, root,

@@ -29,11 +29,16 @@ from edgevlm.tokenizer import Prompt, Tokenizer
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def _session(path, device: str, threads: int | None):
+def _session(path, device: str, threads: int | None, exact_dequantize: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if exact_dequantize:
+        # TensorRT-flavour graphs (DequantizeLinear weights): ONNX Runtime fuses each DequantizeLinear + MatMul into
+        # MatMulNBits, by default with int8 activations (accuracy level 4); level 1 computes in fp32 what the
+        # graph says, as TensorRT does, so their fidelity here is theirs, not the CPU kernel's.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -115,10 +120,11 @@ class OrtModel:
             raise ModelError(f"{self.name} defines no end-of-sequence token")
         threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
         graphs = entry.graphs
-        self.decoder = _session(bundle.graph(graphs["decoder"].file), device, threads)
+        exact = bundle.manifest.flavour == "tensorrt"
+        self.decoder = _session(bundle.graph(graphs["decoder"].file), device, threads, exact)
         self.embeds = "embed" in graphs
-        self.embedder = _session(bundle.graph(graphs["embed"].file), device, threads) if self.embeds else None
-        self.vision = _session(bundle.graph(graphs["vision"].file), device, threads) if entry.vision else None
+        self.embedder = _session(bundle.graph(graphs["embed"].file), device, threads, exact) if self.embeds else None
+        self.vision = _session(bundle.graph(graphs["vision"].file), device, threads, exact) if entry.vision else None
         self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.arrays.items()}
         self.weight_bytes = {name: graph_bytes(bundle.file(g.file)) for name, g in graphs.items()}
         self.step_bytes = self.weight_bytes["decoder"] - graphs["decoder"].lookup_bytes

@@ -111,8 +111,9 @@ class VisionFamilyModule(FamilyModule, Protocol):
 class ExportModule(Protocol):
     """The export side of a family: edgevlm/export/<name>.py (needs torch and transformers)."""
 
-    def export_model(self, model_dir: Path, out: Path, root: Path, *, step) -> Any:
-        """The family's fp32 graphs and their manifest.ModelSpec."""
+    def export_model(self, model_dir: Path, out: Path, root: Path, *, step, fused: bool = True) -> Any:
+        """The family's fp32 graphs and their manifest.ModelSpec; `fused` False: decoders of standard ONNX
+        operators only (the TensorRT flavour), not ONNX Runtime's fused ones."""
         ...
 
     def load_hf_processor(self, model_dir: str | Path) -> Any:
