@@ -65,9 +65,12 @@ def _block_params(w: np.ndarray, shrink: np.ndarray = SHRINK) -> tuple[np.ndarra
     return best_scale, best_zero
 
 
-def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32,
+         act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of W [K, N] (K a multiple of block_size) given its inputs' X^T X [K, K]. Returns the uint4 values
-    q [N, K], scales [N, K/block] and zero points [N, K/block]: W[k, n] ~ (q[n, k] - zero) * scale."""
+    q [N, K], scales [N, K/block] and zero points [N, K/block]: W[k, n] ~ (q[n, k] - zero) * scale.
+    `act_order` quantizes the channels with the most input energy first, each block's scale and zero point
+    then set from the original weights."""
     k, n = w.shape
     assert k % block_size == 0 and BATCH % block_size == 0
     W = w.T.astype(np.float32).copy()  # [N, K]: one row per output, channels quantized left to right
@@ -76,22 +79,31 @@ def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32) -> tuple[np.ndar
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H[np.diag_indices(k)] += DAMP * np.mean(np.diag(H))
-    hinv = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper factor
-    q = np.empty((n, k), np.uint8)
     scales = np.empty((n, k // block_size), np.float32)
     zeros = np.empty((n, k // block_size), np.float32)
+    perm = np.arange(k)
+    if act_order:
+        for b in range(k // block_size):
+            scales[:, b], zeros[:, b] = _block_params(W[:, b * block_size:(b + 1) * block_size])
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[:, perm], H[perm][:, perm]
+    hinv = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper factor
+    q = np.empty((n, k), np.uint8)
     for start in range(0, k, BATCH):
         end = min(start + BATCH, k)
         w1, err = W[:, start:end].copy(), np.empty((n, end - start), np.float32)
         h1 = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if col % block_size == 0:
+            if act_order:
+                b = perm[col] // block_size
+                scale, zero = scales[:, b], zeros[:, b]
+            elif col % block_size == 0:
                 b = col // block_size
                 scales[:, b], zeros[:, b] = _block_params(w1[:, i:i + block_size])
                 scale, zero = scales[:, b], zeros[:, b]
             qi = np.clip(np.round(w1[:, i] / scale) + zero, 0, 15)
-            q[:, col] = qi
+            q[:, perm[col]] = qi
             e = (w1[:, i] - (qi - zero) * scale) / h1[i, i]
             w1[:, i + 1:] -= np.outer(e, h1[i, i + 1:])
             err[:, i] = e
