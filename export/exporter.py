@@ -149,7 +149,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan, reader_for: Callable,
-                   extra_int8: tuple[str, ...] = (), cache: dict | None = None) -> dict[str, float]:
+                   extra_int8: tuple[str, ...] = (), cache: dict | None = None, log=None) -> dict[str, float]:
     """Writes `src` at precision `quant` to `dst`; for a GPTQ'd int4 decoder returns the relative output error
     of each MatMul left in int4 (what `extra_int8`, MatMuls kept in 8 bits beyond plan.keep_int8, choose from)."""
     from edgevlm.export import graphs, quantize
@@ -168,7 +168,7 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
         reader = reader_for(kind) if plan.int4_method in ("awq", "gptq") else None
         keep = quantize.sensitive_matmuls(src, plan.keep_int8) if kind == "decoder" else []
         return quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
-                             keep_int8=[*keep, *extra_int8], cache=cache)
+                             keep_int8=[*keep, *extra_int8], cache=cache, progress=log)
     return {}
 
 
@@ -284,7 +284,8 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
         src, dst = root / g.file, out / Path(g.file).name
         if q != "fp32":
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
-        errors[name] = _convert_graph(src, dst, q, name, plan, reader_for, cache=cache)
+        errors[name] = _convert_graph(src, dst, q, name, plan, reader_for, cache=cache,
+                                      log=lambda m, name=name: log(f"{role}: {name}: {m}"))
         converted[name] = graphs.graph_entry(dst, root, q)
     spec = replace(reference, graphs=converted, tokenizer=role,
                    arrays={k: f"{role}/{Path(v).name}" for k, v in reference.arrays.items()})

@@ -176,8 +176,8 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
             graph.initializer.remove(inits.pop(node.input[1]))
         graph.node.insert(list(graph.node).index(node), new)
         graph.node.remove(node)
-        if progress and (i + 1) % 16 == 0:
-            progress(f"gptq: {i + 1}/{len(targets)} matmuls")
+        if progress and ((i + 1) % 16 == 0 or i + 1 == len(targets)):
+            progress(f"gptq: {i + 1}/{len(targets)} MatMuls")
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     Path(str(dst) + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file

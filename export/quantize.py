@@ -159,8 +159,8 @@ def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, 
 
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
          exclude: list[str] | None = None, keep_int8: list[str] | None = None,
-         keep_block_size: int = KEEP_INT8_BLOCK, accuracy_level: int = 4,
-         cache: dict | None = None) -> dict[str, float]:
+         keep_block_size: int = KEEP_INT8_BLOCK, accuracy_level: int = 4, cache: dict | None = None,
+         progress=None) -> dict[str, float]:
     """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights (blocks of `keep_block_size`) instead,
     `exclude` stay fp32. For gptq, returns each int4 MatMul's relative output error on the calibration prompts
     (see gptq.quantize_graph, also for `cache`); else {}."""
@@ -168,7 +168,8 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
         half = Path(str(dst) + ".int4.onnx")
         try:
             errors = int4(src, half, method=method, block_size=block_size, reader=reader,
-                          exclude=[*(exclude or []), *keep_int8], accuracy_level=accuracy_level, cache=cache)
+                          exclude=[*(exclude or []), *keep_int8], accuracy_level=accuracy_level, cache=cache,
+                          progress=progress)
             _nbits(half, dst, 8, include=keep_int8, block_size=keep_block_size, accuracy_level=accuracy_level)
         finally:
             for f in (half, Path(str(half) + ".data")):
@@ -194,7 +195,7 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
 
         reader.rewind()
         return gptq.quantize_graph(src, dst, reader, block_size=block_size, exclude=exclude or [],
-                                   accuracy_level=accuracy_level, cache=cache)
+                                   accuracy_level=accuracy_level, cache=cache, progress=progress)
     if method == "rtn":
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
     elif method == "hqq":
