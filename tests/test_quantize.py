@@ -265,6 +265,9 @@ def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_d
             for n in graph.node if n.op_type == "MatMulNBits"}
     assert all(bits[name] == 8 for name in kept) and 4 in bits.values()
     assert b.manifest.quantization["fidelity_target"] == 0.93
+    info = subprocess.run([sys.executable, "-m", "edgevlm", "info", tmp_path / "b"], capture_output=True, env=ENV,
+                          timeout=120).stdout.decode()
+    assert f"kept in 8 bits for --fidelity-target 0.93: {', '.join(kept)}" in info
     proc = subprocess.run([*args, "--out", tmp_path / "c", "--fidelity-target", "1"], capture_output=True, env=ENV,
                           timeout=600)
     err = proc.stderr.decode().strip().splitlines()
