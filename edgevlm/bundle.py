@@ -93,6 +93,10 @@ class Bundle:
             for name, g in spec.graphs.items():
                 size = sizes.get(g.file, 0) + sizes.get(g.file + ".data", 0)
                 lines.append(f"  {name:<8} {g.file:<28} {size / 1e6:>9.1f} MB  {g.quant}")
+            kept = ((m.quantization or {}).get("kept_int8") or {}).get(role)
+            if kept:
+                lines.append(f"  kept in 8 bits for --fidelity-target {m.quantization.get('fidelity_target')}: "
+                             + ", ".join(kept))
         lines.append(report_table(m.fidelity))
         return "\n".join(lines)
 

@@ -283,9 +283,10 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               "int8 when that is int4).")
 @click.option("--embed-quant", default="fp32", show_default=True, metavar="fp32|fp16|int4",
               help="Precision of the token embedding when the model is int8/int4.")
-@click.option("--int4-method", default="awq", show_default=True, metavar="awq|rtn|hqq|gptq",
-              help="int4 weights: activation-aware scaling + clipping on calibration prompts (awq), round-to-"
-                   "nearest (rtn), HQQ (best fidelity, slow CPU kernel), or GPTQ (slow to compute).")
+@click.option("--int4-method", default=None, metavar="gptq|awq|rtn|hqq",
+              help="int4 weights: GPTQ on calibration prompts (gptq), activation-aware scaling + clipping (awq), "
+                   "round-to-nearest (rtn), or HQQ (float zero points: slow CPU kernel) [default: gptq; awq for "
+                   "--format tensorrt, whose dequantize layer takes no zero points].")
 @click.option("--int4-keep-int8", default="head,down", show_default=True, metavar="LIST",
               help="Decoder layers an int4 model keeps in int8: head, down (MLP down projections), or none.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 quantization block size.")
@@ -299,6 +300,9 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               help="Fail unless every stage's top-1 agreement with fp32 reaches this.")
 @click.option("--max-kl", type=click.FloatRange(min=0), callback=_finite,
               help="Fail if any stage's mean KL from fp32 exceeds this.")
+@click.option("--fidelity-target", type=click.FloatRange(0, 1, min_open=True), callback=_finite,
+              help="int4: keep in 8 bits the fewest decoder MatMuls (those int4 costs most) that bring every "
+                   "stage's top-1 agreement on calibration prompts to this; fail if even all 8-bit misses it.")
 @click.option("--target", metavar="NAME", help="Where the bundle will run: cpu, cuda, jetson-orin-nano, "
               "jetson-orin-nx, jetson-orin-agx [default: cpu; cuda with --format tensorrt].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
@@ -307,7 +311,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               "edge) to at most N prompt positions.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
            vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, calibration, fidelity_samples,
-           fidelity_tokens, min_agreement, max_kl, target, overwrite, max_image_tokens):
+           fidelity_tokens, min_agreement, max_kl, fidelity_target, target, overwrite, max_image_tokens):
     """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
 
     Quantized bundles carry a fidelity report: each stage compared with fp32 on held-out prompts.
@@ -320,7 +324,7 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
     target = target or ("cuda" if fmt == "tensorrt" else "cpu")
     plan = exporter.QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant,
                               vision=vision_quant, embed=embed_quant, int4_method=int4_method,
-                              block_size=block_size, keep_int8=keep)
+                              block_size=block_size, keep_int8=keep, fidelity_target=fidelity_target)
     exporter.export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset,
                            with_reasoner=not no_reasoner, gguf_file=gguf_file, fmt=fmt, quant=plan, target=target,
                            calibration=calibration, fidelity_samples=fidelity_samples,

@@ -29,6 +29,9 @@ from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSI
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
 from edgevlm.memory import with_image_budget
 
+# GPTQ's asymmetric uint4 zero points run at MatMulNBits' full speed; TensorRT's dequantize layer rejects zero
+# points, so its bundles take symmetric AWQ.
+DEFAULT_INT4_METHOD = {"onnxruntime": "gptq", "tensorrt": "awq"}
 FORMATS = ("onnx", "tensorrt")  # graphs for ONNX Runtime, or for TensorRT's ONNX parser (edgevlm.export.tensorrt)
 REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
 
@@ -41,9 +44,10 @@ class QuantPlan:
     reasoner: str = "fp32"
     vision: str | None = None
     embed: str = "fp32"
-    int4_method: str = "awq"
+    int4_method: str | None = None  # None: the flavour's default (DEFAULT_INT4_METHOD)
     block_size: int = 32
     keep_int8: tuple[str, ...] = SENSITIVE  # decoder layers an int4 model keeps in int8
+    fidelity_target: float | None = None  # top-1 agreement on calibration prompts an int4 decoder must reach
 
     def for_graph(self, role: str, graph: str) -> str:
         base = self.extractor if role == "extractor" else self.reasoner
@@ -56,7 +60,12 @@ class QuantPlan:
     def describe(self) -> dict:
         return {"extractor": self.extractor, "reasoner": self.reasoner, "vision": self.for_graph("extractor", "vision"),
                 "embed": self.embed, "int4_method": self.int4_method, "block_size": self.block_size,
-                "keep_int8": list(self.keep_int8), "keep_int8_block_size": KEEP_INT8_BLOCK}
+                "keep_int8": list(self.keep_int8), "keep_int8_block_size": KEEP_INT8_BLOCK,
+                "fidelity_target": self.fidelity_target}
+
+    def resolved(self, flavour: str = "onnxruntime") -> QuantPlan:
+        """This plan with its int4 method chosen: the flavour's default where none was given."""
+        return replace(self, int4_method=self.int4_method or DEFAULT_INT4_METHOD[flavour])
 
     def validate(self, flavour: str = "onnxruntime") -> None:
         if flavour == "tensorrt":
@@ -74,6 +83,12 @@ class QuantPlan:
             raise UsageError(f"unknown int4 method {self.int4_method!r}; choose one of: {', '.join(INT4_METHODS)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UsageError("--block-size must be a power of two, at least 16")
+        target = self.fidelity_target
+        if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
+            raise UsageError(f"--fidelity-target is a top-1 agreement, above 0 and at most 1; got {target!r}")
+        if target is not None and ("int4" not in (self.extractor, self.reasoner) or self.int4_method != "gptq"):
+            raise UsageError("--fidelity-target ranks GPTQ's int4 layers to keep in 8 bits: it needs --quant int4 "
+                             "with --int4-method gptq")
 
     @property
     def is_reference(self) -> bool:
@@ -146,7 +161,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan, reader_for: Callable,
-                   flavour: str = "onnxruntime") -> None:
+                   flavour: str = "onnxruntime", extra_int8: tuple[str, ...] = (), cache: dict | None = None,
+                   log=None) -> dict[str, float]:
+    """Writes `src` at precision `quant` to `dst` for `flavour`; for a GPTQ'd int4 decoder returns the relative
+    output error of each MatMul left in int4 (what `extra_int8`, MatMuls kept in 8 bits beyond plan.keep_int8,
+    choose from)."""
     from edgevlm.export import graphs, quantize, tensorrt
 
     if flavour == "tensorrt" and quant in ("int8", "int4"):
@@ -157,7 +176,7 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
             keep = quantize.sensitive_matmuls(src, plan.keep_int8) if kind == "decoder" else []
             tensorrt.int4_weight_only(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
                                       keep_int8=keep)
-        return
+        return {}
     if quant in ("fp32", "fp16"):
         for suffix in ("", ".data"):
             if Path(str(src) + suffix).exists():
@@ -171,7 +190,9 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
     else:  # int4
         reader = reader_for(kind) if plan.int4_method in ("awq", "gptq") else None
         keep = quantize.sensitive_matmuls(src, plan.keep_int8) if kind == "decoder" else []
-        quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader, keep_int8=keep)
+        return quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
+                             keep_int8=[*keep, *extra_int8], cache=cache, progress=log)
+    return {}
 
 
 def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: str | None = None,
@@ -198,6 +219,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; this edgevlm exports: {', '.join(FORMATS)}")
     flavour = "tensorrt" if fmt == "tensorrt" else "onnxruntime"
+    plan = plan.resolved(flavour)
     plan.validate(flavour)
     get_target(target)
     if flavour == "tensorrt":
@@ -230,7 +252,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     started = time.perf_counter()
 
     with bundle.atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        models, references = {}, {}
+        models, references, kept_int8 = {}, {}, {}
         for role, name, model_dir, family in roles:
             @contextmanager
             def step(what: str, role=role):
@@ -245,8 +267,10 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
             if role == "extractor":  # the quantized model and the fidelity check see the same images
                 reference = with_image_budget(reference, max_image_tokens)
             references[role] = reference
-            models[role] = _finish_model(tmp, role, reference, plan, calib_items, log, flavour)
+            models[role], kept = _finish_model(tmp, role, reference, plan, calib_items, log, flavour)
             models[role] = replace(models[role], source=_source(name, model_dir))
+            if kept:
+                kept_int8[role] = list(kept)
         fidelity = None
         if not plan.is_reference and fidelity_samples > 0:
             fidelity = _fidelity(tmp, models, references, eval_items, fidelity_tokens, log, flavour)
@@ -256,7 +280,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
         manifest = Manifest(
             stages=stages, models=models, created=datetime.now(UTC).isoformat(timespec="seconds"), target=target,
             flavour=flavour,
-            quantization={**plan.describe(), "calibration": str(calibration)},
+            quantization={**plan.describe(), "calibration": str(calibration), "kept_int8": kept_int8},
             provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
             fidelity=fidelity)
         if flavour == "tensorrt":
@@ -290,8 +314,9 @@ def _umask() -> int:
 
 
 def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, calib_items: list,
-                  log, flavour: str = "onnxruntime") -> ModelSpec:
-    """Move the non-graph files next to the final graphs and convert each graph to its precision."""
+                  log, flavour: str = "onnxruntime") -> tuple[ModelSpec, tuple[str, ...]]:
+    """Move the non-graph files next to the final graphs and convert each graph to its precision; returns the
+    model and the decoder MatMuls --fidelity-target kept in 8 bits."""
     ref_dir = root / reference.tokenizer
     out = root / role
     out.mkdir(parents=True, exist_ok=True)
@@ -320,19 +345,63 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
 
     from edgevlm.export import fused, graphs, tensorrt
 
-    converted = {}
+    converted, errors, cache = {}, {}, {}
     for name, g in reference.graphs.items():
         q = plan.for_graph(role, name)
         src, dst = root / g.file, out / Path(g.file).name
         if q != "fp32":
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
-        _convert_graph(src, dst, q, name, plan, reader_for, flavour)
+        errors[name] = _convert_graph(src, dst, q, name, plan, reader_for, flavour, cache=cache,
+                                      log=lambda m, name=name: log(f"{role}: {name}: {m}"))
         if flavour == "tensorrt":
             tensorrt.check(dst)  # refuses, naming the node, what TensorRT's parser would
         converted[name] = graphs.graph_entry(dst, root, q)
-    shared = fused.updates_cache_in_place(root / converted["decoder"].file)  # not after an fp16 conversion
-    return replace(reference, graphs=converted, tokenizer=role, kv=replace(reference.kv, shared=shared),
+    spec = replace(reference, graphs=converted, tokenizer=role,
                    arrays={k: f"{role}/{Path(v).name}" for k, v in reference.arrays.items()})
+    kept = ()
+    if plan.fidelity_target is not None and converted["decoder"].quant == "int4":
+        kept = _meet_target(root, role, reference, spec, errors["decoder"], plan, calib_items, reader_for, cache, log)
+    shared = fused.updates_cache_in_place(root / converted["decoder"].file)  # not after an fp16 conversion
+    return replace(spec, kv=replace(reference.kv, shared=shared)), kept
+
+
+TARGET_PROMPTS = 6  # calibration prompts per stage that --fidelity-target measures (after the 16 GPTQ sees)
+TARGET_TOKENS = 16
+
+
+def _meet_target(root: Path, role: str, reference: ModelSpec, spec: ModelSpec, errors: dict[str, float],
+                 plan: QuantPlan, calib_items: list, reader_for: Callable, cache: dict, log) -> tuple[str, ...]:
+    """Keep in 8 bits the decoder MatMuls whose int4 costs most (relative output error on the calibration
+    prompts), 0, 2, 4, 8, ... of them, until every stage of `role` reaches plan.fidelity_target top-1 agreement
+    on calibration prompts GPTQ did not see. Returns the MatMuls kept beyond plan.keep_int8."""
+    from edgevlm.calibration.fidelity import STAGES, measure, stage_inputs
+
+    ranked = sorted(errors, key=errors.get, reverse=True)
+    items = calib_items[16:16 + TARGET_PROMPTS] or calib_items[:TARGET_PROMPTS]
+    ref_model = _ort_model(root, reference)
+    inputs = {stage: stage_inputs(stage, ref_model, items) for stage, r in STAGES.items() if r == role}
+    src, dst = root / reference.graphs["decoder"].file, root / spec.graphs["decoder"].file
+    count = 0
+    while True:
+        candidate = _ort_model(root, spec)
+        worst = min(measure(ref_model, candidate, prompts, TARGET_TOKENS).top1_agreement
+                    for prompts in inputs.values())
+        kept = tuple(ranked[:count])
+        log(f"{role}: {count} more MatMuls in 8 bits: top-1 agreement {worst:.4f} on calibration prompts "
+            f"(target {plan.fidelity_target})")
+        if worst >= plan.fidelity_target:
+            if kept:
+                log(f"{role}: kept in 8 bits for --fidelity-target: {', '.join(kept)}")
+            return kept
+        if count >= len(ranked):
+            raise EdgeVLMError(f"--fidelity-target {plan.fidelity_target} is out of reach for the {role}: "
+                               f"{worst:.4f} top-1 agreement with every decoder MatMul in 8 bits; no bundle "
+                               "written (lower the target or export --quant int8)")
+        count = min(len(ranked), max(2, count * 2))
+        del candidate
+        for f in (dst, Path(str(dst) + ".data")):
+            f.unlink(missing_ok=True)
+        _convert_graph(src, dst, "int4", "decoder", plan, reader_for, extra_int8=tuple(ranked[:count]), cache=cache)
 
 
 def _fidelity(root: Path, models: dict, references: dict, items: list, tokens: int, log,

@@ -5,10 +5,11 @@
   ORT's calibrator, which holds every intermediate tensor: SigLIP-so400m's took over 20 GB. ORT's dynamic int8,
   MatMulInteger with per-tensor activations, kept SmolLM2-135M at 0.78 top-1 agreement with fp32, and
   per-channel weights broke it entirely: measured in benchmarks/quant_fidelity.py.)
-- int4: weight-only MatMulNBits (block-wise), by round-to-nearest (`rtn`), activation-aware channel
-  scaling searched on calibration prompts then round-to-nearest (`awq`), half-quadratic optimisation
-  of scales and zero points (`hqq`, no data needed), or GPTQ with calibration prompts (`gptq`; slow
-  on CPU and limited to graphs under 2 GB). CPU kernels run them with accuracy_level 4.
+- int4: weight-only MatMulNBits (block-wise), by GPTQ on calibration prompts (`gptq`, the default: our own
+  numpy GPTQ, asymmetric blocks with uint4 zero points, export/gptq.py), round-to-nearest (`rtn`),
+  activation-aware channel scaling searched on calibration prompts then round-to-nearest (`awq`), or
+  half-quadratic optimisation of scales and float zero points (`hqq`, no data needed; ONNX Runtime's CPU
+  kernel for float zero points is slow). CPU kernels run them with accuracy_level 4.
 
 Graphs keep their inputs and outputs; only weights and MatMul nodes change. Each function reads an fp32
 graph at `src` and writes the quantized one at `dst` (weights in `dst`.data); `src` is left alone.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-INT4_METHODS = ("awq", "rtn", "hqq", "gptq")
+INT4_METHODS = ("gptq", "awq", "rtn", "hqq")
 SENSITIVE = ("head", "down")  # layers an int4 model keeps in int8 by default
 # Their 8-bit blocks: 64 decodes SmolLM2-135M's int4 default 12-14% faster than 16 at the same fidelity
 # (mean KL 0.061 vs 0.060, 0.066 vs 0.063; 128 lost 3 points of top-1): benchmarks/quant_fidelity.py k8bsN
@@ -158,18 +159,22 @@ def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, 
 
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
          exclude: list[str] | None = None, keep_int8: list[str] | None = None,
-         keep_block_size: int = KEEP_INT8_BLOCK) -> None:
+         keep_block_size: int = KEEP_INT8_BLOCK, accuracy_level: int = 4, cache: dict | None = None,
+         progress=None) -> dict[str, float]:
     """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights (blocks of `keep_block_size`) instead,
-    `exclude` stay fp32."""
+    `exclude` stay fp32. For gptq, returns each int4 MatMul's relative output error on the calibration prompts
+    (see gptq.quantize_graph, also for `cache`); else {}."""
     if keep_int8:
         half = Path(str(dst) + ".int4.onnx")
         try:
-            int4(src, half, method=method, block_size=block_size, reader=reader, exclude=[*(exclude or []), *keep_int8])
-            _nbits(half, dst, 8, include=keep_int8, block_size=keep_block_size)
+            errors = int4(src, half, method=method, block_size=block_size, reader=reader,
+                          exclude=[*(exclude or []), *keep_int8], accuracy_level=accuracy_level, cache=cache,
+                          progress=progress)
+            _nbits(half, dst, 8, include=keep_int8, block_size=keep_block_size, accuracy_level=accuracy_level)
         finally:
             for f in (half, Path(str(half) + ".data")):
                 f.unlink(missing_ok=True)
-        return
+        return errors
     mnb = _mnb()
 
     if method == "awq":
@@ -182,31 +187,27 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
         finally:
             for f in (scaled, Path(str(scaled) + ".data")):
                 f.unlink(missing_ok=True)
-        return
+        return {}
+    if method == "gptq":
+        if reader is None:
+            raise ValueError("gptq needs calibration data")
+        from edgevlm.export import gptq
+
+        reader.rewind()
+        return gptq.quantize_graph(src, dst, reader, block_size=block_size, exclude=exclude or [],
+                                   accuracy_level=accuracy_level, cache=cache, progress=progress)
     if method == "rtn":
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
     elif method == "hqq":
         config = mnb.HQQWeightOnlyQuantConfig(block_size=block_size)
-    elif method == "gptq":
-        if reader is None:
-            raise ValueError("gptq needs calibration data")
-        config = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=block_size)
     else:
         raise ValueError(f"unknown int4 method {method!r}; choose one of {', '.join(INT4_METHODS)}")
-    model = str(src)
-    if method == "gptq":
-        # ORT's GPTQ serializes the model to bytes for its calibration session, which cannot carry external
-        # data files: inline the weights, which protobuf limits to 2 GB
-        import onnx
-
-        if sum(p.stat().st_size for p in (src, Path(str(src) + ".data")) if p.exists()) > 2_000_000_000:
-            raise ValueError("gptq works on graphs under 2 GB here; use --int4-method hqq or rtn for this model")
-        model = onnx.load(str(src))
     with _quiet():
-        quantizer = mnb.MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4,
+        quantizer = mnb.MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=True, accuracy_level=4,
                                              nodes_to_exclude=exclude or [], algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+    return {}
 
 
 def _rtn_int4(w: np.ndarray, block: int) -> np.ndarray:

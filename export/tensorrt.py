@@ -27,7 +27,7 @@ from edgevlm.export import trt_operators as table
 
 TARGETS = ("cuda", "jetson-orin-nano", "jetson-orin-nx", "jetson-orin-agx")
 INT4_OPSET = 21  # DequantizeLinear's block_size and the INT4 type
-INT4_METHODS = ("awq", "rtn", "gptq")  # symmetric: hqq's zero points are refused (TensorRT rejects them)
+INT4_METHODS = ("awq", "rtn")  # symmetric: gptq's and hqq's zero points are refused (TensorRT rejects them)
 # Inputs that must be constants for TensorRT (the table's "must be an initializer / build-time constant").
 CONSTANT_INPUTS = {**{op: 1 for op in table.SUPPORTED if op.startswith("Reduce")}, "Squeeze": 1, "Unsqueeze": 1,
                    "CumSum": 1, "TopK": 1}
@@ -51,6 +51,9 @@ def check_plan(plan) -> None:
     if plan.int4_method not in INT4_METHODS and "int4" in (plan.extractor, plan.reasoner, plan.vision):
         raise UsageError(f"--int4-method {plan.int4_method} stores zero points, which TensorRT's dequantize layer "
                          f"rejects; use one of: {', '.join(INT4_METHODS)}")
+    if plan.fidelity_target is not None:
+        raise UsageError("--fidelity-target ranks GPTQ's int4 layers, which TensorRT bundles do not use; use "
+                         "--min-agreement to gate the export instead")
 
 
 # ---------------------------------------------------------------- the checker

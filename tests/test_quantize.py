@@ -123,6 +123,8 @@ def test_a_bundle_below_the_fidelity_gate_is_not_written(tiny_dir, tmp_path):
     (["--quant", "int4", "--block-size", "24"], "power of two"),
     (["--embed-quant", "int8", "--quant", "int8"], "token embedding"),
     (["--quant", "int4", "--int4-keep-int8", "attention"], "--int4-keep-int8"),
+    (["--quant", "int4", "--fidelity-target", "1.5"], "--fidelity-target"),
+    (["--quant", "int8", "--fidelity-target", "0.9"], "needs --quant int4"),
     (["--min-agreement", "0.9"], "need a quantized export"),
     (["--calibration", "/nonexistent"], "calibration set"),
 ])
@@ -206,3 +208,68 @@ def test_quantizing_leaves_the_callers_logging_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr[-500:]
     assert "MatMulNBits" in ops(tmp_path / "q.onnx")
     assert proc.stdout.split() == ["0", "30"] and "chatter" not in proc.stderr  # no handler, WARNING
+
+
+def test_gptq_writes_the_fast_kernel_format_and_errs_less_than_round_to_nearest(tmp_path):
+    """Our GPTQ's MatMulNBits (uint4 zero points, blocks of 32) computes x @ dequantized W in ONNX Runtime, and
+    on inputs whose channels differ in scale (as activations do) its output error is below round-to-nearest's."""
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.export import gptq, quantize
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = (rng.standard_normal((256, k)) * np.linspace(0.1, 3, k)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    errors = gptq.quantize_graph(Path(tmp_path / "m.onnx"), Path(tmp_path / "q.onnx"),
+                                 [{"x": x[:128]}, {"x": x[128:]}], accuracy_level=0)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    (node,) = model.graph.node
+    attrs = {a.name: a.i for a in node.attribute}
+    assert node.op_type == "MatMulNBits" and attrs["bits"] == 4 and attrs["block_size"] == 32
+    zero_points = next(i for i in model.graph.initializer if i.name == node.input[3])
+    assert zero_points.data_type == TensorProto.UINT8  # not float: the kernel's fast path
+    y = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    q, scales, zeros = gptq.gptq(w, x.astype(np.float64).T @ x, 32)
+    dequantized = gptq.dequantize(q, scales, zeros, 32)
+    np.testing.assert_allclose(y, x @ dequantized, atol=1e-4 * np.abs(y).max())
+    gptq_err = np.square(x @ dequantized - x @ w).mean()
+    rtn_err = np.square(x @ quantize._rtn_int4(w, 32) - x @ w).mean()
+    assert gptq_err < 0.85 * rtn_err, (gptq_err, rtn_err)
+    assert errors["mm"] == pytest.approx(gptq_err / np.square(x @ w).mean(), rel=1e-3)
+
+
+def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_dir, tmp_path):
+    """--fidelity-target moves int4 MatMuls to 8 bits, costliest first, until the calibration agreement reaches
+    it; export names them and the manifest lists them. A target even all-8-bit misses is a one-line error."""
+    args = [sys.executable, "-m", "edgevlm", "export", "--extractor", tiny_dir("llava_onevision"), "--no-reasoner",
+            "--quant", "int4", "--fidelity-samples", "2", "--fidelity-tokens", "8"]
+    proc = subprocess.run([*args, "--out", tmp_path / "b", "--fidelity-target", "0.93"], capture_output=True,
+                          env=ENV, timeout=600)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    b = bundle_mod.load(tmp_path / "b")
+    kept = b.manifest.quantization["kept_int8"]["extractor"]
+    assert kept and f"kept in 8 bits for --fidelity-target: {', '.join(kept)}" in err
+    graph = onnx.load(str(b.file(b.models["extractor"].graphs["decoder"].file)), load_external_data=False).graph
+    bits = {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    assert all(bits[name] == 8 for name in kept) and 4 in bits.values()
+    assert b.manifest.quantization["fidelity_target"] == 0.93
+    info = subprocess.run([sys.executable, "-m", "edgevlm", "info", tmp_path / "b"], capture_output=True, env=ENV,
+                          timeout=120).stdout.decode()
+    assert f"kept in 8 bits for --fidelity-target 0.93: {', '.join(kept)}" in info
+    proc = subprocess.run([*args, "--out", tmp_path / "c", "--fidelity-target", "1"], capture_output=True, env=ENV,
+                          timeout=600)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1 and err[-1].startswith("edgevlm: error: --fidelity-target 1.0 is out of reach")
+    assert not (tmp_path / "c").exists()

@@ -69,3 +69,28 @@ def test_int8_bundle_of_real_weights_keeps_top1_agreement_above_097(smollm2, tin
         # 8-bit matmuls (about 0.28 of their fp32 bytes) and the token embedding's Gather, which stays fp32
         # (113 of SmolLM2's 655 MB): 0.44 measured
         assert r["size_ratio"] < 0.46, (stage, r)
+
+
+@pytest.mark.slow  # ~10 minutes: exports SmolLM2 twice (fp32 reference, int4 with GPTQ) and measures 640 positions
+def test_default_int4_bundle_of_real_weights_keeps_its_agreement_floor(smollm2, tiny_dir, tmp_path):
+    """The default int4 (GPTQ, uint4 zero points, head and MLP down projections in 8 bits) on real weights.
+    Measured (benchmarks/quant_fidelity.py): plan 0.947 / KL 0.031, think 0.919 / 0.037 (awq, the default
+    before: 0.897 / 0.061, 0.872 / 0.066). The issue's 0.95 / 0.02 is met on the demo reasoner, not on this
+    GGUF, whose fp32 weights sit on the Q4_1 grid that no uint4 zero point reproduces: this pins the floor
+    it does reach."""
+    import onnx
+
+    from edgevlm.export.exporter import QuantPlan, export_bundle
+
+    path = export_bundle(tmp_path / "smol-int4", extractor=str(tiny_dir("llava_onevision")), reasoner=str(GGUF),
+                         quant=QuantPlan(extractor="fp32", reasoner="int4"), fidelity_samples=10,
+                         fidelity_tokens=32, log=lambda m: None)
+    b = bundle_mod.load(path)
+    report = b.manifest.fidelity
+    assert set(report) == {"plan", "think"} and b.manifest.quantization["int4_method"] == "gptq"
+    for stage, r in report.items():
+        assert r["top1_agreement"] >= 0.90 and r["mean_kl"] <= 0.05, (stage, r)
+        assert r["size_ratio"] < 0.36, (stage, r)  # 224.9 of 653.5 MB: the token embedding stays fp32
+    graph = onnx.load(str(b.file(b.models["reasoner"].graphs["decoder"].file)), load_external_data=False).graph
+    zero_points = {i.name: i.data_type for i in graph.initializer if i.name.endswith("_zero_points")}
+    assert len(zero_points) == 90 and set(zero_points.values()) == {onnx.TensorProto.UINT8}  # the fast kernel's

@@ -1,0 +1,198 @@
+"""GPTQ in numpy: int4 weights that correct each other's rounding error, at ONNX Runtime's fast kernel format.
+
+For each MatMul y = x @ W with a constant W [K, N], the calibration prompts give H = X^T X over its input
+rows. The K input channels are quantized one at a time (asymmetric blocks of `block_size` along K, uint4
+zero points: the format MatMulNBits' CPU kernel runs at full speed), and each channel's rounding error is
+spread over the channels not yet quantized through the inverse Hessian's Cholesky factor, so that x @ W
+changes least on the calibration inputs (Frantar et al. 2022: blocked, lazy batch updates). The
+quantized integers are written straight into MatMulNBits nodes, so nothing re-rounds them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+DAMP = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse finite for rarely-used channels
+BATCH = 128  # channels per lazy update of the rest of the matrix
+SHRINK = np.linspace(1.0, 0.8, 5)  # a block's range may be narrowed to these fractions if that errs less
+
+
+def activation_grams(src: Path, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """X^T X (float64) of each named tensor's rows over the feeds, from one run of the graph per feed."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = onnx.load(str(src), load_external_data=False)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in names if a not in known)
+    # beside src, so its external data resolves; named per process, so two quantizations of one graph can run
+    probe_path = src.with_name(f"{src.stem}.gptq-probe-{os.getpid()}.onnx")
+    onnx.save(probe, str(probe_path))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    grams: dict[str, np.ndarray] = {}
+    try:
+        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+        for feed in feeds:
+            for name, x in zip(names, session.run(names, feed), strict=True):
+                rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                grams[name] = grams.get(name, 0.0) + rows.T @ rows
+    finally:
+        probe_path.unlink(missing_ok=True)
+    return grams
+
+
+def _block_params(w: np.ndarray, shrink: np.ndarray = SHRINK) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point (0..15) per row of w [N, block], the range always holding 0 (a uint4 zero
+    point cannot leave it), narrowed by the `shrink` factor with the least squared rounding error."""
+    lo, hi = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
+    best_err = np.full(len(w), np.inf)
+    best_scale, best_zero = np.ones(len(w), np.float32), np.zeros(len(w), np.float32)
+    for f in shrink:
+        scale = (hi - lo) * f / 15.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo * f / scale), 0, 15)
+        q = np.clip(np.round(w / scale[:, None]) + zero[:, None], 0, 15)
+        err = np.square((q - zero[:, None]) * scale[:, None] - w).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32,
+         act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ of W [K, N] (K a multiple of block_size) given its inputs' X^T X [K, K]. Returns the uint4 values
+    q [N, K], scales [N, K/block] and zero points [N, K/block]: W[k, n] ~ (q[n, k] - zero) * scale.
+    `act_order` quantizes the channels with the most input energy first, each block's scale and zero point
+    then set from the original weights."""
+    k, n = w.shape
+    assert k % block_size == 0 and BATCH % block_size == 0
+    W = w.T.astype(np.float32).copy()  # [N, K]: one row per output, channels quantized left to right
+    H = gram.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += DAMP * np.mean(np.diag(H))
+    scales = np.empty((n, k // block_size), np.float32)
+    zeros = np.empty((n, k // block_size), np.float32)
+    perm = np.arange(k)
+    if act_order:
+        for b in range(k // block_size):
+            scales[:, b], zeros[:, b] = _block_params(W[:, b * block_size:(b + 1) * block_size])
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[:, perm], H[perm][:, perm]
+    hinv = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper factor
+    q = np.empty((n, k), np.uint8)
+    for start in range(0, k, BATCH):
+        end = min(start + BATCH, k)
+        w1, err = W[:, start:end].copy(), np.empty((n, end - start), np.float32)
+        h1 = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if act_order:
+                b = perm[col] // block_size
+                scale, zero = scales[:, b], zeros[:, b]
+            elif col % block_size == 0:
+                b = col // block_size
+                scales[:, b], zeros[:, b] = _block_params(w1[:, i:i + block_size])
+                scale, zero = scales[:, b], zeros[:, b]
+            qi = np.clip(np.round(w1[:, i] / scale) + zero, 0, 15)
+            q[:, perm[col]] = qi
+            e = (w1[:, i] - (qi - zero) * scale) / h1[i, i]
+            w1[:, i + 1:] -= np.outer(e, h1[i, i + 1:])
+            err[:, i] = e
+        W[:, end:] -= err @ hinv[start:end, end:]
+    return q, scales, zeros
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int) -> np.ndarray:
+    """W [K, N] back from gptq's output."""
+    s = np.repeat(scales, block_size, axis=1)
+    z = np.repeat(zeros, block_size, axis=1)
+    return ((q.astype(np.float32) - z) * s).T
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """uint4 values [..., 2m] -> bytes [..., m], the first of each pair in the low nibble (MatMulNBits' order)."""
+    v = values.astype(np.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def matmul_nbits(node, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int, block_size: int,
+                 accuracy_level: int = 4):
+    """The MatMulNBits node (4 bits, uint4 zero points) and its initializers replacing MatMul `node`."""
+    from onnx import helper, numpy_helper
+
+    n, blocks = scales.shape
+    base = node.input[1]
+    packed = _pack(q.reshape(n, blocks, block_size))
+    zp = _pack(np.pad(zeros, ((0, 0), (0, blocks % 2))).astype(np.uint8))
+    inits = [numpy_helper.from_array(packed, f"{base}_Q4"), numpy_helper.from_array(scales, f"{base}_scales"),
+             numpy_helper.from_array(zp, f"{base}_zero_points")]
+    new = helper.make_node("MatMulNBits", [node.input[0], *(i.name for i in inits)], list(node.output),
+                           name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size,
+                           accuracy_level=accuracy_level)
+    return new, inits
+
+
+def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], *, block_size: int = 32,
+                   exclude: Iterable[str] = (), accuracy_level: int = 4, cache: dict | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Every MatMul of `src` with a constant 2-D weight (but `exclude`) as GPTQ'd int4 MatMulNBits, written to
+    `dst` (weights in `dst`.data). Returns each one's relative output error on the calibration inputs,
+    |X (W - Wq)|^2 / |X W|^2: what its int4 costs, for choosing which to keep in 8 bits. `cache` (a dict kept
+    by the caller across calls on one graph and feeds) saves redoing a MatMul's GPTQ."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    exclude = set(exclude)
+    targets = [node for node in graph.node if node.op_type == "MatMul" and node.name not in exclude
+               and node.input[1] in inits and len(inits[node.input[1]].dims) == 2]
+    cache = {} if cache is None else cache
+    todo = sorted({t.input[0] for t in targets if t.name not in cache})
+    grams = activation_grams(src, todo, feeds) if todo else {}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for i, node in enumerate(targets):
+        if node.name not in cache:
+            cache[node.name] = _quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
+                                         block_size)
+        q, scales, zeros, _ = cache[node.name]
+        k = inits[node.input[1]].dims[0]
+        new, new_inits = matmul_nbits(node, q, scales, zeros, k, block_size, accuracy_level)
+        graph.initializer.extend(new_inits)
+        if uses[node.input[1]] == 1:
+            graph.initializer.remove(inits.pop(node.input[1]))
+        graph.node.insert(list(graph.node).index(node), new)
+        graph.node.remove(node)
+        if progress and ((i + 1) % 16 == 0 or i + 1 == len(targets)):
+            progress(f"gptq: {i + 1}/{len(targets)} MatMuls")
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    Path(str(dst) + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(model, str(dst), save_as_external_data=True, location=Path(str(dst) + ".data").name)
+    return {t.name: cache[t.name][3] for t in targets}
+
+
+def _quantize(w: np.ndarray, gram: np.ndarray, block_size: int):
+    """gptq() of W [K, N] padded to whole blocks, and its relative output error on the calibration inputs."""
+    w = w.astype(np.float32)
+    pad = (-w.shape[0]) % block_size
+    if pad:  # zero channels: quantized exactly, they change nothing
+        w = np.pad(w, ((0, pad), (0, 0)))
+        gram = np.pad(gram, ((0, pad), (0, pad)))
+    q, scales, zeros = gptq(w, gram, block_size)
+    delta = (dequantize(q, scales, zeros, block_size) - w).astype(np.float64)
+    ref = float(np.sum((gram @ w) * w))
+    return q, scales, zeros, float(np.sum((gram @ delta) * delta)) / max(ref, 1e-30)
