@@ -5,10 +5,14 @@ before the next frame's start; pipelined (`Pipeline(pipelined=True)`), two frame
 takes its model when it is free, so the extractor describes frame t+1 while the reasoner thinks about frame t.
 This sends the same frames (the demo's test images, each question about its own frame, greedy) through an
 edgevlm.runner.Runner in each setting, in alternating rounds, and prints answers per minute, the median
-latency of an answer and the ratio to in-turn, with ONNX Runtime's default threads and with one thread a
-session (two sessions then share two cores without contending). The answers must be the same in every setting.
+latency of an answer and the ratio to in-turn, with the default threads (every core a session in turn; half the
+cores a session pipelined, so the two do not contend) and with one thread a session. The answers must be the
+same in every setting.
 
-    python benchmarks/frame_pipelining.py --bundle BUNDLE [--frames 12] [--rounds 3]
+    python benchmarks/frame_pipelining.py --bundle BUNDLE [--frames 12] [--rounds 3] [--tokens N]
+
+`--tokens N` makes every stage generate exactly N tokens (for models not trained on the demo's questions, which
+would think at length).
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ def stream(n: int) -> list[tuple[str, str, list | None]]:
     return items[:n]
 
 
-def run(pipe: Pipeline, frames: list) -> tuple[float, list[float], list[str]]:
+def run(pipe: Pipeline, frames: list, tokens: int | None) -> tuple[float, list[float], list[str]]:
     """(seconds for the whole stream, each answer's latency in seconds, the answers)."""
     start = time.perf_counter()
     with Runner(pipe, max_queue=len(frames)) as runner:
-        requests = [runner.submit(f, q, choices=c, temperature=0) for f, q, c in frames]
+        requests = [runner.submit(f, q, choices=c, temperature=0, fixed_tokens=tokens) for f, q, c in frames]
         results = [r.result() for r in requests]
     seconds = time.perf_counter() - start
     # latency of an answer: from its request's start on the models to its end (queue wait excluded)
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--frames", type=int, default=12, help="Frames in the stream.")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds per setting (median).")
+    parser.add_argument("--tokens", type=int, default=None, help="Tokens every stage generates (default: EOS).")
     args = parser.parse_args()
     frames = stream(args.frames)
     settings = {}
@@ -68,7 +73,7 @@ def main() -> None:
     answers = {}
     for n in range(args.rounds + 1):  # the first round warms every setting up
         for key, pipe in settings.items():
-            seconds, each, said = run(pipe, frames)
+            seconds, each, said = run(pipe, frames, args.tokens)
             answers[key] = said
             if n:
                 times[key].append(seconds)
@@ -79,7 +84,8 @@ def main() -> None:
     for (threads, pipelined), t in times.items():
         per_min = len(frames) * 60 / statistics.median(t)
         base = len(frames) * 60 / statistics.median(times[(threads, False)])
-        rows.append(("pipelined" if pipelined else "in turn", threads or "default",
+        default = "half the cores" if pipelined else "every core"
+        rows.append(("pipelined" if pipelined else "in turn", threads or default,
                      f"{per_min:.1f}", f"{statistics.median(latencies[(threads, pipelined)]) * 1e3:.0f}",
                      f"{per_min / base:.2f}x"))
     print(f"\n{args.bundle}: {len(frames)} frames a round, one question each, greedy; {os.cpu_count()} cores; "

@@ -76,6 +76,11 @@ class _TimeUp(Exception):
         self.stage = stage
 
 
+def _spare_cores(device: str) -> bool:
+    """Cores enough to run two things at once by default (overlap, pipelining): 4 or more, or a GPU."""
+    return (os.cpu_count() or 1) >= 4 or device == "cuda"
+
+
 def _past_deadline(call: _Call) -> bool:
     return call.deadline is not None and time.perf_counter() >= call.deadline
 
@@ -150,7 +155,8 @@ class Pipeline:
     `pipelined`: two calls may be in flight at once, each stage taking its model when free: while the reasoner
     thinks about one frame, the extractor describes the next (benchmarks/frame_pipelining.py). Off, calls run
     one after another. None (default): as `overlap`, where the backend can, there are cores to spare and the
-    memory plan fits both models' stages at once.
+    memory plan fits both models' stages at once. A pipelined bundle's sessions get half the cores each (unless
+    `threads` is given), so the two stages do not fight over them.
     """
 
     def __init__(self, extractor: Model, reasoner: Model | None = None, *, vision_cache_mb: float = VISION_CACHE_MB,
@@ -161,7 +167,7 @@ class Pipeline:
             if not finite_number(value, minimum=0):
                 raise UsageError(f"{name}: the cache size must be 0 (off) or a finite number of megabytes, "
                                  f"got {value!r}")
-        spare = (os.cpu_count() or 1) >= 4 or extractor.device == "cuda"
+        spare = _spare_cores(extractor.device)
         overlap = spare if overlap is None else overlap
         self.vision = VisionFeatures(extractor, int(vision_cache_mb * 1e6),
                                      overlap=overlap and extractor.concurrent and extractor.family.vision)
@@ -225,9 +231,10 @@ class Pipeline:
         AnyRes grid, a shorter resized edge) to at most that many prompt positions, which the plan then counts."""
         from edgevlm.backends import onnx
 
+        pipelined = _spare_cores(device) if pipelined is None else pipelined
         ex, rs, plan = onnx.load(path, device=device, threads=threads, verify=verify, memory_budget=memory_budget,
                                  vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
-                                 max_image_tokens=max_image_tokens)
+                                 max_image_tokens=max_image_tokens, pipelined=pipelined)
         pipe = cls(ex, rs, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
                    overlap=overlap if plan.overlap else False, pipelined=pipelined if plan.pipelining else False)
         pipe.memory_plan = plan

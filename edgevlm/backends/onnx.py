@@ -56,10 +56,14 @@ def _session(path, device: str, threads: int | None, exact_dequantize: bool = Fa
 
 def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
          memory_budget: int | str | None = None, vision_cache_mb: float = 0, prefix_cache_mb: float = 0,
-         max_image_tokens: int | None = None) -> tuple[OrtModel, OrtModel | None, memory.MemoryPlan]:
+         max_image_tokens: int | None = None,
+         pipelined: bool = False) -> tuple[OrtModel, OrtModel | None, memory.MemoryPlan]:
     """A bundle's extractor and reasoner (None if it has none), each given the context the memory plan
     fits in `memory_budget` beside the caches at their sizes (MemoryBudgetError when nothing fits), images cut
-    to `max_image_tokens` prompt positions (default: the bundle's own budget, if it was exported with one)."""
+    to `max_image_tokens` prompt positions (default: the bundle's own budget, if it was exported with one).
+    `pipelined`: the models will compute at once where the plan fits that, so on CPU each session gets half the
+    cores unless `threads` (or EDGEVLM_THREADS) says otherwise: two pools of every core contend (measured in
+    benchmarks/frame_pipelining.py)."""
     b = bundle.load(path, verify=verify)
     if max_image_tokens is not None:
         role = b.stages["extract"]
@@ -67,6 +71,8 @@ def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: 
         b = replace(b, manifest=replace(b.manifest, models=models))
     budget, source = memory.budget_for(memory_budget, b.manifest.target)
     plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
+    if pipelined and plan.pipelining and device == "cpu" and not threads and not os.environ.get("EDGEVLM_THREADS"):
+        threads = max(1, (os.cpu_count() or 1) // 2)
     models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
               for role in sorted(set(b.stages.values()))}
     return models[b.stages["extract"]], models.get(b.stages.get("think", "")), plan
