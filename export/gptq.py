@@ -10,7 +10,6 @@ quantized integers are written straight into MatMulNBits nodes, so nothing re-ro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,27 +22,14 @@ SHRINK = np.linspace(1.0, 0.8, 5)  # a block's range may be narrowed to these fr
 
 def activation_grams(src: Path, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """X^T X (float64) of each named tensor's rows over the feeds, from one run of the graph per feed."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
+    from edgevlm.export.quantize import activation_probe
 
-    probe = onnx.load(str(src), load_external_data=False)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in names if a not in known)
-    # beside src, so its external data resolves; named per process, so two quantizations of one graph can run
-    probe_path = src.with_name(f"{src.stem}.gptq-probe-{os.getpid()}.onnx")
-    onnx.save(probe, str(probe_path))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     grams: dict[str, np.ndarray] = {}
-    try:
-        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+    with activation_probe(src, names, "gptq") as session:
         for feed in feeds:
             for name, x in zip(names, session.run(names, feed), strict=True):
                 rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
                 grams[name] = grams.get(name, 0.0) + rows.T @ rows
-    finally:
-        probe_path.unlink(missing_ok=True)
     return grams
 
 

@@ -244,6 +244,29 @@ def _clip_search(w: np.ndarray, x: np.ndarray, block: int, ratios: np.ndarray = 
     return out.reshape(k, n)
 
 
+@contextmanager
+def activation_probe(src: Path, names: Iterable[str], tag: str):
+    """An ONNX Runtime session on graph `src` with the tensors `names` exposed as outputs too (optimizations off,
+    so they keep their names): the calibration pass of AWQ and GPTQ. The probe graph is written beside `src`, so
+    its external data resolves, named per process and `tag` so that two quantizations of one graph can run, and
+    removed afterwards."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = onnx.load(str(src), load_external_data=False)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in names if a not in known)
+    probe_path = src.with_name(f"{src.stem}.{tag}-probe-{os.getpid()}.onnx")
+    onnx.save(probe, str(probe_path))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        yield ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+    finally:
+        probe_path.unlink(missing_ok=True)
+
+
 def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32, exclude: list[str] = (),
               grid: int = 20, sample_rows: int = 512, fold: bool = True) -> int:
     """Activation-aware weight scaling (the idea of AWQ): for each MatMul with a constant weight W [K, N], find
@@ -254,7 +277,6 @@ def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32,
     into the layers before where that is exact (`fold`: fold_input_scales; the cached values then come out
     scaled); returns how many changed."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
@@ -265,16 +287,7 @@ def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32,
     activations = sorted({n.input[0] for n in targets})
     attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
     # 1. activation statistics: run the calibration prompts with every target input exposed as an output
-    probe = onnx.load(str(src), load_external_data=False)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in activations if a not in known)
-    # beside src, so its external data resolves; named per process, so two quantizations of one graph can run
-    probe_path = src.with_name(f"{src.stem}.awq-probe-{os.getpid()}.onnx")
-    onnx.save(probe, str(probe_path))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+    with activation_probe(src, activations, "awq") as session:
         sums = {a: 0.0 for a in activations}
         counts = dict.fromkeys(activations, 0)
         samples: dict[str, list[np.ndarray]] = {a: [] for a in activations}
@@ -287,8 +300,6 @@ def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32,
                 sums[name] = sums[name] + np.abs(rows).sum(0)
                 counts[name] += len(rows)
                 samples[name].append(rows[rng.choice(len(rows), size=min(len(rows), 64), replace=False)])
-    finally:
-        probe_path.unlink(missing_ok=True)
     # 2. per MatMul, the alpha whose scaled int4 weights reproduce x @ W best on sampled rows; then the
     #    per-block clipping of the scaled weights that does best
     changed = 0
