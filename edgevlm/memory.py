@@ -140,13 +140,18 @@ def image_tokens(spec: ModelSpec) -> int:
     return family_module(spec.family).max_image_tokens(spec.preprocess, _tokens_per_crop(spec))
 
 
+def check_image_budget(max_tokens) -> None:
+    """A visual-token budget is None or a whole number, 1 or more (UsageError)."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise UsageError(f"max_image_tokens must be a whole number, 1 or more; got {max_tokens!r}")
+
+
 def with_image_budget(spec: ModelSpec, max_tokens: int | None) -> ModelSpec:
     """`spec` with its images cut to at most `max_tokens` prompt positions each (a smaller AnyRes grid, a shorter
     resized edge: the family's `within`), its planned crops to match; unchanged for None or a text model."""
+    check_image_budget(max_tokens)
     if max_tokens is None or not spec.vision:
         return spec
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise UsageError(f"max image tokens must be a whole number, 1 or more; got {max_tokens!r}")
     module = family_module(spec.family)
     cfg = module.within(spec.preprocess, max_tokens, _tokens_per_crop(spec))
     dims = spec.dims

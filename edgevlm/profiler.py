@@ -204,16 +204,22 @@ def run_threads() -> int:
     return int(os.environ.get("EDGEVLM_THREADS", "0") or 0) or os.cpu_count() or 1
 
 
+def _best_seconds(work, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `work` (the probes' figure: the least disturbed run)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.lru_cache(maxsize=64)
 def _read_bandwidth(size: int, threads: int, repeats: int) -> float:
     data = np.ones(size // 8, np.float64)  # written once: its pages are resident before the timing
     parts = np.array_split(data, threads)
-    best = float("inf")
     with ThreadPoolExecutor(threads) as pool:  # numpy's reductions let go of the GIL: the threads read at once
-        for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - start)
+        best = _best_seconds(lambda: list(pool.map(np.sum, parts)), repeats)
     return data.nbytes / best / 1e9
 
 
@@ -248,9 +254,4 @@ def measure_gemm(precision: str, threads: int | None = None, repeats: int = 5) -
     else:
         feed = {"A": rng.standard_normal((n, n), dtype=np.float32), "B": rng.standard_normal((n, n), dtype=np.float32)}
     session.run(None, feed)  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / _best_seconds(lambda: session.run(None, feed), repeats) / 1e9

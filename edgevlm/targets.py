@@ -49,9 +49,9 @@ def bandwidth(target: str | None = None) -> dict:
     """The memory bandwidth decoding is measured against: `target`'s peak, or where it has no figure (cpu, cuda,
     none given) a read test on this machine with the run's threads, past its caches. As bench documents record
     it: bandwidth_gb_s, bandwidth_source."""
-    t = get_target(target) if target else None
-    if t is not None and t.bandwidth_gb_s:
-        return {"bandwidth_gb_s": t.bandwidth_gb_s, "bandwidth_source": t.name}
+    peak = _peak_bandwidth(target)
+    if peak is not None:
+        return {"bandwidth_gb_s": peak, "bandwidth_source": target}
     return {"bandwidth_gb_s": round(measure_bandwidth(DRAM_PROBE_BYTES), 3),
             "bandwidth_source": f"read test, {run_threads()} threads"}
 
@@ -59,7 +59,13 @@ def bandwidth(target: str | None = None) -> dict:
 def ceiling(target: str | None = None):
     """What a decode step reading `nbytes` is compared with (GB/s, a function of nbytes): `target`'s peak, or
     a read of as many bytes here with the run's threads (a working set that fits a cache reads at its rate)."""
-    t = get_target(target) if target else None
-    if t is not None and t.bandwidth_gb_s:
-        return lambda nbytes: t.bandwidth_gb_s
+    peak = _peak_bandwidth(target)
+    if peak is not None:
+        return lambda nbytes: peak
     return lambda nbytes: measure_bandwidth(nbytes)
+
+
+def _peak_bandwidth(target: str | None) -> float | None:
+    """A named target's published DRAM bandwidth (None: none given, or a host measured where it runs)."""
+    t = get_target(target) if target else None
+    return t.bandwidth_gb_s if t is not None else None

@@ -27,7 +27,7 @@ from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, UsageError
 from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
-from edgevlm.memory import with_image_budget
+from edgevlm.memory import check_image_budget, with_image_budget
 
 # GPTQ's asymmetric uint4 zero points run at MatMulNBits' full speed; TensorRT's dequantize layer rejects zero
 # points, so its bundles take symmetric AWQ.
@@ -232,9 +232,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     gated = min_agreement is not None or max_kl is not None
     if gated and (plan.is_reference or fidelity_samples < 1):
         raise UsageError("--min-agreement/--max-kl need a quantized export with --fidelity-samples >= 1")
-    if max_image_tokens is not None and (isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int)
-                                         or max_image_tokens < 1):
-        raise UsageError(f"max_image_tokens must be a whole number, 1 or more; got {max_image_tokens!r}")
+    check_image_budget(max_image_tokens)  # before any work: the budget itself is applied once the graphs exist
     items = data.load(calibration)
     calib_items, eval_items = data.split(items)
     eval_items = eval_items[:fidelity_samples]
