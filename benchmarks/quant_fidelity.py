@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 METHODS = "awq-keep8,gptq-keep8,gptq,gptq-keep8-k8top8,hqq-keep8,int8"
-HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only) or an int4 method (gptq: the export default, awq, "
+HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 compute: per-token int8 activations, "
+        "smoothed, head and down projections weight-only int8; options nosmooth, dyndown: down projections on "
+        "int8 compute too, head32, down32) or an int4 method (gptq: the export default, awq, "
         "rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; keep8head, "
         "keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
@@ -64,7 +66,7 @@ def main() -> None:
     print(f"\n{args.samples} held-out prompts x {args.tokens} tokens per stage; tok/s: decode after a 128-token "
           f"prompt, median of {args.rounds} turns; ratios to {args.baseline}")
     print(f"{'model':<9}{'variant':<20}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}"
-          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'tok/s':>7}{'speed':>6}")
+          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'tok/s':>7}{'speed':>6}{'prefill':>9}{'x fp32':>6}")
     for table in tables:
         for line in table:
             print(line)
@@ -115,13 +117,17 @@ def bench_model(name: str, work: Path, args) -> list[str]:
         print(f"{name} {method}: quantized in {quant_s:.0f} s; plan {fid['plan'].top1_agreement:.3f}, think "
               f"{fid['think'].top1_agreement:.3f}", flush=True)
     speeds = {m: [] for m in results}
+    prefills = {m: [] for m in results}
     for _ in range(args.rounds):  # in turns, so that load from elsewhere hits every variant alike
         for m, (_, _, model) in results.items():
             speeds[m].append(_speed(model))
+            prefills[m].append(_prefill_speed(model))
     speed = {m: float(np.median(s)) for m, s in speeds.items()}
+    prefill = {m: float(np.median(s)) for m, s in prefills.items()}
     base = args.baseline if args.baseline in results else "fp32"
     label = Path(name).name[:8]
-    return [_row(label, m, size, fid, speed[m], results[base][0], speed[base]) for m, (size, fid, _) in results.items()]
+    return [_row(label, m, size, fid, speed[m], results[base][0], speed[base], prefill[m], prefill["fp32"])
+            for m, (size, fid, _) in results.items()]
 
 
 def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> dict:
@@ -146,6 +152,14 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
         keep += sorted((n for n in errors if n not in keep), key=errors.get, reverse=True)[:top]
     keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
     block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
+    if name == "w8a8":  # int8 compute; the LM head and MLP down projections in weight-only int8 unless told
+        from edgevlm.export import int8_compute
+
+        keep = [n for n in quantize.sensitive_matmuls(src, ["head"] if "dyndown" in opts else quantize.SENSITIVE)
+                if n not in exclude]
+        int8_compute.quantize(src, out, quantize.FeedReader(feeds), keep=keep, keep_fp32=exclude,
+                              smooth="nosmooth" not in opts)
+        return {}
     if name == "int8":
         quantize.int8_weight_only(src, out, exclude=exclude, block_size=block, accuracy_level=acc)
         return {}
@@ -154,9 +168,10 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
                          keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None)
 
 
-def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float) -> str:
+def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float,
+         prefill: float, fp32_prefill: float) -> str:
     head = f"{model:<9}{name:<20}{size:>7.1f}{size / base_size:>6.2f}"
-    tail = f"{speed:>7.1f}{speed / base_speed:>6.2f}"
+    tail = f"{speed:>7.1f}{speed / base_speed:>6.2f}{prefill:>9.0f}{prefill / fp32_prefill:>6.2f}"
     if fid is None:
         return f"{head}{'(reference)':>49}{tail}"
     stages = "".join(f"{fid[s].top1_agreement:>{w}.3f}{fid[s].mean_kl:>8.4f}{fid[s].exact_match:>6.2f}"
@@ -172,6 +187,15 @@ def _step(what):
 
 def _size(path: Path) -> float:
     return sum(p.stat().st_size for p in (path, Path(str(path) + ".data")) if p.exists()) / 1e6
+
+
+def _prefill_speed(model, tokens: int = 512) -> float:
+    """Prompt tokens a second of a `tokens`-token prefill (compute-bound, unlike decode)."""
+    from edgevlm.backends.base import Prepared
+
+    t = time.perf_counter()
+    model.prefill(Prepared(list(range(10, 10 + tokens))))
+    return tokens / (time.perf_counter() - t)
 
 
 def _speed(model, steps: int = 32) -> float:

@@ -290,6 +290,10 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
 @click.option("--int4-keep-int8", default="head,down", show_default=True, metavar="LIST",
               help="Decoder layers an int4 model keeps in int8: head, down (MLP down projections), or none.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 quantization block size.")
+@click.option("--int8-mode", type=click.Choice(["compute", "weights"]), default="compute", show_default=True,
+              help="int8 decoders and vision towers: int8 activations too (prefill and vision on the CPU's int8 "
+                   "dot products; each graph checked on calibration inputs, weight-only where it misses), or "
+                   "weight-only int8.")
 @click.option("--calibration", default="scenes", show_default=True, metavar="NAME|DIR",
               help="Calibration set: a shipped one, or a folder with items.jsonl and images.")
 @click.option("--fidelity-samples", type=click.IntRange(min=0), default=8, show_default=True,
@@ -310,7 +314,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               help="A visual-token budget kept in the bundle: each image cut (a smaller AnyRes grid, a shorter resized "
               "edge) to at most N prompt positions.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
-           vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, calibration, fidelity_samples,
+           vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, int8_mode, calibration, fidelity_samples,
            fidelity_tokens, min_agreement, max_kl, fidelity_target, target, overwrite, max_image_tokens):
     """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
 
@@ -324,7 +328,8 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
     target = target or ("cuda" if fmt == "tensorrt" else "cpu")
     plan = exporter.QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant,
                               vision=vision_quant, embed=embed_quant, int4_method=int4_method,
-                              block_size=block_size, keep_int8=keep, fidelity_target=fidelity_target)
+                              block_size=block_size, keep_int8=keep, fidelity_target=fidelity_target,
+                              int8_compute=int8_mode == "compute")
     exporter.export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset,
                            with_reasoner=not no_reasoner, gguf_file=gguf_file, fmt=fmt, quant=plan, target=target,
                            calibration=calibration, fidelity_samples=fidelity_samples,

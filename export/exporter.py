@@ -48,6 +48,7 @@ class QuantPlan:
     block_size: int = 32
     keep_int8: tuple[str, ...] = SENSITIVE  # decoder layers an int4 model keeps in int8
     fidelity_target: float | None = None  # top-1 agreement on calibration prompts an int4 decoder must reach
+    int8_compute: bool = True  # int8 decoders and vision towers on int8 activations where the check passes
 
     def for_graph(self, role: str, graph: str) -> str:
         base = self.extractor if role == "extractor" else self.reasoner
@@ -61,7 +62,7 @@ class QuantPlan:
         return {"extractor": self.extractor, "reasoner": self.reasoner, "vision": self.for_graph("extractor", "vision"),
                 "embed": self.embed, "int4_method": self.int4_method, "block_size": self.block_size,
                 "keep_int8": list(self.keep_int8), "keep_int8_block_size": KEEP_INT8_BLOCK,
-                "fidelity_target": self.fidelity_target}
+                "fidelity_target": self.fidelity_target, "int8_compute": self.int8_compute}
 
     def resolved(self, flavour: str = "onnxruntime") -> QuantPlan:
         """This plan with its int4 method chosen: the flavour's default where none was given."""
@@ -162,10 +163,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan, reader_for: Callable,
                    flavour: str = "onnxruntime", extra_int8: tuple[str, ...] = (), cache: dict | None = None,
-                   log=None) -> dict[str, float]:
+                   log=None, record: dict | None = None) -> dict[str, float]:
     """Writes `src` at precision `quant` to `dst` for `flavour`; for a GPTQ'd int4 decoder returns the relative
     output error of each MatMul left in int4 (what `extra_int8`, MatMuls kept in 8 bits beyond plan.keep_int8,
-    choose from)."""
+    choose from). An int8 graph's int8-compute check goes into `record[kind]`."""
+    record = {} if record is None else record
     from edgevlm.export import graphs, quantize, tensorrt
 
     if flavour == "tensorrt" and quant in ("int8", "int4"):
@@ -185,6 +187,8 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
             graphs.to_fp16(dst)
     elif kind == "embed":  # int4: the only quantized Gather ONNX Runtime has
         quantize.int4_embedding(src, dst)
+    elif quant == "int8" and plan.int8_compute and kind in INT8_COMPUTE_CHECKS:
+        record[kind] = _int8_compute(src, dst, kind, reader_for(kind), log or (lambda m: None))
     elif quant == "int8":
         quantize.int8_weight_only(src, dst)
     else:  # int4
@@ -193,6 +197,41 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
         return quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
                              keep_int8=[*keep, *extra_int8], cache=cache, progress=log)
     return {}
+
+
+# What int8 compute must keep on the calibration prompts, else the graph is tried with fewer layers on it, then
+# weight-only: a decoder's next-token distributions at every prompt position (mean KL from fp32; SmolLM2-135M's
+# smoothed int8 compute measures 0.003-0.007 on held-out generations), a vision tower's features (cosine).
+INT8_COMPUTE_CHECKS = {"decoder": ("mean_kl", 0.01), "vision": ("cosine", 0.995)}
+
+
+def _int8_compute(src: Path, dst: Path, kind: str, reader, log) -> dict:
+    """An int8 graph on int8 compute (edgevlm.export.int8_compute), checked against `src` on the calibration
+    feeds: every constant MatMul but a decoder's LM head first, then also keeping the MLP down projections in
+    weight-only int8 (their inputs carry the largest outliers), then weight-only throughout. Returns what was
+    kept and measured."""
+    from edgevlm.export import int8_compute, quantize
+
+    metric, bound = INT8_COMPUTE_CHECKS[kind]
+    head = quantize.sensitive_matmuls(src, ["head"]) if kind == "decoder" else []
+    ladder = [("head", head), ("head, down", [*head, *quantize.sensitive_matmuls(src, ["down"])])] if head else [
+        ("none", [])]
+    for kept, keep in ladder:
+        for f in (dst, Path(str(dst) + ".data")):
+            f.unlink(missing_ok=True)
+        count = int8_compute.quantize(src, dst, reader, keep=keep, progress=log)
+        score = int8_compute.agreement(src, dst, reader.feeds)
+        ok = score[metric] <= bound if metric == "mean_kl" else score[metric] >= bound
+        log(f"int8 compute on {count} MatMuls (weight-only: {kept}): {metric} {score[metric]:.4f} on calibration "
+            f"inputs ({'ok' if ok else 'misses'} {bound})")
+        if ok:
+            return {"compute": True, "weight_only": kept, "matmuls": count,
+                    **{k: round(v, 5) for k, v in score.items()}}
+    for f in (dst, Path(str(dst) + ".data")):
+        f.unlink(missing_ok=True)
+    log("int8 compute misses the check: weight-only int8")
+    quantize.int8_weight_only(src, dst)
+    return {"compute": False, **{k: round(v, 5) for k, v in score.items()}}
 
 
 def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: str | None = None,
@@ -250,7 +289,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     started = time.perf_counter()
 
     with bundle.atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        models, references, kept_int8 = {}, {}, {}
+        models, references, kept_int8, int8_checks = {}, {}, {}, {}
         for role, name, model_dir, family in roles:
             @contextmanager
             def step(what: str, role=role):
@@ -265,7 +304,8 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
             if role == "extractor":  # the quantized model and the fidelity check see the same images
                 reference = with_image_budget(reference, max_image_tokens)
             references[role] = reference
-            models[role], kept = _finish_model(tmp, role, reference, plan, calib_items, log, flavour)
+            models[role], kept = _finish_model(tmp, role, reference, plan, calib_items, log, flavour,
+                                               int8_checks.setdefault(role, {}))
             models[role] = replace(models[role], source=_source(name, model_dir))
             if kept:
                 kept_int8[role] = list(kept)
@@ -278,7 +318,8 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
         manifest = Manifest(
             stages=stages, models=models, created=datetime.now(UTC).isoformat(timespec="seconds"), target=target,
             flavour=flavour,
-            quantization={**plan.describe(), "calibration": str(calibration), "kept_int8": kept_int8},
+            quantization={**plan.describe(), "calibration": str(calibration), "kept_int8": kept_int8,
+                          "int8_compute_checks": {r: c for r, c in int8_checks.items() if c}},
             provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
             fidelity=fidelity)
         if flavour == "tensorrt":
@@ -312,7 +353,8 @@ def _umask() -> int:
 
 
 def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, calib_items: list,
-                  log, flavour: str = "onnxruntime") -> tuple[ModelSpec, tuple[str, ...]]:
+                  log, flavour: str = "onnxruntime", int8_checks: dict | None = None
+                  ) -> tuple[ModelSpec, tuple[str, ...]]:
     """Move the non-graph files next to the final graphs and convert each graph to its precision; returns the
     model and the decoder MatMuls --fidelity-target kept in 8 bits."""
     ref_dir = root / reference.tokenizer
@@ -350,7 +392,7 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
         if q != "fp32":
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
         errors[name] = _convert_graph(src, dst, q, name, plan, reader_for, flavour, cache=cache,
-                                      log=lambda m, name=name: log(f"{role}: {name}: {m}"))
+                                      log=lambda m, name=name: log(f"{role}: {name}: {m}"), record=int8_checks)
         if flavour == "tensorrt":
             tensorrt.check(dst)  # refuses, naming the node, what TensorRT's parser would
         converted[name] = graphs.graph_entry(dst, root, q)

@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,12 @@ def sensitive_matmuls(path: Path, which: Iterable[str] = SENSITIVE) -> list[str]
 def _nbits(src: Path, dst: Path, bits: int, *, include: list[str] | None = None,
            exclude: list[str] | None = None, block_size: int = 32, accuracy_level: int = 4) -> None:
     mnb = _mnb()
+    if include is not None:  # ORT's nodes_to_include only adds to its op types (every MatMul): exclude the rest
+        import onnx
 
+        graph = onnx.load(str(src), load_external_data=False).graph
+        exclude = [*(exclude or []), *(n.name for n in graph.node if n.op_type == "MatMul" and n.name not in include)]
+        include = None
     config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                               bits=bits)
     with _quiet():
@@ -267,6 +273,37 @@ def activation_probe(src: Path, names: Iterable[str], tag: str):
         probe_path.unlink(missing_ok=True)
 
 
+@dataclass
+class ActivationStats:
+    """One activation's calibration statistics: per-channel max |x| and mean |x| over every row, and a sample
+    of rows (64 a feed)."""
+
+    amax: np.ndarray
+    mean_abs: np.ndarray
+    rows: np.ndarray
+
+
+def activation_stats(src: Path, activations: list[str], reader: FeedReader, tag: str,
+                     rows: int = 512) -> dict[str, ActivationStats]:
+    """Runs the calibration feeds through graph `src` with `activations` exposed (activation_probe)."""
+    amax = {a: 0.0 for a in activations}
+    sums = {a: 0.0 for a in activations}
+    counts = dict.fromkeys(activations, 0)
+    samples: dict[str, list[np.ndarray]] = {a: [] for a in activations}
+    rng = np.random.default_rng(0)
+    with activation_probe(src, activations, tag) as session:
+        reader.rewind()
+        for feed in reader:
+            for name, x in zip(activations, session.run(activations, feed), strict=True):
+                x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+                amax[name] = np.maximum(amax[name], np.abs(x).max(0))
+                sums[name] = sums[name] + np.abs(x).sum(0)
+                counts[name] += len(x)
+                samples[name].append(x[rng.choice(len(x), size=min(len(x), 64), replace=False)])
+    return {a: ActivationStats(amax[a], sums[a] / max(counts[a], 1), np.concatenate(samples[a])[:rows])
+            for a in activations}
+
+
 def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32, exclude: list[str] = (),
               grid: int = 20, sample_rows: int = 512, fold: bool = True) -> int:
     """Activation-aware weight scaling (the idea of AWQ): for each MatMul with a constant weight W [K, N], find
@@ -286,33 +323,21 @@ def awq_scale(src: Path, dst: Path, reader: FeedReader, *, block_size: int = 32,
                and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].dims[0] % block_size == 0]
     activations = sorted({n.input[0] for n in targets})
     attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
-    # 1. activation statistics: run the calibration prompts with every target input exposed as an output
-    with activation_probe(src, activations, "awq") as session:
-        sums = {a: 0.0 for a in activations}
-        counts = dict.fromkeys(activations, 0)
-        samples: dict[str, list[np.ndarray]] = {a: [] for a in activations}
-        rng = np.random.default_rng(0)
-        reader.rewind()
-        for feed in reader:
-            outputs = session.run(activations, feed)
-            for name, x in zip(activations, outputs, strict=True):
-                rows = x.reshape(-1, x.shape[-1]).astype(np.float32)
-                sums[name] = sums[name] + np.abs(rows).sum(0)
-                counts[name] += len(rows)
-                samples[name].append(rows[rng.choice(len(rows), size=min(len(rows), 64), replace=False)])
+    # 1. activation statistics on the calibration prompts
+    stats = activation_stats(src, activations, reader, "awq")
     # 2. per MatMul, the alpha whose scaled int4 weights reproduce x @ W best on sampled rows; then the
     #    per-block clipping of the scaled weights that does best
     changed = 0
     for node in targets:
         name = node.input[0]
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        mean_abs = np.maximum(sums[name] / max(counts[name], 1), 1e-5)
+        mean_abs = np.maximum(stats[name].mean_abs, 1e-5)
         if name in attention:  # query heads that read one value head share its channels' scales, so that
             # they fold into the value projection (fold_input_scales)
             heads, kv_heads = _attr(attention[name], "num_heads"), _attr(attention[name], "kv_num_heads")
             grouped = mean_abs.reshape(kv_heads, heads // kv_heads, -1)
             mean_abs = np.broadcast_to(grouped.mean(axis=1, keepdims=True), grouped.shape).ravel()
-        x = np.concatenate(samples[name])[:sample_rows]
+        x = stats[name].rows[:sample_rows]
         reference = x @ w
         best_alpha, best_err = 0.0, np.inf
         for alpha in np.linspace(0, 1, grid, endpoint=False):
@@ -348,7 +373,7 @@ def _attr(node, name: str, default: int = 0) -> int:
 
 def fold_input_scales(graph) -> int:
     """Fold AWQ's input scales (`*.awq_mul`: x times a constant per-channel vector, in front of a MatMul) into
-    what produces x, where that is exact, and drop the Mul: into the weight of the RMSNorm before the QKV
+    what produces x, where that is exact, and drop the Mul: into the weight (and bias) of the norm before the QKV
     and gate/up projections (or a traced norm's last Mul by a constant); into the up projection's output
     columns before the down projection ((act(gate) * up) / s = act(gate) * (up / s), a packed gate+up's up
     half included); and into the value projection's columns before o_proj, the attention being linear in
@@ -385,6 +410,9 @@ def fold_input_scales(graph) -> int:
         if op in NORMS and producer.output[0] == x and columns == slice(None):
             weight = constant(inputs[NORMS[op]], inv, columns)
             return None if weight is None else [(inputs[NORMS[op]], weight)]
+        if op == "LayerNormalization" and producer.output[0] == x and columns == slice(None):
+            rewrites = [(c, constant(c, inv, columns)) for c in inputs[1:3] if c]
+            return None if any(a is None for _, a in rewrites) else rewrites
         if op == "MatMul":
             weight = constant(inputs[1], inv, columns, ndim=2)
             return None if weight is None else [(inputs[1], weight)]

@@ -1,0 +1,209 @@
+"""int8 compute for the compute-bound stages (prefill, vision towers): int8 activations x int8 weights on the
+CPU's integer dot-product units (AVX-512 VNNI / AVX-VNNI, ARM dot-product), through ONNX Runtime's
+MatMulIntegerToFloat.
+
+Weight-only int8 (MatMulNBits) makes decode faster, being memory-bound, but leaves prefill and the vision
+tower at fp32 speed. Here each constant-weight MatMul becomes:
+
+    x [.., K] --(per-token: one scale per row, amax/127; uint8 with zero point 128)--> MatMulIntegerToFloat
+              with per-output-channel symmetric int8 weights --> times the row scale
+
+One quantized copy of an activation serves every MatMul that reads it (QKV, gate/up). Per-tensor activations
+(ORT's quantize_dynamic) lost a 135M decoder's answers (0.78 top-1); per-token scales keep an outlier token
+from flattening the others, and outlier *channels* are moved into the weights first by smoothing
+(SmoothQuant's idea: x / s and W * s, with s = amax(x)^alpha / amax(W)^(1-alpha), alpha searched per
+activation on calibration rows against the simulated int8 error), the 1/s folded into the norm or layer that
+produces x where that is exact (quantize.fold_input_scales). The layers where int8 costs most (`keep`: the LM
+head, the MLP down projections) are left to the caller, which gives them weight-only 8-bit blocks.
+
+The rewritten graph is checked against its source on calibration inputs (`agreement`): the caller keeps
+whichever passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # smoothing strengths tried per activation (and none at all)
+SAMPLE_ROWS = 256  # calibration rows per activation the smoothing search scores on
+MS_DOMAIN = "com.microsoft"
+
+
+def _q_rows(x: np.ndarray) -> np.ndarray:
+    """x quantized and dequantized as the graph does it: symmetric int8 per row."""
+    s = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-8) / 127.0
+    return np.round(x / s) * s
+
+
+def _q_cols(w: np.ndarray) -> np.ndarray:
+    """W [K, N] quantized and dequantized per output column, symmetric int8."""
+    s = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-8) / 127.0
+    return np.round(w / s) * s
+
+
+def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, int] | None = None,
+              alphas: Iterable[float] = ALPHAS) -> np.ndarray | None:
+    """The per-channel scale s (x / s, W * s) that minimises the int8 output error of x @ W on rows x, or None if
+    no smoothing does best. `amax` is x's per-channel max |x| over all calibration rows; `group` = (kv_heads,
+    heads) makes the query heads that read one value head share their channels' scales (fold_input_scales
+    needs that to fold through the attention)."""
+    wmax = np.abs(w).max(axis=1)
+    if group is not None:
+        kv, heads = group
+
+        def share(v):
+            g = v.reshape(kv, heads // kv, -1).max(axis=1, keepdims=True)
+            return np.broadcast_to(g, (kv, heads // kv, g.shape[-1])).ravel()
+
+        amax, wmax = share(amax), share(wmax)
+    reference = x @ w
+    best, best_err = None, np.square(_q_rows(x) @ _q_cols(w) - reference).mean()
+    for alpha in alphas:
+        s = np.maximum(amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        err = np.square(_q_rows(x / s) @ _q_cols(w * s[:, None]) - reference).mean()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: bool = True, progress=None) -> int:
+    """Writes `src` with every constant-weight 2-D MatMul not in `keep` on per-token int8 activations and
+    per-channel int8 weights (smoothed first, on `reader`'s calibration feeds, if `smooth`). Returns how many
+    MatMuls it rewrote."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgevlm.export.quantize import _attr, _topological_save, activation_stats, fold_input_scales
+
+    keep = set(keep)
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    targets = [n for n in graph.node if n.op_type == "MatMul" and n.name not in keep and n.input[1] in inits
+               and len(inits[n.input[1]].dims) == 2]
+    by_input: dict[str, list] = {}
+    for node in targets:
+        by_input.setdefault(node.input[0], []).append(node)
+
+    if smooth and by_input:
+        stats = activation_stats(src, list(by_input), reader, "int8", rows=SAMPLE_ROWS)
+        attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
+        for i, (name, nodes) in enumerate(by_input.items()):
+            if progress and i % 16 == 0:
+                progress(f"smoothing activations {i}/{len(by_input)}")
+            weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
+            group = None
+            if name in attention:
+                group = (_attr(attention[name], "kv_num_heads"), _attr(attention[name], "num_heads"))
+            s = smoothing(stats[name].rows, stats[name].amax, np.concatenate(weights, axis=1), group)
+            if s is None:
+                continue
+            for node, w in zip(nodes, weights, strict=True):
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], node.input[1]))
+            inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{name}.int8_inv_scale")
+            graph.initializer.append(inv)
+            inits[inv.name] = inv
+            smoothed = f"{name}.int8_smoothed"
+            graph.node.append(helper.make_node("Mul", [name, inv.name], [smoothed], name=f"{name}.int8.awq_mul"))
+            for node in nodes:
+                node.input[0] = smoothed
+        fold_input_scales(graph)  # where exact; a Mul it cannot fold stays (still the same function)
+
+    by_input = {}
+    for node in targets:
+        by_input.setdefault(node.input[0], []).append(node)
+    axes_as_input = _opset(model) >= 18
+    graph.initializer.extend([numpy_helper.from_array(np.array(1e-8, np.float32), "int8.eps"),
+                              numpy_helper.from_array(np.array(1 / 127, np.float32), "int8.step"),
+                              numpy_helper.from_array(np.array(128, np.uint8), "int8.zp"),
+                              numpy_helper.from_array(np.array([-1], np.int64), "int8.last_axis")])
+    new_nodes = []
+    for i, (x, nodes) in enumerate(by_input.items()):
+        # Per row: a = max|x| (+eps), q = uint8(round(127 x / a) + 128); then each MatMul is
+        # (q - 128) @ Wq * (1/127) * w_scale, times a. Five small kernels an activation, two a MatMul: at decode
+        # (one row) their launches are what int8 compute costs over weight-only int8.
+        p = f"int8.{i}"
+        reduce = (helper.make_node("ReduceMax", [f"{p}.abs", "int8.last_axis"], [f"{p}.amax"], keepdims=1)
+                  if axes_as_input else
+                  helper.make_node("ReduceMax", [f"{p}.abs"], [f"{p}.amax"], axes=[-1], keepdims=1))
+        new_nodes += [
+            helper.make_node("Abs", [x], [f"{p}.abs"]),
+            reduce,
+            helper.make_node("Add", [f"{p}.amax", "int8.eps"], [f"{p}.a"]),
+            helper.make_node("Div", [x, f"{p}.a"], [f"{p}.unit"]),
+            helper.make_node("QuantizeLinear", [f"{p}.unit", "int8.step", "int8.zp"], [f"{p}.q"]),
+        ]
+        for node in nodes:
+            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            scale = (np.maximum(np.abs(w).max(axis=0), 1e-8) / 127.0).astype(np.float32)
+            wq = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            wname, sname = f"{node.name}.int8_weight", f"{node.name}.int8_weight_scale"
+            graph.initializer.extend([numpy_helper.from_array(wq, wname), numpy_helper.from_array(scale, sname)])
+            unscaled = f"{node.name}.int8_out"
+            new_nodes += [
+                helper.make_node("MatMulIntegerToFloat", [f"{p}.q", wname, "int8.step", sname, "int8.zp"],
+                                 [unscaled], name=f"{node.name}.int8", domain=MS_DOMAIN),
+                helper.make_node("Mul", [unscaled, f"{p}.a"], [node.output[0]], name=f"{node.name}.int8_rescale"),
+            ]
+            graph.node.remove(node)
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _topological_save(model, dst)
+    return sum(len(n) for n in by_input.values())
+
+
+def agreement(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], limit: int = 8) -> dict[str, float]:
+    """How closely graph `dst` reproduces `src` on calibration feeds: for a decoder (a `logits` output), mean KL
+    and top-1 agreement of the next-token distribution at every prompt position; else the mean cosine
+    similarity of the first output's rows (a vision tower's features)."""
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dst)]
+    outputs = [o.name for o in sessions[0].get_outputs()]
+    name = "logits" if "logits" in outputs else outputs[0]
+    kls, agree, cosines = [], [], []
+    for feed in feeds[:limit]:
+        a, b = (s.run([name], feed)[0].astype(np.float64) for s in sessions)
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        if name == "logits":
+            pa, pb = (np.exp(v - v.max(-1, keepdims=True)) for v in (a, b))
+            pa, pb = pa / pa.sum(-1, keepdims=True), pb / pb.sum(-1, keepdims=True)
+            kls.append(float((pa * (np.log(pa + 1e-12) - np.log(pb + 1e-12))).sum(-1).mean()))
+            agree.append(float((a.argmax(-1) == b.argmax(-1)).mean()))
+        else:
+            cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+            cosines.append(float(cos.mean()))
+    if name == "logits":
+        return {"mean_kl": float(np.mean(kls)), "top1_agreement": float(np.mean(agree))}
+    return {"cosine": float(np.mean(cosines))}
+
+
+def quantize(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), keep_fp32: Iterable[str] = (),
+             smooth: bool = True, progress=None) -> int:
+    """int8 compute for every constant-weight MatMul of `src` but `keep` (weight-only 8-bit blocks of 16, as
+    quantize.int8_weight_only) and `keep_fp32` (left alone). Returns how many MatMuls run int8 compute."""
+    from edgevlm.export import quantize as q
+
+    keep, keep_fp32 = list(keep), list(keep_fp32)
+    if not keep:
+        return rewrite(src, dst, reader, keep=keep_fp32, smooth=smooth, progress=progress)
+    half = Path(str(dst) + ".w8a8.onnx")
+    try:
+        count = rewrite(src, half, reader, keep=[*keep, *keep_fp32], smooth=smooth, progress=progress)
+        q._nbits(half, dst, 8, include=keep, block_size=16)
+    finally:
+        for f in (half, Path(str(half) + ".data")):
+            f.unlink(missing_ok=True)
+    return count
