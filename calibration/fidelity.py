@@ -16,7 +16,7 @@ from PIL import Image
 from edgevlm import prompts
 from edgevlm.backends.base import Model
 from edgevlm.calibration.data import Item
-from edgevlm.calibration.metrics import Fidelity, summarize
+from edgevlm.calibration.metrics import Fidelity, cosine, summarize
 from edgevlm.images import load_image
 from edgevlm.pipeline import render_prompt
 from edgevlm.tokenizer import Prompt
@@ -27,13 +27,16 @@ STAGES = {"plan": "reasoner", "extract": "extractor", "think": "reasoner"}
 def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str, Image.Image | None]],
             tokens: int = 32) -> Fidelity:
     """Compare `candidate` with `reference` on rendered prompts (with their image, if any)."""
-    ref_all, test_all, matches = [], [], []
+    ref_all, test_all, matches, cosines = [], [], [], []
     for rendered, image in inputs:
-        states = []
+        states, features = [], []
         for model in (reference, candidate):
             prepared = model.prepare(rendered, image)
             model.encode(prepared)
+            features.append(prepared.image_features)
             states.append(model.prefill(prepared))
+        if features[0] is not None and features[1] is not None:
+            cosines.append(float(cosine(np.asarray(features[0]), np.asarray(features[1])).mean()))
         ref, test = states
         ref_logits, test_logits = [], []
         for n in range(tokens):
@@ -46,7 +49,7 @@ def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str,
         ref_all.append(np.stack(ref_logits))
         test_all.append(np.stack(test_logits))
         matches.append(bool((ref_all[-1].argmax(-1) == test_all[-1].argmax(-1)).all()))
-    return summarize(ref_all, test_all, matches, tokens)
+    return summarize(ref_all, test_all, matches, tokens, cosines)
 
 
 def stage_inputs(stage: str, model: Model, items: list[Item],

@@ -26,7 +26,9 @@ def top1_agreement(ref_logits: np.ndarray, logits: np.ndarray) -> float:
 @dataclass
 class Fidelity:
     """One stage's agreement with the reference, over `positions` teacher-forced next-token predictions
-    and `sequences` free-running greedy continuations of `tokens` tokens."""
+    and `sequences` free-running greedy continuations of `tokens` tokens. `prefill_*`: the same at the last
+    prompt position alone (what the prefill computed); `feature_cosine`: the image features' mean cosine
+    similarity, per visual token (stages with an image; else None)."""
 
     top1_agreement: float
     mean_kl: float
@@ -34,22 +36,41 @@ class Fidelity:
     positions: int
     sequences: int
     tokens: int
+    prefill_top1: float = 0.0
+    prefill_kl: float = 0.0
+    feature_cosine: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean_kl"] = round(d["mean_kl"], 6)
         d["top1_agreement"] = round(d["top1_agreement"], 4)
         d["exact_match"] = round(d["exact_match"], 4)
+        d["prefill_top1"] = round(d["prefill_top1"], 4)
+        d["prefill_kl"] = round(d["prefill_kl"], 6)
+        if d["feature_cosine"] is None:
+            del d["feature_cosine"]
+        else:
+            d["feature_cosine"] = round(d["feature_cosine"], 6)
         return d
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of the rows of a and b [..., dim]."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
 def summarize(ref_logits: list[np.ndarray], test_logits: list[np.ndarray], matches: list[bool],
-              tokens: int) -> Fidelity:
-    """Pool per-sequence logits [positions, vocab] and greedy exact-match flags into one Fidelity."""
+              tokens: int, feature_cosines: list[float] = ()) -> Fidelity:
+    """Pool per-sequence logits [positions, vocab] (the first: the prefill's last position) and greedy
+    exact-match flags into one Fidelity."""
     ref, test = np.concatenate(ref_logits), np.concatenate(test_logits)
+    ref0, test0 = np.stack([r[0] for r in ref_logits]), np.stack([t[0] for t in test_logits])
     return Fidelity(top1_agreement=top1_agreement(ref, test), mean_kl=float(kl_divergence(ref, test).mean()),
                     exact_match=float(np.mean(matches)) if matches else 0.0, positions=len(ref),
-                    sequences=len(matches), tokens=tokens)
+                    sequences=len(matches), tokens=tokens, prefill_top1=top1_agreement(ref0, test0),
+                    prefill_kl=float(kl_divergence(ref0, test0).mean()),
+                    feature_cosine=float(np.mean(feature_cosines)) if len(feature_cosines) else None)
 
 
 def report_table(report: dict | None) -> str:
@@ -57,8 +78,11 @@ def report_table(report: dict | None) -> str:
     if not report:
         return "fidelity: not measured (an fp32 bundle is the reference)"
     lines = [f"{'stage':<9}{'model':<11}{'top-1 agree':>12}{'mean KL':>10}{'exact match':>13}{'positions':>11}"
-             f"{'size':>8}"]
+             f"{'prefill top-1':>14}{'prefill KL':>11}{'features cos':>13}{'size':>8}"]
     for stage, r in report.items():
+        cos = r.get("feature_cosine")
         lines.append(f"{stage:<9}{r['role']:<11}{r['top1_agreement']:>12.4f}{r['mean_kl']:>10.4g}"
-                     f"{r['exact_match']:>13.2f}{r['positions']:>11}{r['size_ratio']:>7.2f}x")
+                     f"{r['exact_match']:>13.2f}{r['positions']:>11}{r.get('prefill_top1', float('nan')):>14.4f}"
+                     f"{r.get('prefill_kl', float('nan')):>11.4g}{'-' if cos is None else f'{cos:.5f}':>13}"
+                     f"{r['size_ratio']:>7.2f}x")
     return "fidelity vs fp32:\n" + "\n".join(lines)

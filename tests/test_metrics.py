@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgevlm.calibration.metrics import kl_divergence, log_softmax, summarize, top1_agreement
+from edgevlm.calibration.metrics import cosine, kl_divergence, log_softmax, summarize, top1_agreement
 
 
 def test_kl_of_identical_distributions_is_zero_and_shift_invariant():
@@ -34,4 +34,18 @@ def test_top1_agreement_and_summary():
     f = summarize([ref[:2], ref[2:]], [test[:2], test[2:]], [True, False], tokens=2)
     assert (f.positions, f.sequences, f.exact_match, f.top1_agreement) == (4, 2, 0.5, 0.75)
     assert f.mean_kl > 0
-    assert set(f.to_dict()) == {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens"}
+    # the prefill's last position is each sequence's first: rows 0 (agree) and 2 (disagree)
+    assert f.prefill_top1 == 0.5 and f.prefill_kl > 0
+    assert set(f.to_dict()) == {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens",
+                                "prefill_top1", "prefill_kl"}
+    late = summarize([ref[:2], ref[1:3]], [test[:2], test[1:3]], [True, False], tokens=2)
+    assert late.prefill_top1 == 1.0 and late.prefill_kl == pytest.approx(0.0)  # rows 0 and 1 first: both agree
+    assert late.top1_agreement == 0.75
+    with_images = summarize([ref], [test], [False], tokens=4, feature_cosines=[0.5, 1.0])
+    assert with_images.to_dict()["feature_cosine"] == 0.75
+
+
+def test_cosine_of_rows():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0], [0.0, 0.0]])
+    np.testing.assert_allclose(cosine(a, b), [1.0, -1.0, 0.0])

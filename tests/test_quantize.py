@@ -15,7 +15,8 @@ from edgevlm.export.exporter import QuantPlan, export_bundle
 from edgevlm.pipeline import Pipeline
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-FIDELITY_KEYS = {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens", "role", "size_ratio"}
+FIDELITY_KEYS = {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens", "role", "size_ratio",
+                 "prefill_top1", "prefill_kl"}
 
 
 def ops(path) -> set[str]:
@@ -63,7 +64,10 @@ def test_fidelity_report_is_present_and_sane(quantized, name):
     report = bundle_mod.load(quantized[name]).manifest.fidelity
     assert list(report) == ["plan", "extract", "think"]
     for stage, r in report.items():
-        assert set(r) == FIDELITY_KEYS
+        assert set(r) == FIDELITY_KEYS | ({"feature_cosine"} if stage == "extract" else set())
+        assert 0 <= r["prefill_top1"] <= 1 and r["prefill_kl"] >= 0
+        if stage == "extract":
+            assert 0.9 < r["feature_cosine"] <= 1.0 + 1e-9  # int8 vision tower vs fp32
         assert 0 <= r["top1_agreement"] <= 1 and 0 <= r["exact_match"] <= 1 and r["mean_kl"] >= 0
         assert r["positions"] == 3 * 8 and r["sequences"] == 3
         assert 0 < r["size_ratio"] < 1
@@ -82,7 +86,7 @@ def test_info_prints_the_fidelity_report(quantized):
     proc = subprocess.run([sys.executable, "-m", "edgevlm", "info", quantized["int4"]], capture_output=True,
                           env=ENV, timeout=120)
     out = proc.stdout.decode()
-    assert proc.returncode == 0 and "fidelity vs fp32:" in out and "top-1 agree" in out
+    assert proc.returncode == 0 and "fidelity vs fp32:" in out and "top-1 agree" in out and "features cos" in out
     proc = subprocess.run([sys.executable, "-m", "edgevlm", "info", quantized["int4"], "--json"],
                           capture_output=True, env=ENV, timeout=120)
     fidelity = json.loads(proc.stdout)["fidelity"]
