@@ -84,17 +84,26 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
     from edgevlm.export.quantize import _attr, _topological_save, activation_stats, fold_input_scales
 
     keep = set(keep)
+
+    def matmuls(graph) -> dict[str, list]:
+        """The MatMuls to rewrite, by the activation they read."""
+        dims = {i.name: i.dims for i in graph.initializer}
+        by_input: dict[str, list] = {}
+        for n in graph.node:
+            if n.op_type == "MatMul" and n.name not in keep and len(dims.get(n.input[1], ())) == 2:
+                by_input.setdefault(n.input[0], []).append(n)
+        return by_input
+
+    # the calibration pass first, before the weights are in memory (a 1.7B fp32 graph is 7 GB)
+    activations = list(matmuls(onnx.load(str(src), load_external_data=False).graph))
+    stats = activation_stats(src, activations, reader, "int8", rows=SAMPLE_ROWS) if smooth and activations else {}
     model = onnx.load(str(src))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    targets = [n for n in graph.node if n.op_type == "MatMul" and n.name not in keep and n.input[1] in inits
-               and len(inits[n.input[1]].dims) == 2]
-    by_input: dict[str, list] = {}
-    for node in targets:
-        by_input.setdefault(node.input[0], []).append(node)
+    by_input = matmuls(graph)
+    targets = [n for nodes in by_input.values() for n in nodes]
 
-    if smooth and by_input:
-        stats = activation_stats(src, list(by_input), reader, "int8", rows=SAMPLE_ROWS)
+    if stats:
         attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
         for i, (name, nodes) in enumerate(by_input.items()):
             if progress and i % 16 == 0:
