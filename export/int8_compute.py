@@ -105,9 +105,15 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
 
     if stats:
         attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
+        uses: dict[str, int] = {}
+        for n in graph.node:
+            for x in n.input:
+                uses[x] = uses.get(x, 0) + 1
         for i, (name, nodes) in enumerate(by_input.items()):
             if progress and i % 16 == 0:
                 progress(f"smoothing activations {i}/{len(by_input)}")
+            if any(uses[n.input[1]] > 1 for n in nodes):
+                continue  # a weight another node reads too (tied): scaling it would change that node
             weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
             group = None
             if name in attention:
