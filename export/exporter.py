@@ -372,7 +372,9 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
         from edgevlm.images import load_image
 
         if kind not in readers:
-            model = readers.get("model") or readers.setdefault("model", _ort_model(root, reference, flavour))
+            # the fp32 model only while its feeds are made: a 1.7B decoder session is 7 GB, and the quantizer's
+            # calibration pass and check load it again
+            model = _ort_model(root, reference, flavour)
             if kind == "vision":
                 images = [load_image(p) for p in dict.fromkeys(i.image for i in calib_items)][:16]
                 readers[kind] = FeedReader(_vision_feeds(model, images))
@@ -380,6 +382,7 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
                 stage_names = ("extract",) if role == "extractor" else ("plan", "think")
                 inputs = [x for s in stage_names for x in stage_inputs(s, model, calib_items[:16])]
                 readers[kind] = FeedReader(decoder_feeds(model, inputs))
+            del model
         readers[kind].rewind()
         return readers[kind]
 

@@ -181,16 +181,20 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
 
 def agreement(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], limit: int = 8) -> dict[str, float]:
     """How closely graph `dst` reproduces `src` on calibration feeds: for a decoder (a `logits` output), mean KL
-    and top-1 agreement of the next-token distribution at every prompt position; else the mean cosine
-    similarity of the first output's rows (a vision tower's features)."""
+    and top-1 agreement of the next-token distributions it outputs (a fused decoder's: the last prompt
+    position's); else the mean cosine similarity of the first output's rows (a vision tower's features). The
+    two sessions are loaded one after the other, not side by side."""
     import onnxruntime as ort
 
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dst)]
-    outputs = [o.name for o in sessions[0].get_outputs()]
-    name = "logits" if "logits" in outputs else outputs[0]
+    results = []
+    for path in (src, dst):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
+        name = "logits" if "logits" in outputs else outputs[0]
+        results.append([session.run([name], feed)[0].astype(np.float64) for feed in feeds[:limit]])
+        del session
     kls, agree, cosines = [], [], []
-    for feed in feeds[:limit]:
-        a, b = (s.run([name], feed)[0].astype(np.float64) for s in sessions)
+    for a, b in zip(*results, strict=True):
         a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         if name == "logits":
             pa, pb = (np.exp(v - v.max(-1, keepdims=True)) for v in (a, b))
