@@ -3,10 +3,12 @@ decode step it sits beside, on the reasoner of each bundle given, side by side i
 
     python benchmarks/constrained_overhead.py --bundle DEMO_BUNDLE --bundle SMOLLM2_INT4_BUNDLE [--tokens 96]
 
-Per bundle and constraint kind (a JSON schema for a robot action, with a free-text target so that the
-answer runs for a while; a regex of words; three choices): the median decode step (ms), the median mask +
-advance (ms), and their ratio. The decode steps are those of the same constrained run, so both figures
-come from the same tokens.
+Per bundle, constraint kind (a JSON schema for a robot action, with a free-text target so that the answer
+runs for a while; a regex of words; three choices), temperature (greedy, 1.0) and path (`mask`: a mask every
+step; `speculate`, the default: the unmasked pick offered to the grammar first, a mask only when refused):
+the masks computed, the median decode step (ms), the median constraint cost per token (ms: choosing the
+token less a plain sample of the same logits, plus following it), and their ratio. The decode steps are
+those of the same constrained run, so both figures come from the same tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import numpy as np
 
 from edgevlm.constraints import AnswerMatcher, Constraint
-from edgevlm.generation import Decoding, generate
+from edgevlm.generation import Decoding, generate, sample
 from edgevlm.pipeline import Pipeline, render_prompt
 
 # What a robot asks for: an action with a target and a count; a few words; one of three.
@@ -35,7 +37,8 @@ KINDS = {
 
 
 class Timed:
-    """Wraps a decode state and a matcher, recording the time of every step, mask and advance."""
+    """Wraps a decode state and a matcher, recording the time of every decode step and of the constraint's share
+    of choosing each token: `choose` less a plain `sample` of the same logits (what an unconstrained loop pays)."""
 
     def __init__(self, state, matcher):
         self.state, self.matcher = state, matcher
@@ -55,27 +58,33 @@ class Timed:
     def think_ended(self):
         self.matcher.think_ended()
 
-    def mask(self, logits, remaining):
+    def choose(self, logits, decoding, rng, remaining):
         t = time.perf_counter()
-        out = self.matcher.mask(logits, remaining)
-        self.constraint.append(time.perf_counter() - t)
-        return out
+        token = self.matcher.choose(logits, decoding, rng, remaining)
+        t1 = time.perf_counter()
+        sample(logits, decoding, np.random.default_rng(0))
+        self.constraint.append(max(0.0, 2 * t1 - t - time.perf_counter()))
+        return token
 
     def observe(self, token):
         t = time.perf_counter()
         self.matcher.observe(token)
-        self.constraint[-1] += time.perf_counter() - t
+        if self.constraint:
+            self.constraint[-1] += time.perf_counter() - t
 
 
-def measure(model, kind: str, tokens: int) -> tuple[float, float, int]:
+def measure(model, kind: str, tokens: int, temperature: float, speculate: bool) -> tuple[float, float, int, int]:
+    """Median decode step (ms), median constraint cost (ms), tokens, masks computed."""
     prompt = render_prompt(model, "Describe a table with two red cups as JSON.", enable_thinking=False)
     state = model.prefill(model.prepare(prompt))
-    matcher = AnswerMatcher(KINDS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False)
+    matcher = AnswerMatcher(KINDS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False,
+                            speculate=speculate)
     timed = Timed(state, matcher)
-    for _ in generate(timed, Decoding(max_new_tokens=tokens, temperature=1.0), eos_ids=model.eos_ids,
+    for _ in generate(timed, Decoding(max_new_tokens=tokens, temperature=temperature), eos_ids=model.eos_ids,
                       max_context=model.max_context, rng=np.random.default_rng(0), answer=timed):
         pass
-    return statistics.median(timed.steps) * 1e3, statistics.median(timed.constraint) * 1e3, len(timed.constraint)
+    return (statistics.median(timed.steps) * 1e3, statistics.median(timed.constraint) * 1e3, len(timed.constraint),
+            matcher.masks)
 
 
 def main() -> None:
@@ -89,14 +98,17 @@ def main() -> None:
         model = pipe.reasoner or pipe.extractor
         for kind in KINDS:
             print(f"{path}: {kind} ...", file=sys.stderr, flush=True)
-            measure(model, kind, 8)  # warm: the first mask of a vocabulary builds llguidance's tables
-            step, mask, n = measure(model, kind, args.tokens)
-            rows.append((path, model.name.rsplit("/", 1)[-1], model.tokenizer.vocab_size, kind, n, step, mask))
-    print(f"\n{'bundle':<28} {'reasoner':<36} {'vocab':>7} {'constraint':<12} {'tokens':>6} "
-          f"{'decode ms':>9} {'mask ms':>8} {'overhead':>8}")
-    for path, name, vocab, kind, n, step, mask in rows:
-        print(f"{path[-28:]:<28} {name[-36:]:<36} {vocab:>7} {kind:<12} {n:>6} {step:>9.3f} {mask:>8.3f} "
-              f"{mask / step:>8.1%}")
+            measure(model, kind, 8, 1.0, False)  # warm: the first mask of a vocabulary builds llguidance's tables
+            for temperature in (0.0, 1.0):
+                for speculate in (False, True):
+                    step, cost, n, masks = measure(model, kind, args.tokens, temperature, speculate)
+                    rows.append((path, model.name.rsplit("/", 1)[-1], model.tokenizer.vocab_size, kind, temperature,
+                                 "speculate" if speculate else "mask", n, masks, step, cost))
+    print(f"\n{'bundle':<24} {'reasoner':<30} {'vocab':>7} {'constraint':<12} {'temp':>4} {'path':<9} {'tokens':>6} "
+          f"{'masks':>5} {'decode ms':>9} {'cost ms':>8} {'overhead':>8}")
+    for path, name, vocab, kind, temp, how, n, masks, step, cost in rows:
+        print(f"{path[-24:]:<24} {name[-30:]:<30} {vocab:>7} {kind:<12} {temp:>4.1f} {how:<9} {n:>6} {masks:>5} "
+              f"{step:>9.3f} {cost:>8.3f} {cost / step:>8.1%}")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from edgevlm.errors import UsageError
+from edgevlm.generation import Decoding, sample, warp
 
 MARKER = "Answer:"  # what the method's prompts ask the reasoner to write before its answer
 # Tokens a plain-text reasoner keeps for its answer: past this point of its budget it must answer.
@@ -140,14 +141,27 @@ def _template(vocab: _Vocabulary, grammar: str):
 
 
 class AnswerMatcher:
-    """One generation's constraint: idle while the model reasons, then masks every step to the answer's
-    grammar. `mask` before sampling, `observe` after, with the generation loop."""
+    """One generation's constraint: idle while the model reasons, then chooses every token of the answer
+    within the answer's grammar. `choose` picks (and commits) the token, `observe` follows every token the loop
+    emits (to find where a plain-text answer starts), with the generation loop.
 
-    def __init__(self, constraint: Constraint, tokenizer, eos_ids: set[int], *, start: str, prefix: bool = True):
+    Speculate, then check (`speculate`, the default): the token the model would pick unconstrained is offered
+    to the grammar first (llguidance's try_consume_tokens, a few microseconds), and the vocabulary-wide mask
+    (tens of microseconds and a pass over the logits) is computed only when the grammar refuses it. The result
+    is the masked distribution's, exactly: greedy takes the unmasked argmax only where it is allowed, which is
+    then the masked argmax; temperature sampling that draws a refused token redraws from the masked
+    distribution, which is rejection sampling, so each token keeps its masked probability p(t) / p(allowed);
+    with top-k / top-p the nucleus of the masked distribution differs from the unmasked one's, so the shortcut
+    is taken only when the top token holds at least top_p of the (top-k-cut) probability: then both nuclei are
+    that token alone (masking only raises its share). `speculate=False` masks every step (the reference)."""
+
+    def __init__(self, constraint: Constraint, tokenizer, eos_ids: set[int], *, start: str, prefix: bool = True,
+                 speculate: bool = True):
         """`start`: "now" (the stage writes only the answer), "think_end" (after `</think>`) or "marker" (when
         the text reaches "Answer:", or only ANSWER_RESERVE tokens are left). `prefix`: the answer begins with
         "Answer: " (reasoner stages; direct mode answers bare)."""
-        self.constraint, self.tokenizer, self.start = constraint, tokenizer, start
+        self.constraint, self.tokenizer, self.start, self.speculate = constraint, tokenizer, start, speculate
+        self.masks = 0  # vocabulary-wide masks computed (the speculation's misses), for benchmarks
         self.vocab = _vocabulary(tokenizer, frozenset(eos_ids))
         self.matcher = None
         self.text = ""  # the plain-text reasoning so far ("marker" start), to find the marker
@@ -173,12 +187,42 @@ class AnswerMatcher:
         if self.start == "think_end" and self.matcher is None:
             self._activate(MARKER + " ")
 
+    def choose(self, logits: np.ndarray, decoding: Decoding, rng: np.random.Generator, remaining: int) -> int | None:
+        """The next token, sampled per `decoding` from `logits` (left unchanged) as masked by the answer's grammar,
+        and committed to it; None when the grammar allows no token at all. Unconstrained while inactive."""
+        if self.matcher is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
+            self._activate("\n" + MARKER + " ")
+        if self.matcher is None:
+            return sample(logits, decoding, rng)
+        if self.speculate:
+            guess = self._guess(logits, decoding, rng)
+            if guess is not None and self.matcher.try_consume_tokens([guess]) == 1:
+                return guess
+        masked = self.mask(np.array(logits, dtype=np.float32, copy=True), remaining)
+        if np.isneginf(masked).all():
+            return None
+        token = sample(masked, decoding, rng)
+        self.matcher.consume_token(token)
+        return token
+
+    @staticmethod
+    def _guess(logits: np.ndarray, decoding: Decoding, rng: np.random.Generator) -> int | None:
+        """The unmasked pick where taking it when allowed keeps the masked distribution (class docstring)."""
+        if decoding.temperature <= 0:
+            return int(np.argmax(logits))
+        if decoding.top_p >= 1.0 and not 0 < decoding.top_k < logits.size:
+            return sample(logits, decoding, rng)
+        top = int(np.argmax(logits))
+        probs = np.exp(warp(logits, replace(decoding, top_p=1.0)) - logits[top] / decoding.temperature)
+        return top if probs[top] / probs.sum() >= decoding.top_p + 1e-6 else None
+
     def mask(self, logits: np.ndarray, remaining: int) -> np.ndarray:
         """`logits` (a copy the caller owns) with every token the answer cannot continue with at -inf."""
         if self.matcher is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
             self._activate("\n" + MARKER + " ")
         if self.matcher is None:
             return logits
+        self.masks += 1
         self.matcher.unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
         n = min(self.vocab.size, len(logits))
         allowed = np.unpackbits(self._bits, count=n, bitorder="little")
@@ -191,10 +235,8 @@ class AnswerMatcher:
         return logits
 
     def observe(self, token: int) -> None:
-        """The token the loop chose."""
-        if self.matcher is not None:
-            self.matcher.consume_token(token)
-        elif self.start == "marker":
+        """A token the loop emitted (while active, `choose` committed it already)."""
+        if self.matcher is None and self.start == "marker":
             self.text += self.tokenizer.decode([token], skip_special_tokens=False)
             if self.text.rstrip(" ").endswith(MARKER):
                 self._activate(None)

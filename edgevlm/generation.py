@@ -108,7 +108,9 @@ class AnswerConstraint(Protocol):
 
     def think_ended(self) -> None: ...
 
-    def mask(self, logits: np.ndarray, remaining: int) -> np.ndarray: ...
+    def choose(self, logits: np.ndarray, decoding: Decoding, rng: np.random.Generator, remaining: int) -> int | None:
+        """The next token under the constraint (committed to it), or None when it allows none."""
+        ...
 
     def observe(self, token: int) -> None: ...
 
@@ -146,13 +148,14 @@ def generate(
     stop = "length"
     for n in range(1, decoding.max_new_tokens + 1):
         if thinking:
-            logits = think.apply(np.array(logits, dtype=np.float32, copy=True), n)
+            token = sample(think.apply(np.array(logits, dtype=np.float32, copy=True), n), decoding, rng)
         elif answer is not None:
-            logits = answer.mask(np.array(logits, dtype=np.float32, copy=True), room - n + 1)
-            if np.isneginf(logits).all():  # the constraint can go no further (llguidance refused a token)
+            token = answer.choose(logits, decoding, rng, room - n + 1)
+            if token is None:  # the constraint can go no further (llguidance refused a token)
                 stop = "constraint"
                 break
-        token = sample(logits, decoding, rng)
+        else:
+            token = sample(logits, decoding, rng)
         ids.append(token)
         yield token
         if thinking and token == think.think_end_id:

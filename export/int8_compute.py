@@ -186,9 +186,11 @@ def agreement(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], limit: i
     two sessions are loaded one after the other, not side by side."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
     results = []
     for path in (src, dst):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         outputs = [o.name for o in session.get_outputs()]
         name = "logits" if "logits" in outputs else outputs[0]
         results.append([session.run([name], feed)[0].astype(np.float64) for feed in feeds[:limit]])

@@ -267,6 +267,7 @@ def activation_probe(src: Path, names: Iterable[str], tag: str):
     onnx.save(probe, str(probe_path))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
     try:
         yield ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
     finally:

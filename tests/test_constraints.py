@@ -234,3 +234,48 @@ def test_a_reasoner_without_think_tokens_is_constrained_from_its_answer_marker(t
     text = llama.tokenizer.decode(tokens)
     assert forced.active and "\nAnswer: " in text
     assert not forced.satisfied or re.fullmatch(REGEX, answer_text(text, prefix=True)), text
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(["schema", "regex", "choice"]),
+       top_p=st.sampled_from([1.0, 0.9]), peaked=st.booleans())
+def test_speculating_chooses_what_masking_every_step_would(torch_models, seed, kind, top_p, peaked):
+    """Property: on random logits (peaked on an allowed token, so that the guess is taken, or flat, so that it is
+    mostly refused), the speculative path (offer the unmasked pick, mask only on refusal) picks the same token
+    as masking every step, greedy; and with top-p sampling
+    it picks the top token only where the masked nucleus is that token alone. Both paths' answers stay in the
+    grammar and end at the same step."""
+    model = torch_models("qwen3")
+    constraint = {"schema": Constraint.json_schema(SCHEMA), "regex": Constraint.regex(REGEX),
+                  "choice": Constraint.choice(["left", "right", "none"])}[kind]
+    fast, ref = (AnswerMatcher(constraint, model.tokenizer, model.eos_ids, start="now", prefix=False,
+                               speculate=s) for s in (True, False))
+    rng = np.random.default_rng(seed)
+    vocab = model.tokenizer.vocab_size
+    greedy, nucleus = Decoding(max_new_tokens=64), Decoding(max_new_tokens=64, temperature=1.0, top_p=top_p)
+    for step in range(24):
+        logits = rng.standard_normal(vocab).astype(np.float32)
+        if peaked:
+            allowed = np.flatnonzero(np.isfinite(ref.mask(logits.copy(), 64)))
+            if allowed.size:
+                logits[rng.choice(allowed)] += 30.0
+        if top_p < 1.0:  # the shortcut's condition, checked against the masked distribution itself
+            masked = ref.mask(logits.copy(), 64)
+            token = fast.choose(logits, nucleus, np.random.default_rng(step), 64)
+            if token is None:
+                assert np.isneginf(masked).all()
+                break
+            probs = np.exp(masked - masked.max())
+            if probs.max() / probs.sum() >= top_p + 1e-6:  # the masked nucleus is one token: that one
+                assert token == int(np.argmax(masked))
+            assert np.isfinite(masked[token]), "a token the grammar refuses"
+            ref.matcher.consume_token(token)
+        else:
+            a, b = fast.choose(logits, greedy, rng, 64), ref.choose(logits, greedy, rng, 64)
+            assert a == b, step
+            if a is None:
+                break
+        assert fast.satisfied == ref.satisfied
+        if fast.matcher.is_stopped():
+            break
+    assert fast.masks <= ref.masks
