@@ -114,9 +114,10 @@ def _tensorrt():
 class Engine:
     """One deserialized engine and one execution context on a Cuda's stream."""
 
-    def __init__(self, blob: bytes, cuda: Cuda, label: str):
+    def __init__(self, blob: bytes, cuda: Cuda, label: str, profile_names=()):
         trt = _tensorrt()
         self.trt, self.cuda, self.label = trt, cuda, label
+        self.profile_names = tuple(profile_names)  # as engines.json records them, in the engine's order
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
@@ -155,3 +156,32 @@ class Engine:
                 raise trt_plan.EngineError(f"the {self.label} engine refused the address of {name}")
         if not self.context.execute_async_v3(self.cuda.handle):
             raise trt_plan.EngineError(f"the {self.label} engine failed to run")
+
+    def profile_max(self, name: str, index: int) -> tuple[int, ...]:
+        """The largest shape of input `name` in optimization profile `index` (what the engine was built for)."""
+        return tuple(self.engine.get_tensor_profile_shape(name, index)[2])
+
+    def run_host(self, feeds: dict[str, np.ndarray], outputs: dict[str, str]) -> dict[str, np.ndarray]:
+        """A run from host arrays to host arrays (`outputs`: name -> dtype), through device buffers held for this
+        run only: the vision tower and the prompt's embedding, which run once per prompt."""
+        held, addresses = [], {}
+        try:
+            for name, array in feeds.items():
+                addresses[name] = ptr = self.cuda.malloc(array.nbytes)
+                held.append(ptr)
+                self.cuda.to_device(ptr, array)
+                if not self.context.set_input_shape(name, array.shape):
+                    raise trt_plan.EngineError(f"the {self.label} engine refused {name} of shape {array.shape}")
+            out = {}
+            for name, dtype in outputs.items():
+                out[name] = np.empty(tuple(self.context.get_tensor_shape(name)), dtype)
+                addresses[name] = ptr = self.cuda.malloc(out[name].nbytes)
+                held.append(ptr)
+            self.run({}, addresses, set())
+            for name, array in out.items():
+                self.cuda.to_host(array, addresses[name])
+            self.cuda.sync()
+            return out
+        finally:
+            for ptr in held:
+                self.cuda.free(ptr)

@@ -31,8 +31,8 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "i
 def choose_backend(flavour: str, device: str, requested: str | None = None) -> str:
     """"onnxruntime" or "tensorrt" for a bundle of `flavour` on `device`. A TensorRT-flavour bundle on cuda runs
     its engines; everything else (and any bundle with `requested` "onnxruntime") runs on ONNX Runtime, whose
-    CUDA provider `--device cuda` asks for. A UsageError-free DeviceError when TensorRT is asked for where it
-    cannot be: on cpu, or for ONNX Runtime's graphs (contrib operators TensorRT cannot parse)."""
+    CUDA provider `--device cuda` asks for. A DeviceError when TensorRT is asked for where it cannot run: on cpu,
+    or on ONNX Runtime's graphs (contrib operators TensorRT cannot parse)."""
     if requested not in (None, "onnxruntime", "tensorrt"):
         raise DeviceError(f"unknown backend {requested!r}; use onnxruntime or tensorrt")
     if requested == "onnxruntime":
@@ -96,7 +96,8 @@ def kv_names(graph: Graph) -> tuple[list[str], list[str]]:
     present = [PRESENT + name[len(PAST):] for name in past]
     missing = sorted(set(present) - {t.name for t in graph.outputs})
     if missing:
-        raise EngineError(f"the decoder graph has no output {missing[0]} for its input {PAST + missing[0][len(PRESENT):]}")
+        raise EngineError(f"the decoder graph has no output {missing[0]} for its input "
+                          f"{PAST + missing[0][len(PRESENT):]}")
     return past, present
 
 
