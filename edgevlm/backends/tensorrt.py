@@ -43,8 +43,8 @@ def load(path: str, *, verify: bool = True, memory_budget: int | str | None = No
     b, plan = planned(path, verify=verify, memory_budget=memory_budget, vision_cache_mb=vision_cache_mb,
                       prefix_cache_mb=prefix_cache_mb, max_image_tokens=max_image_tokens)
     record = engine_build.check_engines(b.path)
-    cuda = trt_device.Cuda()
-    models = {role: TrtModel(b, role, record, cuda, max_context=plan.max_context[role], verify=verify)
+    models = {role: TrtModel(b, role, record, trt_device.Cuda(), max_context=plan.max_context[role],
+                             verify=verify)
               for role in sorted(set(b.stages.values()))}
     return models[b.stages["extract"]], models.get(b.stages.get("think", "")), plan
 
@@ -132,7 +132,7 @@ class TrtModel(OrtModel):
 
     def gpu_bytes(self) -> int:
         """What this model holds on the GPU at most: its engines' weights and activation memory, and the buffers
-        it allocated (the KV sets, its I/O; the CUDA helper is the process's, so both models' buffers count)."""
+        it allocated (the KV sets, its I/O), counted by its own CUDA helper (one stream and count per model)."""
         return sum(e.nbytes + e.activation_bytes for e in self.engines.values()) + self.cuda.peak
 
     # ---------------------------------------------------------------- Model protocol
