@@ -120,7 +120,7 @@ def bench(pipe, items: list[tuple], *, label: str, source: dict, warmup: int = 1
             "weights_mb": round(sum(weights.values()) / 1e6, 3),
             "kv_allocated_mb": round(max(e["kv_allocated_mb"] for e in stages.values()), 3),
             "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),
-            "peak_gpu_mb": _peak_gpu_mb(),
+            "peak_gpu_mb": _peak_gpu_mb(pipe),
         },
     }
 
@@ -190,7 +190,12 @@ def compute_roofline(stage_runs, spec: ModelSpec | None) -> dict:
     return out
 
 
-def _peak_gpu_mb() -> float | None:
+def _peak_gpu_mb(pipe) -> float | None:
+    """The GPU memory the run used at most: what the TensorRT backend's models hold, else torch's allocator's
+    peak (a torch run); None without a GPU. (ONNX Runtime's CUDA provider's arena is not counted.)"""
+    held = pipe.gpu_bytes() if hasattr(pipe, "gpu_bytes") else None
+    if held is not None:
+        return round(held / 1e6, 1)
     torch = sys.modules.get("torch")  # only a torch run can have used the GPU through torch
     if torch is None or not torch.cuda.is_available():
         return None

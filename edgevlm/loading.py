@@ -43,6 +43,7 @@ class Source:
     prefix_cache_mb: float = PREFIX_CACHE_MB
     pipelined: bool | None = None  # bundles: Pipeline's frame pipelining (None: its default)
     max_image_tokens: int | None = None  # bundles: a visual-token budget (Pipeline.from_bundle)
+    backend: str | None = None  # bundles: "onnxruntime" keeps a TensorRT bundle off its engines (from_bundle)
 
     def __post_init__(self) -> None:
         pair = [f"--{name.replace('_', '-')}" for name in ("extractor", "reasoner", "preset", "quant", "gguf_file")
@@ -68,7 +69,8 @@ class Source:
         if self.bundle:
             return Pipeline.from_bundle(self.bundle, device=self.device, memory_budget=self.memory_budget,
                                         vision_cache_mb=self.vision_cache_mb, prefix_cache_mb=self.prefix_cache_mb,
-                                        pipelined=self.pipelined, max_image_tokens=self.max_image_tokens)
+                                        pipelined=self.pipelined, max_image_tokens=self.max_image_tokens,
+                                        backend=self.backend)
         return Pipeline.from_pretrained(self.extractor, self.reasoner, preset=self.preset, device=self.device,
                                         load_reasoner=load_reasoner, quant=self.quant, gguf_file=self.gguf_file,
                                         vision_cache_mb=self.vision_cache_mb)

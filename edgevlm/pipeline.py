@@ -186,6 +186,13 @@ class Pipeline:
         self._banned: np.ndarray | None = None  # NoWait token ids of the reasoner
         self.memory_plan = None  # edgevlm.memory.MemoryPlan (bundles)
 
+    def gpu_bytes(self) -> int | None:
+        """What the models hold on a GPU at most (engines, activations, KV and I/O buffers), where the backend
+        counts it (TensorRT); None where no model does."""
+        counts = [m.gpu_bytes() for m in {id(m): m for m in (self.extractor, self.reasoner) if m}.values()
+                  if hasattr(m, "gpu_bytes")]
+        return sum(counts) if counts else None
+
     @property
     def overlap(self) -> bool:
         return self.vision.overlap
@@ -221,20 +228,35 @@ class Pipeline:
     def from_bundle(cls, path: str, *, device: str = "cpu", threads: int | None = None, verify: bool = True,
                     vision_cache_mb: float = VISION_CACHE_MB, prefix_cache_mb: float = PREFIX_CACHE_MB,
                     memory_budget: int | str | None = None, overlap: bool | None = None,
-                    pipelined: bool | None = None, max_image_tokens: int | None = None) -> Pipeline:
-        """Load an exported bundle on ONNX Runtime (no torch needed). `verify` checks every file's sha256.
+                    pipelined: bool | None = None, max_image_tokens: int | None = None,
+                    backend: str | None = None) -> Pipeline:
+        """Load an exported bundle on ONNX Runtime, or on TensorRT (no torch needed). `verify` checks every file's
+        sha256. The backend (edgevlm.backends.trt_plan.choose_backend): a TensorRT-flavour bundle with
+        `device` "cuda" runs its engines (built by `edgevlm build`; refused in one line where they, tensorrt,
+        cuda-python or a GPU are missing); anything else runs on ONNX Runtime, on its CUDA provider for "cuda".
+        `backend` "onnxruntime" keeps a TensorRT bundle on ONNX Runtime (to compare the two on one GPU).
 
         Before loading, a memory plan (edgevlm.memory) gives each model the longest context that fits
         `memory_budget` ("6GB"; default: the bundle's target's budget, or the memory available now) with
         the caches at their sizes; a budget that cannot hold the bundle is refused (MemoryBudgetError).
         The plan is `pipe.memory_plan`. `max_image_tokens`: a visual-token budget, each image cut (a smaller
         AnyRes grid, a shorter resized edge) to at most that many prompt positions, which the plan then counts."""
-        from edgevlm.backends import onnx
+        from edgevlm import bundle
+        from edgevlm.backends import onnx, trt_plan
 
         pipelined = _spare_cores(device) if pipelined is None else pipelined
-        ex, rs, plan = onnx.load(path, device=device, threads=threads, verify=verify, memory_budget=memory_budget,
-                                 vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
-                                 max_image_tokens=max_image_tokens, pipelined=pipelined)
+        flavour = bundle.load(path, verify=False).manifest.flavour
+        if trt_plan.choose_backend(flavour, device, backend) == "tensorrt":
+            from edgevlm.backends import tensorrt
+
+            ex, rs, plan = tensorrt.load(path, verify=verify, memory_budget=memory_budget,
+                                         vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
+                                         max_image_tokens=max_image_tokens)
+        else:
+            ex, rs, plan = onnx.load(path, device=device, threads=threads, verify=verify,
+                                     memory_budget=memory_budget, vision_cache_mb=vision_cache_mb,
+                                     prefix_cache_mb=prefix_cache_mb, max_image_tokens=max_image_tokens,
+                                     pipelined=pipelined)
         pipe = cls(ex, rs, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
                    overlap=overlap if plan.overlap else False, pipelined=pipelined if plan.pipelining else False)
         pipe.memory_plan = plan
@@ -318,6 +340,7 @@ class Pipeline:
             _keep_partial(result, up.stage, opts.time_limit_s)
         result.total_ms = (time.perf_counter() - t0) * 1e3
         result.peak_rss_bytes = peak_rss_bytes()
+        result.peak_gpu_bytes = self.gpu_bytes()
         yield Event("done", result=result)
 
     def _direct(self, result: Result, call: _Call, image, opts: Options):

@@ -154,8 +154,9 @@ def profile_table(result) -> str:
                      t.decode_ms, t.ttft_ms, t.total_ms, t.prefill_tok_s, t.decode_tok_s,
                      s.memory.get("kv_used", 0) / 1e6))
     lines = format_table(head, rows)
+    gpu = "" if result.peak_gpu_bytes is None else f", peak GPU {result.peak_gpu_bytes / 1e6:.0f} MB"
     lines.append(f"total {result.total_ms:.1f} ms (image decode {result.image_ms:.1f} ms), "
-                 f"peak RSS {result.peak_rss_bytes / 1e6:.0f} MB")
+                 f"peak RSS {result.peak_rss_bytes / 1e6:.0f} MB{gpu}")
     return "\n".join(lines)
 
 

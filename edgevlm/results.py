@@ -57,6 +57,7 @@ class Result:
     cut: str | None = None  # the stage the time limit stopped (it and the ones after it are missing or partial)
     total_ms: float = 0.0
     peak_rss_bytes: int = 0  # of the process, so far
+    peak_gpu_bytes: int | None = None  # what the models hold on a GPU at most (TensorRT backend); None: no GPU
     # what the caller should know about how the answer came about: a clamped thinking budget, an answer that
     # is not one of the options, thinking that never ended
     notes: list[str] = field(default_factory=list)
@@ -81,6 +82,7 @@ class Result:
             "tokens": {name: {"prompt": s.prompt_tokens, "generated": s.new_tokens, "stop_reason": s.stop_reason}
                        for name, s in self.stages.items()},
             "memory": {"peak_rss_mb": round(self.peak_rss_bytes / 1e6, 1),
+                       **({} if self.peak_gpu_bytes is None else {"peak_gpu_mb": round(self.peak_gpu_bytes / 1e6, 1)}),
                        **{name: s.memory_dict() for name, s in self.stages.items()}},
             "models": self.models,
             "notes": self.notes,

@@ -64,6 +64,20 @@ def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: 
     `pipelined`: the models will compute at once where the plan fits that, so on CPU each session gets half the
     cores unless `threads` (or EDGEVLM_THREADS) says otherwise: two pools of every core contend (measured in
     benchmarks/frame_pipelining.py)."""
+    if device == "cuda":
+        check_cuda_provider()
+    b, plan = planned(path, verify=verify, memory_budget=memory_budget, vision_cache_mb=vision_cache_mb,
+                      prefix_cache_mb=prefix_cache_mb, max_image_tokens=max_image_tokens)
+    if pipelined and plan.pipelining and device == "cpu" and not threads and not os.environ.get("EDGEVLM_THREADS"):
+        threads = max(1, (os.cpu_count() or 1) // 2)
+    models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
+              for role in sorted(set(b.stages.values()))}
+    return models[b.stages["extract"]], models.get(b.stages.get("think", "")), plan
+
+
+def planned(path: str, *, verify: bool, memory_budget: int | str | None, vision_cache_mb: float,
+            prefix_cache_mb: float, max_image_tokens: int | None) -> tuple[Bundle, memory.MemoryPlan]:
+    """The bundle (its images cut to `max_image_tokens`) and its memory plan: what every backend loads from."""
     b = bundle.load(path, verify=verify)
     if max_image_tokens is not None:
         role = b.stages["extract"]
@@ -71,11 +85,38 @@ def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: 
         b = replace(b, manifest=replace(b.manifest, models=models))
     budget, source = memory.budget_for(memory_budget, b.manifest.target)
     plan = memory.plan(b, budget, source=source, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb)
-    if pipelined and plan.pipelining and device == "cpu" and not threads and not os.environ.get("EDGEVLM_THREADS"):
-        threads = max(1, (os.cpu_count() or 1) // 2)
-    models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
-              for role in sorted(set(b.stages.values()))}
-    return models[b.stages["extract"]], models.get(b.stages.get("think", "")), plan
+    return b, plan
+
+
+def onnxruntime_distributions() -> dict[str, str]:
+    """The installed distributions that provide the `onnxruntime` module, with their versions (onnxruntime,
+    onnxruntime-gpu...: each wheel installs the same module, so a second one overwrites the first's files)."""
+    from importlib import metadata
+
+    names = metadata.packages_distributions().get("onnxruntime", [])
+    return {name: metadata.version(name) for name in sorted(set(names))}
+
+
+def cuda_provider_problem(distributions: dict[str, str], providers: list[str]) -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, in one line naming the fix; None when its CUDA provider is
+    there. `distributions`: onnxruntime_distributions(); `providers`: ort.get_available_providers()."""
+    if "CUDAExecutionProvider" in providers:
+        return None
+    installed = ", ".join(f"{n} {v}" for n, v in distributions.items()) or "no onnxruntime distribution"
+    if len(distributions) > 1:
+        return (f"--device cuda: {installed} are all installed and overwrite one module's files; uninstall them "
+                "all, then install onnxruntime-gpu alone (README: TensorRT backend and CUDA)")
+    return (f"--device cuda needs ONNX Runtime's CUDA provider, which {installed} does not have: replace it with "
+            "onnxruntime-gpu (pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]'; README: "
+            "TensorRT backend and CUDA), or use --device cpu")
+
+
+def check_cuda_provider() -> None:
+    import onnxruntime as ort
+
+    problem = cuda_provider_problem(onnxruntime_distributions(), ort.get_available_providers())
+    if problem:
+        raise DeviceError(problem)
 
 
 class OrtDecodeState:
@@ -106,11 +147,33 @@ class OrtModel:
                  prefill_chunk: int = 512, max_context: int | None = None):
         if device not in PROVIDERS:
             raise DeviceError(f"unknown device {device!r}; use cpu or cuda")
+        self._setup(bundle, role, max_context)
+        self.device, self.prefill_chunk = device, prefill_chunk
+        entry = self.entry
+        threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
+        graphs = entry.graphs
+        exact = bundle.manifest.flavour == "tensorrt"
+        self.decoder = _session(bundle.graph(graphs["decoder"].file), device, threads, exact)
+        self.embeds = "embed" in graphs
+        self.embedder = _session(bundle.graph(graphs["embed"].file), device, threads, exact) if self.embeds else None
+        self.vision = _session(bundle.graph(graphs["vision"].file), device, threads, exact) if entry.vision else None
+        self.weight_bytes = {name: graph_bytes(bundle.file(g.file)) for name, g in graphs.items()}
+        self.step_bytes = self.weight_bytes["decoder"] - graphs["decoder"].lookup_bytes
+        names = [i.name for i in self.decoder.get_inputs()]
+        self._input_name, self._past_names = names[0], [n for n in names if n.startswith(PAST)]
+        self._mask = ATTENTION_MASK in names  # traced graphs; fused ones take the lengths from the positions
+        self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
+        # The logits land in a buffer of each generation's: get_outputs() would wrap every present tensor
+        # too, each step.
+        vocab = self.decoder.get_outputs()[0].shape[-1]
+        self._vocab = vocab if isinstance(vocab, int) else entry.dims.vocab if entry.dims else None
+
+    def _setup(self, bundle: Bundle, role: str, max_context: int | None) -> None:
+        """What every backend of a bundle's model has: its entry, tokenizer, family, context, arrays."""
         if role not in bundle.models:
             raise ModelError(f"the bundle at {bundle.path} has no {role}")
         entry = bundle.models[role]
-        self.entry, self.device, self.prefill_chunk = entry, device, prefill_chunk
-        self.spec = entry
+        self.entry = self.spec = entry
         self.name = entry.name or f"{bundle.path}:{role}"
         self.module = family_module(entry.family)
         self.family: Family = self.module.FAMILY
@@ -124,25 +187,8 @@ class OrtModel:
         self.eos_ids = self.tokenizer.eos_token_ids(tokenizer_dir)
         if not self.eos_ids:
             raise ModelError(f"{self.name} defines no end-of-sequence token")
-        threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
-        graphs = entry.graphs
-        exact = bundle.manifest.flavour == "tensorrt"
-        self.decoder = _session(bundle.graph(graphs["decoder"].file), device, threads, exact)
-        self.embeds = "embed" in graphs
-        self.embedder = _session(bundle.graph(graphs["embed"].file), device, threads, exact) if self.embeds else None
-        self.vision = _session(bundle.graph(graphs["vision"].file), device, threads, exact) if entry.vision else None
         self.arrays = {k: np.load(bundle.file(v)) for k, v in entry.arrays.items()}
-        self.weight_bytes = {name: graph_bytes(bundle.file(g.file)) for name, g in graphs.items()}
-        self.step_bytes = self.weight_bytes["decoder"] - graphs["decoder"].lookup_bytes
         self.prefix_cache = PrefixCache(0)  # off until the pipeline gives it a budget
-        names = [i.name for i in self.decoder.get_inputs()]
-        self._input_name, self._past_names = names[0], [n for n in names if n.startswith(PAST)]
-        self._mask = ATTENTION_MASK in names  # traced graphs; fused ones take the lengths from the positions
-        self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
-        # The logits land in a buffer of each generation's: get_outputs() would wrap every present tensor
-        # too, each step.
-        vocab = self.decoder.get_outputs()[0].shape[-1]
-        self._vocab = vocab if isinstance(vocab, int) else entry.dims.vocab if entry.dims else None
 
     # ---------------------------------------------------------------- Model protocol
     def prepare(self, prompt: Prompt | str, image: Image.Image | None = None) -> Prepared:
