@@ -209,18 +209,24 @@ def test_a_reasoner_without_think_tokens_is_constrained_from_its_answer_marker(t
     from edgevlm.families import reasoner_family
 
     llama = TorchModel(tiny_dir("llama"), reasoner_family(tiny_dir("llama")))
+    greedy, rng = Decoding(max_new_tokens=1), np.random.default_rng(0)
+
+    def write(matcher, text):  # the model writing `text`, token by token, far from the end of its budget
+        for token in llama.tokenizer.encode(text):
+            logits = np.zeros(llama.tokenizer.vocab_size, np.float32)
+            logits[token] = 1.0
+            assert matcher.choose(logits, greedy, rng, remaining=1000) == token
+
     matcher = AnswerMatcher(Constraint.regex(REGEX), llama.tokenizer, llama.eos_ids, start="marker")
-    for token in llama.tokenizer.encode("The shapes are on the left. So the"):
-        matcher.observe(token)
+    write(matcher, "The shapes are on the left. So the")
     assert not matcher.active
-    for token in llama.tokenizer.encode(" Answer:"):
-        matcher.observe(token)
+    write(matcher, " Answer:")
     assert matcher.active and not matcher.satisfied
     late = AnswerMatcher(Constraint.regex(REGEX), llama.tokenizer, llama.eos_ids, start="marker")
     logits = np.zeros(llama.tokenizer.vocab_size, np.float32)
-    late.mask(logits.copy(), ANSWER_RESERVE + 1)
+    late.choose(logits, greedy, rng, ANSWER_RESERVE + 1)
     assert not late.active
-    late.mask(logits.copy(), ANSWER_RESERVE)
+    late.choose(logits, greedy, rng, ANSWER_RESERVE)
     assert late.active
     # the real model, reasoning freely for its first 16 of 80 tokens, then made to answer
     from edgevlm.constraints import answer_text
