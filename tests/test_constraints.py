@@ -9,7 +9,7 @@ import jsonschema
 import numpy as np
 import pytest
 from conftest import random_image
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from edgevlm.constraints import AnswerMatcher, Constraint
@@ -240,3 +240,130 @@ def test_a_reasoner_without_think_tokens_is_constrained_from_its_answer_marker(t
     text = llama.tokenizer.decode(tokens)
     assert forced.active and "\nAnswer: " in text
     assert not forced.satisfied or re.fullmatch(REGEX, answer_text(text, prefix=True)), text
+
+
+# ---------------------------------------------------------------- speculate, then check
+CONSTRAINTS = {"schema": lambda: Constraint.json_schema(SCHEMA), "regex": lambda: Constraint.regex(REGEX),
+               "words": lambda: Constraint.regex(r"[a-z]+( [a-z]+)*"),
+               "choice": lambda: Constraint.choice(["left", "right", "none at all"])}
+
+
+def _validates(kind: str, text: str) -> bool:
+    if kind == "schema":
+        jsonschema.validate(json.loads(text), SCHEMA)
+        return True
+    pattern = {"regex": REGEX, "words": r"[a-z]+( [a-z]+)*", "choice": "left|right|none at all"}[kind]
+    return re.fullmatch(pattern, text) is not None
+
+
+def _allowed(matcher: AnswerMatcher, size: int) -> np.ndarray:
+    """The tokens the answer allows next (the reference mask, which does not advance the matcher)."""
+    return np.flatnonzero(np.isfinite(matcher.mask(np.zeros(size, np.float32))))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(sorted(CONSTRAINTS)),
+       backend=st.sampled_from(["torch", "onnxruntime"]), boost=st.floats(0.0, 1.0))
+def test_speculation_chooses_the_tokens_masking_does_and_the_answers_validate(torch_models, bundle_pipe, seed, kind,
+                                                                             backend, boost):
+    """Property: for random logits (where an allowed token is on top in a `boost` share of the steps, an EOS in
+    some), greedy speculate-then-check picks exactly the tokens mask-then-sample does, computes no mask when the
+    top token is allowed, and a finished answer validates."""
+    model = torch_models("qwen3") if backend == "torch" else bundle_pipe.reasoner
+    tokenizer, eos = model.tokenizer, model.eos_ids
+    size = tokenizer.vocab_size
+    spec = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False)
+    ref = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False, speculate=False)
+    rng, greedy, tokens = np.random.default_rng(seed), Decoding(max_new_tokens=1), []
+    for _ in range(40):
+        logits, allowed = rng.normal(size=size).astype(np.float32), _allowed(ref, size)
+        if rng.random() < boost:
+            logits[rng.choice(allowed)] += 50.0
+        elif rng.random() < 0.2:
+            logits[min(eos)] += 50.0
+        masked = spec.masked
+        token = ref.choose(logits, greedy, rng, 100)
+        assert spec.choose(logits, greedy, rng, 100) == token
+        assert spec.masked == masked + (int(np.argmax(logits)) not in allowed)
+        if token is None or token in eos:
+            break
+        tokens.append(token)
+    event(f"{kind}: {'finished' if token in eos else 'unfinished'}, {'some' if spec.masked else 'no'} masks")
+    if token in eos:
+        assert spec.satisfied and _validates(kind, tokenizer.decode(tokens).strip()), tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("decoding", [Decoding(1, temperature=1.0), Decoding(1, temperature=0.7, top_p=0.8, top_k=20)])
+def test_sampled_speculation_draws_from_the_masked_distribution(torch_models, decoding):
+    """Temperature alone: a refused draw is redrawn from the mask (rejection sampling), so the first token's
+    frequencies match masking's. With top-k/top-p: the mask is skipped only for a certain single-token nucleus."""
+    model = torch_models("qwen3")
+    size = model.tokenizer.vocab_size
+    logits = np.random.default_rng(0).normal(size=size).astype(np.float32) * 2
+    fresh = lambda speculate: AnswerMatcher(Constraint.regex(r"[a-z]+"), model.tokenizer, model.eos_ids,  # noqa: E731
+                                            start="now", prefix=False, speculate=speculate)
+    allowed = _allowed(fresh(False), size)
+    logits[allowed[:3]] += 3.0  # three allowed tokens share most of the masked mass, refused ones most of the rest
+    logits[np.setdiff1d(np.argsort(logits)[-40:], allowed)[:20]] += 4.0
+    draws = {s: [fresh(s).choose(logits, decoding, rng, 100) for rng in [np.random.default_rng(1)] for _ in range(3000)]
+             for s in (True, False)}
+    assert set(draws[True]) <= set(allowed.tolist())
+    for token in allowed[:3]:
+        share = [np.mean(np.equal(draws[s], token)) for s in (True, False)]
+        assert abs(share[0] - share[1]) < 0.05, (token, share)
+    # a nucleus of one allowed token: no mask; of more: masked, as the reference
+    certain = np.zeros(size, np.float32)
+    certain[allowed[0]] = 30.0
+    spec = fresh(True)
+    assert spec.choose(certain, decoding, np.random.default_rng(2), 100) == allowed[0] and spec.masked == 0
+    if decoding.top_p < 1.0:
+        spec = fresh(True)
+        spec.choose(logits, decoding, np.random.default_rng(2), 100)
+        assert spec.masked == 1
+
+
+def test_a_complete_answer_takes_eos_without_a_mask(torch_models):
+    """A finished choice stops the matcher (llguidance's try refuses EOS then, its mask allows it): the EOS the
+    model picks is taken, as the mask would, and a refused one is masked away."""
+    model = torch_models("qwen3")
+    tokenizer, eos, size = model.tokenizer, min(model.eos_ids), model.tokenizer.vocab_size
+    greedy, rng = Decoding(1), np.random.default_rng(0)
+    for speculate in (True, False):
+        matcher = AnswerMatcher(Constraint.choice(["left", "right"]), tokenizer, model.eos_ids, start="now",
+                                prefix=False, speculate=speculate)
+        early = np.zeros(size, np.float32)
+        early[eos] = 9.0
+        early[tokenizer.encode("left")[0]] = 1.0
+        assert matcher.choose(early, greedy, rng, 100) == tokenizer.encode("left")[0]  # EOS refused: not done
+        for token in tokenizer.encode("left")[1:]:
+            one_hot = np.zeros(size, np.float32)
+            one_hot[token] = 1.0
+            assert matcher.choose(one_hot, greedy, rng, 100) == token
+        masked = matcher.masked
+        assert matcher.satisfied and matcher.choose(early, greedy, rng, 100) == eos
+        assert matcher.masked == masked + (not speculate)
+
+
+@pytest.mark.parametrize("kind", sorted(CONSTRAINTS))
+def test_speculation_and_masking_generate_the_same_greedy_answers_on_both_backends(torch_models, bundle_pipe, kind):
+    from edgevlm.pipeline import render_prompt
+
+    for model in (torch_models("qwen3"), bundle_pipe.reasoner):
+        prompt = model.prepare(render_prompt(model, "Which side?", enable_thinking=False))
+        runs = []
+        for speculate in (True, False):
+            matcher = AnswerMatcher(CONSTRAINTS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False,
+                                    speculate=speculate)
+            runs.append(_generated(generate(model.prefill(prompt), Decoding(max_new_tokens=24),
+                                            eos_ids=model.eos_ids, max_context=model.max_context,
+                                            rng=np.random.default_rng(0), answer=matcher)))
+        assert runs[0] == runs[1], (kind, model)
+
+
+def _generated(gen):
+    tokens = []
+    while True:
+        try:
+            tokens.append(next(gen))
+        except StopIteration as done:
+            return tokens, done.value.stop_reason
