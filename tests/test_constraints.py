@@ -256,9 +256,6 @@ def _validates(kind: str, text: str) -> bool:
     return re.fullmatch(pattern, text) is not None
 
 
-def _allowed(matcher: AnswerMatcher, size: int) -> np.ndarray:
-    """The tokens the answer allows next (the reference mask, which does not advance the matcher)."""
-    return np.flatnonzero(np.isfinite(matcher.mask(np.zeros(size, np.float32))))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -276,7 +273,7 @@ def test_speculation_chooses_the_tokens_masking_does_and_the_answers_validate(to
     ref = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False, speculate=False)
     rng, greedy, tokens = np.random.default_rng(seed), Decoding(max_new_tokens=1), []
     for _ in range(40):
-        logits, allowed = rng.normal(size=size).astype(np.float32), _allowed(ref, size)
+        logits, allowed = rng.normal(size=size).astype(np.float32), ref.allowed(size)
         if rng.random() < boost:
             logits[rng.choice(allowed)] += 50.0
         elif rng.random() < 0.2:
@@ -302,7 +299,7 @@ def test_sampled_speculation_draws_from_the_masked_distribution(torch_models, de
     logits = np.random.default_rng(0).normal(size=size).astype(np.float32) * 2
     fresh = lambda speculate: AnswerMatcher(Constraint.regex(r"[a-z]+"), model.tokenizer, model.eos_ids,  # noqa: E731
                                             start="now", prefix=False, speculate=speculate)
-    allowed = _allowed(fresh(False), size)
+    allowed = fresh(False).allowed(size)
     logits[allowed[:3]] += 3.0  # three allowed tokens share most of the masked mass, refused ones most of the rest
     logits[np.setdiff1d(np.argsort(logits)[-40:], allowed)[:20]] += 4.0
     draws = {s: [fresh(s).choose(logits, decoding, rng, 100) for rng in [np.random.default_rng(1)] for _ in range(3000)]
