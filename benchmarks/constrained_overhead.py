@@ -18,6 +18,8 @@ constrained tokens, the share of them that computed a mask (speculating), the me
 per path the constraint's cost per token (us: the time `choose` takes less that of a plain `sample` on the
 same logits; the medians of the tokens that took the speculated token and of those that masked, weighted by
 their shares, so that a step preempted on a busy machine does not count) and its ratio to the decode step.
+A negative cost: the masked step samples among a few allowed tokens, cheaper than a plain top-k/top-p sample
+over the whole vocabulary.
 """
 
 from __future__ import annotations
