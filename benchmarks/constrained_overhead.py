@@ -1,26 +1,42 @@
-"""What a constrained answer costs per token: the constraint's mask and advance (llguidance, numpy) against the
-decode step it sits beside, on the reasoner of each bundle given, side by side in one run.
+"""What a constrained answer costs per token: the constraint's share of the time to choose a token (speculate,
+then check; and the reference that masks every step) against the decode step it sits beside, on the
+reasoner of each bundle given, side by side in one run.
 
     python benchmarks/constrained_overhead.py --bundle DEMO_BUNDLE --bundle SMOLLM2_INT4_BUNDLE [--tokens 96]
 
-Per bundle, constraint kind (a JSON schema for a robot action, with a free-text target so that the answer
-runs for a while; a regex of words; three choices), temperature (greedy, 1.0) and path (`mask`: a mask every
-step; `speculate`, the default: the unmasked pick offered to the grammar first, a mask only when refused):
-the masks computed, the median decode step (ms), the median constraint cost per token (ms: choosing the
-token less a plain sample of the same logits, plus following it), and their ratio. The decode steps are
-those of the same constrained run, so both figures come from the same tokens.
+Two scenarios per bundle:
+
+- answers: the pipeline as a user runs it (no-think, its own top-p/top-k decoding at temperature 0 and 1) on
+  the demo's test questions, each answer constrained to its type's answer set (`one_of`), or a multiple-choice
+  question's letters. The model's own answers: the token it picks is mostly allowed.
+- forced: a prompt that asks for something else ("describe a table as JSON"), constrained from the first token
+  at temperature 1 to a JSON schema (a robot action with a free-text target, so the answer runs for a while),
+  a regex of words, or three choices: the model's pick is mostly refused, every step masks.
+
+Each is run twice, speculating (the default) and masking every step (speculate=False). Per row: the
+constrained tokens, the share of them that computed a mask (speculating), the median decode step (ms), and
+per path the constraint's cost per token (us: the time `choose` takes less that of a plain `sample` on the
+same logits; the medians of the tokens that took the speculated token and of those that masked, weighted by
+their shares, so that a step preempted on a busy machine does not count) and its ratio to the decode step.
+A negative cost: the masked step samples among a few allowed tokens, cheaper than a plain top-k/top-p sample
+over the whole vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+import edgevlm.pipeline as pipeline_module
+from edgevlm import demo
 from edgevlm.constraints import AnswerMatcher, Constraint
+from edgevlm.evaluation import answer_sets
 from edgevlm.generation import Decoding, generate, sample
 from edgevlm.pipeline import Pipeline, render_prompt
 
@@ -36,79 +52,123 @@ KINDS = {
 }
 
 
-class Timed:
-    """Wraps a decode state and a matcher, recording the time of every decode step and of the constraint's share
-    of choosing each token: `choose` less a plain `sample` of the same logits (what an unconstrained loop pays)."""
+class Clock:
+    """Times every decode step and every constrained `choose` (less a plain `sample` of the same logits)."""
 
-    def __init__(self, state, matcher):
-        self.state, self.matcher = state, matcher
-        self.logits, self.prompt_len = state.logits, state.prompt_len
-        self.steps, self.constraint = [], []
+    def __init__(self):
+        self.steps, self.hit, self.miss = [], [], []  # decode steps; choose's cost, speculated or masked
+        self.speculate = True
+        self.shadow = np.random.default_rng(0)  # the plain samples' own stream: the run's is not touched
 
-    def step(self, token):
-        t = time.perf_counter()
-        out = self.state.step(token)
-        self.steps.append(time.perf_counter() - t)
-        return out
+    def state(self, state):
+        clock, step = self, state.step
 
-    # the AnswerConstraint protocol, timed
-    active = property(lambda self: self.matcher.active)
-    satisfied = property(lambda self: self.matcher.satisfied)
+        class Timed:
+            logits, prompt_len = state.logits, state.prompt_len
 
-    def think_ended(self):
-        self.matcher.think_ended()
+            def step(self, token):
+                t = time.perf_counter()
+                out = step(token)
+                clock.steps.append(time.perf_counter() - t)
+                return out
 
-    def choose(self, logits, decoding, rng, remaining):
-        t = time.perf_counter()
-        token = self.matcher.choose(logits, decoding, rng, remaining)
-        t1 = time.perf_counter()
-        sample(logits, decoding, np.random.default_rng(0))
-        self.constraint.append(max(0.0, 2 * t1 - t - time.perf_counter()))
-        return token
+        return Timed()
 
-    def observe(self, token):
-        t = time.perf_counter()
-        self.matcher.observe(token)
-        if self.constraint:
-            self.constraint[-1] += time.perf_counter() - t
+    def matcher(self, matcher: AnswerMatcher):
+        clock, choose = self, matcher.choose
+        matcher.speculate = self.speculate
+
+        def timed(logits, decoding, rng, remaining):
+            if not matcher.active:
+                return choose(logits, decoding, rng, remaining)
+            masked, shadow_first = matcher.masked, (len(clock.hit) + len(clock.miss)) % 2
+            if shadow_first:  # alternate which comes first after the step (ORT's threads may still be spinning)
+                t = time.perf_counter()
+                sample(logits, decoding, clock.shadow)
+                plain = time.perf_counter() - t
+            t = time.perf_counter()
+            token = choose(logits, decoding, rng, remaining)
+            spent = time.perf_counter() - t
+            if not shadow_first:
+                t = time.perf_counter()
+                sample(logits, decoding, clock.shadow)
+                plain = time.perf_counter() - t
+            (clock.miss if matcher.masked > masked else clock.hit).append(spent - plain)
+            return token
+
+        matcher.choose = timed
+        return matcher
 
 
-def measure(model, kind: str, tokens: int, temperature: float, speculate: bool) -> tuple[float, float, int, int]:
-    """Median decode step (ms), median constraint cost (ms), tokens, masks computed."""
-    prompt = render_prompt(model, "Describe a table with two red cups as JSON.", enable_thinking=False)
-    state = model.prefill(model.prepare(prompt))
-    matcher = AnswerMatcher(KINDS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False,
-                            speculate=speculate)
-    timed = Timed(state, matcher)
-    for _ in generate(timed, Decoding(max_new_tokens=tokens, temperature=temperature), eos_ids=model.eos_ids,
-                      max_context=model.max_context, rng=np.random.default_rng(0), answer=timed):
-        pass
-    return (statistics.median(timed.steps) * 1e3, statistics.median(timed.constraint) * 1e3, len(timed.constraint),
-            matcher.masks)
+    @property
+    def tokens(self) -> int:
+        return len(self.hit) + len(self.miss)
+
+    def cost(self) -> float:
+        """Seconds per constrained token: the median of the speculated tokens' and of the masked ones', weighted
+        by their shares (a mean that a preempted step on a busy machine does not move)."""
+        return sum(statistics.median(xs) * len(xs) for xs in (self.hit, self.miss) if xs) / max(self.tokens, 1)
+
+
+def answers(clock: Clock, pipe: Pipeline, temperature: float, items: int) -> None:
+    """The demo's test questions through the pipeline, each answer constrained (no-think)."""
+    rows = [json.loads(line) for line in (demo.TEST_SET / "items.jsonl").read_text().splitlines() if line.strip()]
+    sets = answer_sets(rows)
+
+    def timed_generate(state, decoding, *, answer=None, **kw):
+        return generate(clock.state(state), decoding, answer=answer and clock.matcher(answer), **kw)
+
+    pipeline_module.generate = timed_generate
+    try:
+        for item in rows[:items]:
+            options = {"choices": item["choices"]} if item.get("choices") else {"one_of": sets[item["type"]]}
+            pipe(str(demo.TEST_SET / item["image"]), item["question"], think=False, temperature=temperature,
+                 max_new_tokens=24, seed=0, **options)
+    finally:
+        pipeline_module.generate = generate
+
+
+def forced(clock: Clock, model, kind: str, tokens: int, repeats: int) -> None:
+    """A constraint the prompt does not ask for, from the first token, at temperature 1 (`repeats` seeds)."""
+    prompt = model.prepare(render_prompt(model, "Describe a table with two red cups as JSON.", enable_thinking=False))
+    for seed in range(repeats):
+        matcher = AnswerMatcher(KINDS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False)
+        for _ in generate(clock.state(model.prefill(prompt)), Decoding(max_new_tokens=tokens, temperature=1.0),
+                          eos_ids=model.eos_ids, max_context=model.max_context, rng=np.random.default_rng(seed),
+                          answer=clock.matcher(matcher)):
+            pass
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", action="append", required=True)
-    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--tokens", type=int, default=96, help="forced: tokens per answer")
+    ap.add_argument("--repeats", type=int, default=4, help="forced: answers (seeds) per constraint")
+    ap.add_argument("--items", type=int, default=40, help="answers: test questions per run")
     args = ap.parse_args()
     rows = []
     for path in args.bundle:
         pipe = Pipeline.from_bundle(path, verify=False)
         model = pipe.reasoner or pipe.extractor
-        for kind in KINDS:
-            print(f"{path}: {kind} ...", file=sys.stderr, flush=True)
-            measure(model, kind, 8, 1.0, False)  # warm: the first mask of a vocabulary builds llguidance's tables
-            for temperature in (0.0, 1.0):
-                for speculate in (False, True):
-                    step, cost, n, masks = measure(model, kind, args.tokens, temperature, speculate)
-                    rows.append((path, model.name.rsplit("/", 1)[-1], model.tokenizer.vocab_size, kind, temperature,
-                                 "speculate" if speculate else "mask", n, masks, step, cost))
-    print(f"\n{'bundle':<24} {'reasoner':<30} {'vocab':>7} {'constraint':<12} {'temp':>4} {'path':<9} {'tokens':>6} "
-          f"{'masks':>5} {'decode ms':>9} {'cost ms':>8} {'overhead':>8}")
-    for path, name, vocab, kind, temp, how, n, masks, step, cost in rows:
-        print(f"{path[-24:]:<24} {name[-30:]:<30} {vocab:>7} {kind:<12} {temp:>4.1f} {how:<9} {n:>6} {masks:>5} "
-              f"{step:>9.3f} {cost:>8.3f} {cost / step:>8.1%}")
+        runs = [(f"answers T={t:g}", answers, (pipe, t, args.items)) for t in (0.0, 1.0)]
+        runs += [(f"forced {kind}", forced, (model, kind, args.tokens, args.repeats)) for kind in KINDS]
+        for name, run, run_args in runs:
+            print(f"{path}: {name} ...", file=sys.stderr, flush=True)
+            run(Clock(), *run_args)  # warm: the first mask of a vocabulary builds llguidance's tables
+            clocks = {}
+            for speculate in (True, False):
+                clocks[speculate] = clock = Clock()
+                clock.speculate = speculate
+                run(clock, *run_args)
+            spec, ref = clocks[True], clocks[False]
+            step = statistics.median(spec.steps + ref.steps)
+            rows.append((Path(path).name, model.name.rsplit("/", 1)[-1], model.tokenizer.vocab_size, name,
+                         spec.tokens, len(spec.miss) / max(spec.tokens, 1), step, spec.cost(), ref.cost()))
+    print(f"\n{'bundle':<16} {'reasoner':<24} {'vocab':>6} {'scenario':<19} {'tokens':>6} {'masked':>6} "
+          f"{'decode ms':>9} {'spec us':>7} {'spec':>6} {'mask us':>7} {'mask':>6}")
+    for bundle, name, vocab, scenario, n, masked, step, spec, ref in rows:
+        print(f"{bundle[-16:]:<16} {name[-24:]:<24} {vocab:>6} {scenario:<19} {n:>6} {masked:>6.0%} "
+              f"{step * 1e3:>9.3f} {spec * 1e6:>7.1f} {spec / step:>6.1%} {ref * 1e6:>7.1f} {ref / step:>6.1%}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Answers a robot can act on: the answer after the reasoning is decoded under a constraint (a JSON schema, a
-regular expression or a list of choices), token by token, with llguidance's masks on numpy logits.
+regular expression or a list of choices), token by token: the token the model would pick is checked with
+llguidance, and only a refused one costs a mask of the vocabulary (numpy logits).
 
 The reasoning stays free (thinking budget, NoWait). The constraint takes over where the answer starts:
 after `</think>` in thinking mode; from the first token when the stage writes nothing but the answer
@@ -12,19 +13,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from edgevlm.errors import UsageError
-from edgevlm.generation import Decoding, sample, warp
+from edgevlm.generation import Decoding, sample
 
 MARKER = "Answer:"  # what the method's prompts ask the reasoner to write before its answer
 # Tokens a plain-text reasoner keeps for its answer: past this point of its budget it must answer.
 ANSWER_RESERVE = 64
-_BIAS = np.array([-np.inf, 0.0], np.float32)  # added to a logit whose token is refused (0) or allowed (1)
 _LEADING_SPACE = r"/[ \t\n]{0,4}/"  # a blank line or so before the answer, as models write it
 
 
@@ -141,30 +141,37 @@ def _template(vocab: _Vocabulary, grammar: str):
 
 
 class AnswerMatcher:
-    """One generation's constraint: idle while the model reasons, then chooses every token of the answer
-    within the answer's grammar. `choose` picks (and commits) the token, `observe` follows every token the loop
-    emits (to find where a plain-text answer starts), with the generation loop.
+    """One generation's constraint: idle while the model reasons, then chooses every token of the answer under
+    its grammar (`choose`, in place of `sample`, with the generation loop).
 
-    Speculate, then check (`speculate`, the default): the token the model would pick unconstrained is offered
-    to the grammar first (llguidance's try_consume_tokens, a few microseconds), and the vocabulary-wide mask
-    (tens of microseconds and a pass over the logits) is computed only when the grammar refuses it. The result
-    is the masked distribution's, exactly: greedy takes the unmasked argmax only where it is allowed, which is
-    then the masked argmax; temperature sampling that draws a refused token redraws from the masked
-    distribution, which is rejection sampling, so each token keeps its masked probability p(t) / p(allowed);
-    with top-k / top-p the nucleus of the masked distribution differs from the unmasked one's, so the shortcut
-    is taken only when the top token holds at least top_p of the (top-k-cut) probability: then both nuclei are
-    that token alone (masking only raises its share). `speculate=False` masks every step (the reference)."""
+    Speculate, then check: the token the model would pick anyway is asked of llguidance (~1-2 us); only when it
+    is refused is the vocabulary's mask computed (7-20 us, plus numpy) and the token drawn again among the
+    allowed tokens. `speculate=False` masks every step (the reference). Both give the masked distribution
+    exactly, token for token under greedy decoding:
+
+    - greedy: the argmax of the logits, if allowed, is the argmax of the masked logits.
+    - temperature alone: a draw that is refused is redrawn from the masked distribution q. An allowed token s
+      comes out with probability p(s) + (1 - A) q(s), A the allowed mass and q(s) = p(s) / A: that is p(s) / A
+      = q(s) (rejection sampling, with one exact fallback draw).
+    - top-k and top-p change the kept set once tokens are masked, so a first draw from the unmasked nucleus is
+      not a draw from the masked one. The shortcut is taken only where both are certain to give the same
+      single token t, the argmax: with top-k 1 and no tie for the top; or with top-p when t's probability under
+      temperature alone is at least top_p (plus 1e-4 for float32 rounding). Masking and top-k only remove
+      other tokens, so t's share of what is kept can only grow; a share of at least top_p removes every other
+      token from the nucleus (warp removes the second token when 1 - p(t) <= 1 - top_p). Else: masked.
+    """
 
     def __init__(self, constraint: Constraint, tokenizer, eos_ids: set[int], *, start: str, prefix: bool = True,
                  speculate: bool = True):
         """`start`: "now" (the stage writes only the answer), "think_end" (after `</think>`) or "marker" (when
         the text reaches "Answer:", or only ANSWER_RESERVE tokens are left). `prefix`: the answer begins with
-        "Answer: " (reasoner stages; direct mode answers bare)."""
+        "Answer: " (reasoner stages; direct mode answers bare). `speculate`: False masks every step."""
         self.constraint, self.tokenizer, self.start, self.speculate = constraint, tokenizer, start, speculate
-        self.masks = 0  # vocabulary-wide masks computed (the speculation's misses), for benchmarks
-        self.vocab = _vocabulary(tokenizer, frozenset(eos_ids))
+        self.eos_ids = frozenset(eos_ids)
+        self.vocab = _vocabulary(tokenizer, self.eos_ids)
         self.matcher = None
         self.text = ""  # the plain-text reasoning so far ("marker" start), to find the marker
+        self.masked = 0  # steps that computed the mask (the rest took the speculated token)
         if start == "now":
             self._activate(MARKER + " " if prefix else None)
 
@@ -188,56 +195,67 @@ class AnswerMatcher:
             self._activate(MARKER + " ")
 
     def choose(self, logits: np.ndarray, decoding: Decoding, rng: np.random.Generator, remaining: int) -> int | None:
-        """The next token, sampled per `decoding` from `logits` (left unchanged) as masked by the answer's grammar,
-        and committed to it; None when the grammar allows no token at all. Unconstrained while inactive."""
+        """The next token, sampled as `sample` would from `logits` (which this does not modify) with every token
+        the answer cannot continue with removed, and advanced past; None when the answer can go no further
+        (every token refused). `remaining`: the tokens left, this one included ("marker" start)."""
         if self.matcher is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
             self._activate("\n" + MARKER + " ")
         if self.matcher is None:
-            return sample(logits, decoding, rng)
+            token = sample(logits, decoding, rng)
+            self._read(token)
+            return token
         if self.speculate:
-            guess = self._guess(logits, decoding, rng)
-            if guess is not None and self.matcher.try_consume_tokens([guess]) == 1:
-                return guess
-        masked = self.mask(np.array(logits, dtype=np.float32, copy=True), remaining)
-        if np.isneginf(masked).all():
+            token = _speculated(logits, decoding, rng)
+            if token is not None and self._accept(token):
+                return token
+        self.masked += 1
+        allowed = self.allowed(len(logits))
+        if not allowed.size:  # the constraint can go no further (llguidance refused a token)
             return None
-        token = sample(masked, decoding, rng)
+        # Drawn among the allowed tokens alone: the distribution of the logits with the rest at -inf (which add
+        # nothing to the softmax, top-k or top-p; greedy: the same token), without sorting (np.partition for
+        # top-k, ~6 ms at 49k) a vocabulary that is mostly -inf.
+        token = int(allowed[sample(np.asarray(logits, np.float32)[allowed], decoding, rng)])
         self.matcher.consume_token(token)
         return token
 
-    @staticmethod
-    def _guess(logits: np.ndarray, decoding: Decoding, rng: np.random.Generator) -> int | None:
-        """The unmasked pick where taking it when allowed keeps the masked distribution (class docstring)."""
-        if decoding.temperature <= 0:
-            return int(np.argmax(logits))
-        if decoding.top_p >= 1.0 and not 0 < decoding.top_k < logits.size:
-            return sample(logits, decoding, rng)
-        top = int(np.argmax(logits))
-        probs = np.exp(warp(logits, replace(decoding, top_p=1.0)) - logits[top] / decoding.temperature)
-        return top if probs[top] / probs.sum() >= decoding.top_p + 1e-6 else None
+    def _accept(self, token: int) -> bool:
+        """Advance past `token` if the answer allows it (what the mask would say, without computing it)."""
+        if token in self.eos_ids:  # allowed once the answer is complete; a stopped matcher refuses to try it
+            return self.matcher.is_accepting() and self.matcher.consume_token(token)
+        return token < self.vocab.size and self.matcher.try_consume_tokens([token]) == 1
 
-    def mask(self, logits: np.ndarray, remaining: int) -> np.ndarray:
-        """`logits` (a copy the caller owns) with every token the answer cannot continue with at -inf."""
-        if self.matcher is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
-            self._activate("\n" + MARKER + " ")
-        if self.matcher is None:
-            return logits
-        self.masks += 1
+    def allowed(self, size: int) -> np.ndarray:
+        """The ids below `size` (the logits' length) of the tokens the answer can continue with: the mask,
+        computed without advancing."""
         self.matcher.unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
-        n = min(self.vocab.size, len(logits))
-        allowed = np.unpackbits(self._bits, count=n, bitorder="little")
-        share = np.count_nonzero(allowed) / max(n, 1)
-        if 0.05 < share < 0.95:  # a scattered mask (a character class): a branch-free add of 0 or -inf
-            logits[:n] += np.take(_BIAS, allowed)
-        else:  # a few tokens allowed, or a few refused: write only those
-            np.copyto(logits[:n], -np.inf, where=allowed == 0)
-        logits[n:] = -np.inf
-        return logits
+        return np.flatnonzero(np.unpackbits(self._bits, count=min(self.vocab.size, size), bitorder="little"))
 
-    def observe(self, token: int) -> None:
-        """A token the loop emitted (while active, `choose` committed it already)."""
-        if self.matcher is None and self.start == "marker":
+    def _read(self, token: int) -> None:
+        """A token of the plain-text reasoning ("marker" start): the answer starts after "Answer:"."""
+        if self.start == "marker":
             self.text += self.tokenizer.decode([token], skip_special_tokens=False)
             if self.text.rstrip(" ").endswith(MARKER):
                 self._activate(None)
             self.text = self.text[-len(MARKER) - 8:]
+
+
+def _speculated(logits: np.ndarray, decoding: Decoding, rng: np.random.Generator) -> int | None:
+    """The token to try before masking (see AnswerMatcher): the one the masked draw is certain to agree with
+    if it is allowed (greedy, or a single-token nucleus), a draw to accept or redraw (temperature alone), or
+    None (mask first)."""
+    if decoding.temperature <= 0:
+        return int(np.argmax(logits))
+    top_k = decoding.top_k if 0 < decoding.top_k < logits.size else 0
+    if top_k == 0 and decoding.top_p >= 1.0:
+        return sample(logits, decoding, rng)
+    token = int(np.argmax(logits))
+    best = float(logits[token])
+    if not np.isfinite(best):
+        return None
+    if top_k == 1:
+        return token if np.count_nonzero(logits == best) == 1 else None
+    if decoding.top_p < 1.0:
+        share = 1.0 / np.exp((np.asarray(logits, np.float32) - best) / np.float32(decoding.temperature)).sum()
+        return token if share >= decoding.top_p + 1e-4 else None
+    return None

@@ -98,7 +98,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 class AnswerConstraint(Protocol):
-    """A logits processor for the answer after the reasoning (edgevlm.constraints.AnswerMatcher)."""
+    """Chooses the tokens of the answer after the reasoning (edgevlm.constraints.AnswerMatcher)."""
 
     @property
     def active(self) -> bool: ...
@@ -109,10 +109,9 @@ class AnswerConstraint(Protocol):
     def think_ended(self) -> None: ...
 
     def choose(self, logits: np.ndarray, decoding: Decoding, rng: np.random.Generator, remaining: int) -> int | None:
-        """The next token under the constraint (committed to it), or None when it allows none."""
+        """The next token, as `sample` would draw it from the logits restricted to what the answer allows (and
+        taken by the constraint); None when the answer can go no further."""
         ...
-
-    def observe(self, token: int) -> None: ...
 
 
 @dataclass
@@ -136,7 +135,8 @@ def generate(
     until: Callable[[], bool] | None = None,
 ) -> Generator[int, None, Generation]:
     """Sample up to `decoding.max_new_tokens` tokens from `state`, yielding each as it is chosen. While
-    thinking, `think` shapes the logits; after it, `answer` (if any) masks them to the answer's constraint.
+    thinking, `think` shapes the logits; after it, `answer` (if any) chooses each token under the answer's
+    constraint.
     `until`: asked after each token that does not end the generation; True stops it there ("deadline").
 
     The generator's return value (`yield from`, or StopIteration.value) is the whole Generation.
@@ -151,7 +151,7 @@ def generate(
             token = sample(think.apply(np.array(logits, dtype=np.float32, copy=True), n), decoding, rng)
         elif answer is not None:
             token = answer.choose(logits, decoding, rng, room - n + 1)
-            if token is None:  # the constraint can go no further (llguidance refused a token)
+            if token is None:  # the constraint can go no further
                 stop = "constraint"
                 break
         else:
@@ -162,8 +162,6 @@ def generate(
             thinking = False
             if answer is not None:
                 answer.think_ended()
-        elif answer is not None and not thinking:
-            answer.observe(token)
         if token in eos_ids:
             stop = "eos"
             break
