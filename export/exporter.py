@@ -199,9 +199,9 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
     return {}
 
 
-# What int8 compute must keep on the calibration prompts, else the graph is tried with fewer layers on it, then
-# weight-only: a decoder's next-token distributions at every prompt position (mean KL from fp32; SmolLM2-135M's
-# smoothed int8 compute measures 0.003-0.007 on held-out generations), a vision tower's features (cosine).
+# What int8 compute must keep on the calibration inputs, else the graph is tried with fewer layers on it, then
+# weight-only: a decoder's next-token distribution after each prompt (mean KL from fp32; SmolLM2-135M's smoothed
+# int8 compute measures 0.003-0.007 on held-out generations), a vision tower's features (cosine).
 INT8_COMPUTE_CHECKS = {"decoder": ("mean_kl", 0.01), "vision": ("cosine", 0.995)}
 
 
