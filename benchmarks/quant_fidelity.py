@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = "awq-keep8,gptq-keep8,gptq,gptq-keep8-k8top8,hqq-keep8,int8"
+METHODS = "awq-keep8,gptq-keep8,gptq,gptq-keep8-k8top8,hqq-keep8,int8,w8a8"
 HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 compute: per-token int8 activations, "
-        "smoothed, head and down projections weight-only int8; options nosmooth, dyndown: down projections on "
-        "int8 compute too, head32, down32) or an int4 method (gptq: the export default, awq, "
+        "smoothed, the LM head weight-only int8: the export default; options nosmooth, keepdown: MLP down "
+        "projections weight-only int8 too, head32, down32) or an int4 method (gptq: the export default, awq, "
         "rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; keep8head, "
         "keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
@@ -152,10 +152,10 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
         keep += sorted((n for n in errors if n not in keep), key=errors.get, reverse=True)[:top]
     keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
     block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
-    if name == "w8a8":  # int8 compute; the LM head and MLP down projections in weight-only int8 unless told
+    if name == "w8a8":  # int8 compute (export/int8_compute.py), as `export --quant int8` does it
         from edgevlm.export import int8_compute
 
-        keep = [n for n in quantize.sensitive_matmuls(src, ["head"] if "dyndown" in opts else quantize.SENSITIVE)
+        keep = [n for n in quantize.sensitive_matmuls(src, quantize.SENSITIVE if "keepdown" in opts else ["head"])
                 if n not in exclude]
         int8_compute.quantize(src, out, quantize.FeedReader(feeds), keep=keep, keep_fp32=exclude,
                               smooth="nosmooth" not in opts)

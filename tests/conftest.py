@@ -71,3 +71,13 @@ def pipelines(torch_models):
 
 def random_image(h: int = 50, w: int = 70, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def prefill_each(models, rendered, image=None) -> list:
+    """Each model's decode state after the same rendered prompt (and image): what parity tests compare."""
+    states = []
+    for model in models:
+        prepared = model.prepare(rendered, image)
+        model.encode(prepared)
+        states.append(model.prefill(prepared))
+    return states

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import random_image
+from conftest import prefill_each, random_image
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevlm import bundle as bundle_mod
@@ -245,12 +245,7 @@ def _compare_with_pytorch(b, torch_models, tol, steps=4):
         image = random_image(61, 83) if role == "extractor" else None
         rendered = ref.tokenizer.apply_chat_template(ref.family.messages("Describe the image.",
                                                                          with_image=image is not None))
-        states = []
-        for model in (ref, ours):
-            prepared = model.prepare(rendered, image)
-            model.encode(prepared)
-            states.append(model.prefill(prepared))
-        ref_state, our_state = states
+        ref_state, our_state = prefill_each((ref, ours), rendered, image)
         np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=tol)
         for _ in range(steps):
             token = int(np.argmax(ref_state.logits))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trt_fake
-from conftest import random_image
+from conftest import prefill_each, random_image
 
 from edgevlm import bundle as bundle_mod
 from edgevlm import engines, memory
@@ -196,13 +196,8 @@ def test_the_backend_matches_onnxruntime_token_for_token_with_the_kv_on_the_devi
         ref = OrtModel(b, role)
         assert (ours.backend, ours.device, ours.concurrent) == ("tensorrt", "cuda", False)
         rendered = ref.tokenizer.apply_chat_template(ref.family.messages(text, with_image=image is not None))
-        states = []
-        for model in (ref, ours):
-            prepared = model.prepare(rendered, image)
-            model.encode(prepared)
-            states.append(model.prefill(prepared))
-        ref_state, our_state = states
-        assert our_state.prompt_len == ref_state.prompt_len == len(prepared.input_ids)
+        ref_state, our_state = prefill_each((ref, ours), rendered, image)
+        assert our_state.prompt_len == ref_state.prompt_len == len(ref.prepare(rendered, image).input_ids)
         if image is None:
             assert our_state.prompt_len > 512
         np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=1e-5)
@@ -315,12 +310,7 @@ def test_real_engines_match_onnxruntime_on_cpu(trt_bundle, tmp_path):
     b = bundle_mod.load(path)
     for ours, ref, image in ((ex, OrtModel(b, "extractor"), random_image(61, 83)), (rs, OrtModel(b, "reasoner"), None)):
         rendered = ref.tokenizer.apply_chat_template(ref.family.messages("Describe it.", with_image=image is not None))
-        states = []
-        for model in (ref, ours):
-            prepared = model.prepare(rendered, image)
-            model.encode(prepared)
-            states.append(model.prefill(prepared))
-        ref_state, our_state = states
+        ref_state, our_state = prefill_each((ref, ours), rendered, image)
         agree = int(np.argmax(our_state.logits) == np.argmax(ref_state.logits))
         for _ in range(8):
             token = int(np.argmax(ref_state.logits))
