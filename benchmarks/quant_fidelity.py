@@ -144,11 +144,9 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
     top = int(next((o[5:] for o in opts if o.startswith("k8top")), 0))
     if top:
         if not errors:
-            scratch = out.with_name("ranking.onnx")
-            errors = quantize.int4(src, scratch, method="gptq", reader=quantize.FeedReader(feeds), keep_int8=keep,
-                                   cache=cache)
-            for f in (scratch, Path(str(scratch) + ".data")):
-                f.unlink(missing_ok=True)
+            with quantize.scratch_graph(out, "ranking") as scratch:
+                errors = quantize.int4(src, scratch, method="gptq", reader=quantize.FeedReader(feeds),
+                                       keep_int8=keep, cache=cache)
         keep += sorted((n for n in errors if n not in keep), key=errors.get, reverse=True)[:top]
     keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
     block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))

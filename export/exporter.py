@@ -25,7 +25,7 @@ import numpy as np
 from edgevlm import bundle
 from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, UsageError
-from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE
+from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE, remove_graph
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
 from edgevlm.memory import check_image_budget, with_image_budget
 
@@ -216,22 +216,21 @@ def _int8_compute(src: Path, dst: Path, kind: str, reader, log) -> dict:
     head = quantize.sensitive_matmuls(src, ["head"]) if kind == "decoder" else []
     ladder = [("head", head), ("head, down", [*head, *quantize.sensitive_matmuls(src, ["down"])])] if head else [
         ("none", [])]
+    reference = int8_compute.outputs(src, reader.feeds)  # once, for every step of the ladder
     for kept, keep in ladder:
-        for f in (dst, Path(str(dst) + ".data")):
-            f.unlink(missing_ok=True)
+        remove_graph(dst)
         # No smoothing for a vision tower: scales fitted on the calibration images (scenes without text) made the
         # demo tower's features on images of text 7% off (up to 35% on one crop; 0.8% unsmoothed), and the demo
         # eval's text questions fell from 100% to 59%, while the calibration check saw nothing amiss
         count = int8_compute.quantize(src, dst, reader, keep=keep, smooth=kind != "vision", progress=log)
-        score = int8_compute.agreement(src, dst, reader.feeds)
+        score = int8_compute.compare(reference, int8_compute.outputs(dst, reader.feeds))
         ok = score[metric] <= bound if metric == "mean_kl" else score[metric] >= bound
         log(f"int8 compute on {count} MatMuls (weight-only: {kept}): {metric} {score[metric]:.4f} on calibration "
             f"inputs ({'ok' if ok else 'misses'} {bound})")
         if ok:
             return {"compute": True, "weight_only": kept, "matmuls": count,
                     **{k: round(v, 5) for k, v in score.items()}}
-    for f in (dst, Path(str(dst) + ".data")):
-        f.unlink(missing_ok=True)
+    remove_graph(dst)
     log("int8 compute misses the check: weight-only int8")
     quantize.int8_weight_only(src, dst)
     return {"compute": False, **{k: round(v, 5) for k, v in score.items()}}
@@ -445,8 +444,7 @@ def _meet_target(root: Path, role: str, reference: ModelSpec, spec: ModelSpec, e
                                "written (lower the target or export --quant int8)")
         count = min(len(ranked), max(2, count * 2))
         del candidate
-        for f in (dst, Path(str(dst) + ".data")):
-            f.unlink(missing_ok=True)
+        remove_graph(dst)
         _convert_graph(src, dst, "int4", "decoder", plan, reader_for, extra_int8=tuple(ranked[:count]), cache=cache)
 
 

@@ -179,36 +179,36 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
     return sum(len(n) for n in by_input.values())
 
 
-def agreement(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], limit: int = 8) -> dict[str, float]:
-    """How closely graph `dst` reproduces `src` on calibration feeds: for a decoder (a `logits` output), mean KL
-    and top-1 agreement of the next-token distributions it outputs (a fused decoder's: the last prompt
-    position's); else the mean cosine similarity of the first output's rows (a vision tower's features). The
-    two sessions are loaded one after the other, not side by side."""
+def outputs(path: Path, feeds: list[dict[str, np.ndarray]], limit: int = 8) -> tuple[str, np.ndarray]:
+    """The output a check judges graph `path` by, on the first `limit` feeds, rows stacked: a decoder's `logits`
+    (a fused decoder's: the last prompt position's), else the first output (a vision tower's features). Its
+    session holds one copy of the weights (no prepacking) and is gone on return, so that two graphs' are not
+    held side by side."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
-    results = []
-    for path in (src, dst):
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        outputs = [o.name for o in session.get_outputs()]
-        name = "logits" if "logits" in outputs else outputs[0]
-        results.append([session.run([name], feed)[0].astype(np.float64) for feed in feeds[:limit]])
-        del session
-    kls, agree, cosines = [], [], []
-    for a, b in zip(*results, strict=True):
-        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        if name == "logits":
-            pa, pb = (np.exp(v - v.max(-1, keepdims=True)) for v in (a, b))
-            pa, pb = pa / pa.sum(-1, keepdims=True), pb / pb.sum(-1, keepdims=True)
-            kls.append(float((pa * (np.log(pa + 1e-12) - np.log(pb + 1e-12))).sum(-1).mean()))
-            agree.append(float((a.argmax(-1) == b.argmax(-1)).mean()))
-        else:
-            cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-            cosines.append(float(cos.mean()))
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    name = "logits" if "logits" in names else names[0]
+    rows = [session.run([name], feed)[0] for feed in feeds[:limit]]
+    return name, np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])
+
+
+def compare(reference: tuple[str, np.ndarray], candidate: tuple[str, np.ndarray]) -> dict[str, float]:
+    """How closely `candidate`'s outputs (`outputs`) follow `reference`'s: mean KL and top-1 agreement of next-token
+    distributions (logits), else the mean cosine similarity of the rows."""
+    from edgevlm.calibration.metrics import cosine, kl_divergence, top1_agreement
+
+    (name, ref), (_, test) = reference, candidate
     if name == "logits":
-        return {"mean_kl": float(np.mean(kls)), "top1_agreement": float(np.mean(agree))}
-    return {"cosine": float(np.mean(cosines))}
+        return {"mean_kl": float(kl_divergence(ref, test).mean()), "top1_agreement": top1_agreement(ref, test)}
+    return {"cosine": float(cosine(ref, test).mean())}
+
+
+def agreement(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], limit: int = 8) -> dict[str, float]:
+    """How closely graph `dst` reproduces `src` on calibration feeds (`compare`)."""
+    return compare(outputs(src, feeds, limit), outputs(dst, feeds, limit))
 
 
 def quantize(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), keep_fp32: Iterable[str] = (),
@@ -220,11 +220,7 @@ def quantize(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), keep_fp3
     keep, keep_fp32 = list(keep), list(keep_fp32)
     if not keep:
         return rewrite(src, dst, reader, keep=keep_fp32, smooth=smooth, progress=progress)
-    half = Path(str(dst) + ".w8a8.onnx")
-    try:
+    with q.scratch_graph(dst, "w8a8") as half:
         count = rewrite(src, half, reader, keep=[*keep, *keep_fp32], smooth=smooth, progress=progress)
         q._nbits(half, dst, 8, include=keep, block_size=16)
-    finally:
-        for f in (half, Path(str(half) + ".data")):
-            f.unlink(missing_ok=True)
     return count

@@ -65,6 +65,23 @@ def _mnb():
     return sys.modules[name]
 
 
+def remove_graph(path: Path) -> None:
+    """A graph file and its external-data file, where they exist."""
+    for f in (Path(path), Path(f"{path}.data")):
+        f.unlink(missing_ok=True)
+
+
+@contextmanager
+def scratch_graph(dst: Path, tag: str):
+    """The path of an intermediate graph beside `dst` (so that its external data resolves there too), removed with
+    its data afterwards, whatever happens."""
+    path = Path(f"{dst}.{tag}.onnx")
+    try:
+        yield path
+    finally:
+        remove_graph(path)
+
+
 class FeedReader:
     """An onnxruntime CalibrationDataReader over a list of input feeds (re-iterable, as GPTQ copies it)."""
 
@@ -171,28 +188,20 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
     `exclude` stay fp32. For gptq, returns each int4 MatMul's relative output error on the calibration prompts
     (see gptq.quantize_graph, also for `cache`); else {}."""
     if keep_int8:
-        half = Path(str(dst) + ".int4.onnx")
-        try:
+        with scratch_graph(dst, "int4") as half:
             errors = int4(src, half, method=method, block_size=block_size, reader=reader,
                           exclude=[*(exclude or []), *keep_int8], accuracy_level=accuracy_level, cache=cache,
                           progress=progress)
             _nbits(half, dst, 8, include=keep_int8, block_size=keep_block_size, accuracy_level=accuracy_level)
-        finally:
-            for f in (half, Path(str(half) + ".data")):
-                f.unlink(missing_ok=True)
         return errors
     mnb = _mnb()
 
     if method == "awq":
         if reader is None:
             raise ValueError("awq needs calibration data")
-        scaled = Path(str(dst) + ".awq.onnx")
-        try:
+        with scratch_graph(dst, "awq") as scaled:
             awq_scale(src, scaled, reader, block_size=block_size, exclude=exclude or [])
             int4(scaled, dst, method="rtn", block_size=block_size, exclude=exclude)
-        finally:
-            for f in (scaled, Path(str(scaled) + ".data")):
-                f.unlink(missing_ok=True)
         return {}
     if method == "gptq":
         if reader is None:

@@ -123,9 +123,10 @@ def _load(src: Path):
 def _save(model, dst: Path) -> None:
     import onnx
 
+    from edgevlm.export.quantize import remove_graph
+
     dst = Path(dst)
-    for f in (dst, Path(str(dst) + ".data")):
-        f.unlink(missing_ok=True)
+    remove_graph(dst)
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data", size_threshold=1024)
 
 
@@ -208,24 +209,16 @@ def int4_weight_only(src: Path, dst: Path, *, method: str = "awq", block_size: i
     if method not in INT4_METHODS:
         raise UsageError(f"int4 method {method!r} cannot be written for TensorRT; use one of: "
                          f"{', '.join(INT4_METHODS)}")
-    nbits = Path(str(dst) + ".nbits.onnx")
-    try:
+    with quantize.scratch_graph(dst, "nbits") as nbits:
         quantize.int4(src, nbits, method=method, block_size=block_size, reader=reader, exclude=keep_int8 or [])
         model = _load(nbits)
-    finally:
-        for f in (nbits, Path(str(nbits) + ".data")):
-            f.unlink(missing_ok=True)
     nbits_to_dequantize(model)
-    staged = Path(str(dst) + ".int4.onnx")
-    try:
+    with quantize.scratch_graph(dst, "int4") as staged:
         _toposort_save(model, staged)
         if keep_int8:
             int8_weight_only(staged, dst, include=keep_int8)
         else:
             _save(_load(staged), dst)
-    finally:
-        for f in (staged, Path(str(staged) + ".data")):
-            f.unlink(missing_ok=True)
 
 
 def nbits_to_dequantize(model) -> int:
