@@ -165,6 +165,12 @@ def test_the_roofline_leaves_out_token_embedding_rows_a_step_does_not_read(tiny_
     kv = think.memory["kv_used"] / (think.prompt_tokens + think.new_tokens)
     kv_read = kv * (think.prompt_tokens + think.new_tokens / 2)
     assert roof["bytes_per_token"] == int(think.memory["step_weights"] + kv_read)
+    achieved = roof["bytes_per_token"] * 10.0 / 1e9
+    assert roof["fraction"] == round(achieved / 20.0, 4) and not roof["ceiling_is_decode"]
+    # a decode that reads faster than the read test: the test under-stated the memory, never above 100%
+    slow = benchmod.roofline([think], 10.0, lambda nbytes: achieved / 2)
+    assert slow["fraction"] == 1.0 and slow["ceiling_is_decode"]
+    assert slow["bandwidth_gb_s"] == slow["achieved_gb_s"] == roof["achieved_gb_s"]
 
 
 def test_bench_data_lines_are_checked_like_eval_items(tmp_path):
@@ -240,6 +246,8 @@ def test_bandwidth_is_the_targets_figure_or_a_read_test_here_with_the_runs_threa
     small, dram = profiler.measure_bandwidth(2**20, 1), profiler.measure_bandwidth(profiler.DRAM_PROBE_BYTES, 1)
     assert targets.ceiling(None)(2**20) == small and small > 0 and dram > 0
     assert profiler.measure_bandwidth(3 * 2**20, 1) == profiler.measure_bandwidth(4 * 2**20, 1)  # one probe a size
+    # read again, the figure is the fastest read of that size so far: it never goes down
+    assert profiler.measure_bandwidth(2**20, 1, again=True) >= small
 
 
 def test_profile_table_has_a_row_per_stage_and_a_total(tiny_bundle, image):
@@ -307,6 +315,18 @@ def test_the_compute_roofline_compares_prefill_and_vision_with_a_gemm_measured_h
     old = Manifest.from_dict(raw).models["extractor"]
     assert old.dims.vision.layers is None
     assert benchmod.compute_roofline([result.stages["extract"]], old)["vision_gflop_s"] is None
+
+
+def test_a_stage_faster_than_the_gemm_probe_is_at_its_own_ceiling(tiny_bundle, image, monkeypatch):
+    result = Pipeline.from_bundle(str(tiny_bundle), vision_cache_mb=0)(image, "What is shown?", max_new_tokens=4)
+    b = bundle_mod.load(tiny_bundle, verify=False)
+    measured = benchmod.compute_roofline([result.stages["extract"]], b.models["extractor"])
+    # the probe is one shape; a model whose layers run faster than it must not read above 100%
+    monkeypatch.setattr(benchmod, "measure_gemm", lambda precision: measured["prefill_gflop_s"] / 3)
+    capped = benchmod.compute_roofline([result.stages["extract"]], b.models["extractor"])
+    assert capped["prefill_fraction"] == 1.0 and capped["prefill_ceiling_is_stage"]
+    assert capped["prefill_gflop_s"] == measured["prefill_gflop_s"]
+    assert not measured.get("prefill_ceiling_is_stage")
 
 
 def test_the_shipped_gemm_probes_are_the_ones_the_toolchain_builds():
