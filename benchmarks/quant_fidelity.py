@@ -33,7 +33,8 @@ HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 comput
         "rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; keep8head, "
         "keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
-        "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N)")
+        "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), emb8 / emb4 "
+        "(the token embedding 8 / 4-bit: the export default is emb8)")
 
 
 def smollm2_gguf() -> Path:
@@ -134,6 +135,12 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
     from edgevlm.export import quantize
 
     name, *opts = method.split("-")
+    bits = next((int(o[3:]) for o in opts if o in ("emb8", "emb4")), None)
+    if bits:  # the token embedding too, as export does after the MatMuls
+        result = quantize_variant("-".join(o for o in method.split("-") if o != f"emb{bits}"), src, out, feeds,
+                                  cache, errors)
+        quantize.quantize_embeddings(out, out, bits)
+        return result
     head = quantize.logits_matmul(src)
     exclude = [head] if "head32" in opts else []
     if "down32" in opts:

@@ -95,8 +95,11 @@ class Bundle:
                 lines.append(f"  {name:<8} {g.file:<28} {size / 1e6:>9.1f} MB  {g.quant}")
             kept = ((m.quantization or {}).get("kept_int8") or {}).get(role)
             if kept:
-                lines.append(f"  kept in 8 bits for --fidelity-target {m.quantization.get('fidelity_target')}: "
-                             + ", ".join(kept))
+                q = m.quantization
+                wanted = " and ".join([*([f"top-1 {q['fidelity_target']}"] if q.get("fidelity_target") else []),
+                                       *([f"KL {q['fidelity_kl']}"] if q.get("fidelity_kl") else [])])
+                names = ", ".join(kept) if len(kept) <= 8 else f"{len(kept)} MatMuls ({', '.join(kept[:3])}, ...)"
+                lines.append(f"  kept in 8 bits for the fidelity target ({wanted}): {names}")
         lines.append(report_table(m.fidelity))
         return "\n".join(lines)
 

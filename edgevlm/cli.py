@@ -281,8 +281,9 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
 @click.option("--reasoner-quant", metavar="Q", help="Precision of the reasoner (default: --quant).")
 @click.option("--vision-quant", metavar="Q", help="Precision of the vision tower (default: the extractor's; "
               "int8 when that is int4).")
-@click.option("--embed-quant", default="fp32", show_default=True, metavar="fp32|fp16|int4",
-              help="Precision of the token embedding when the model is int8/int4.")
+@click.option("--embed-quant", default=None, metavar="fp32|fp16|int8|int4",
+              help="Precision of the token embedding when the model is int8/int4 [default: int8; fp32 for "
+                   "--format tensorrt].")
 @click.option("--int4-method", default=None, metavar="gptq|awq|rtn|hqq",
               help="int4 weights: GPTQ on calibration prompts (gptq), activation-aware scaling + clipping (awq), "
                    "round-to-nearest (rtn), or HQQ (float zero points: slow CPU kernel) [default: gptq; awq for "
@@ -305,8 +306,11 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
 @click.option("--max-kl", type=click.FloatRange(min=0), callback=_finite,
               help="Fail if any stage's mean KL from fp32 exceeds this.")
 @click.option("--fidelity-target", type=click.FloatRange(0, 1, min_open=True), callback=_finite,
-              help="int4: keep in 8 bits the fewest decoder MatMuls (those int4 costs most) that bring every "
+              help="int4 (gptq): keep in 8 bits the fewest decoder MatMuls (those int4 costs most) that bring every "
                    "stage's top-1 agreement on calibration prompts to this; fail if even all 8-bit misses it.")
+@click.option("--fidelity-kl", type=click.FloatRange(min=0), callback=_finite,
+              help="int4 (gptq): the same, for every stage's mean KL from fp32 at most this (0: no KL target) "
+                   "[default: 0.02 when neither is given; missing that default warns, never fails].")
 @click.option("--target", metavar="NAME", help="Where the bundle will run: cpu, cuda, jetson-orin-nano, "
               "jetson-orin-nx, jetson-orin-agx [default: cpu; cuda with --format tensorrt].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
@@ -315,7 +319,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               "edge) to at most N prompt positions.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
            vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, int8_mode, calibration, fidelity_samples,
-           fidelity_tokens, min_agreement, max_kl, fidelity_target, target, overwrite, max_image_tokens):
+           fidelity_tokens, min_agreement, max_kl, fidelity_target, fidelity_kl, target, overwrite,
+           max_image_tokens):
     """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
 
     Quantized bundles carry a fidelity report: each stage compared with fp32 on held-out prompts.
@@ -329,6 +334,7 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
     plan = exporter.QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant,
                               vision=vision_quant, embed=embed_quant, int4_method=int4_method,
                               block_size=block_size, keep_int8=keep, fidelity_target=fidelity_target,
+                              fidelity_kl=fidelity_kl,
                               int8_compute=int8_mode == "compute")
     exporter.export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset,
                            with_reasoner=not no_reasoner, gguf_file=gguf_file, fmt=fmt, quant=plan, target=target,

@@ -136,7 +136,7 @@ def graph_io(path: str | Path) -> dict:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
     lookup = sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                 for t in model.graph.initializer if readers.get(t.name) == {"Gather"})
+                 for t in model.graph.initializer if readers.get(t.name) in ({"Gather"}, {"GatherBlockQuantized"}))
 
     def describe(values):
         out = []

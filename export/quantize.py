@@ -155,18 +155,66 @@ def _nbits(src: Path, dst: Path, bits: int, *, include: list[str] | None = None,
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
 
 
-def int4_embedding(src: Path, dst: Path) -> None:
-    """A token-embedding graph's Gather as GatherBlockQuantized with 4-bit blocks (ORT has no 8-bit Gather)."""
-    mnb = _mnb()
+EMBED_BLOCK = 32
 
-    axes = (("Gather", 1),)
-    config = mnb.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4,
-                                              op_types_to_quantize=("Gather",), quant_axes=axes)
-    with _quiet():
-        quantizer = mnb.MatMulNBitsQuantizer(str(src), bits=4, block_size=32, is_symmetric=True, algo_config=config,
-                                             op_types_to_quantize=("Gather",), quant_axes=axes)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+def quantize_embeddings(src: Path, dst: Path, bits: int = 8, block_size: int = EMBED_BLOCK) -> list[str]:
+    """Each token-embedding Gather of `src` (a 2-D float table indexed by a graph input) as ONNX Runtime's
+    GatherBlockQuantized: `bits` 8 or 4, symmetric blocks of `block_size` along the hidden dimension (uint8 data,
+    zero points at the middle of the range, scales in the table's type). A decode step reads one row of the
+    table, so this shrinks the bundle and its memory, not the bytes a token reads. Returns the Gathers changed;
+    a table used by anything else (a head tied to it) stays as it is."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    changed = []
+    levels, middle = (127, 128) if bits == 8 else (7, 8)
+    for node in list(graph.node):
+        table_name = node.input[0] if node.op_type == "Gather" else None
+        if (table_name not in inits or node.input[1] not in inputs or uses[table_name] != 1
+                or any(a.name == "axis" and a.i != 0 for a in node.attribute)):
+            continue
+        table = numpy_helper.to_array(inits[table_name])
+        if table.ndim != 2 or table.dtype not in (np.float32, np.float16) or table.shape[1] % block_size:
+            continue
+        rows, dim = table.shape
+        blocks = table.astype(np.float32).reshape(rows, dim // block_size, block_size)
+        scale = np.abs(blocks).max(axis=2) / levels
+        scale[scale == 0] = 1.0
+        q = (np.clip(np.round(blocks / scale[..., None]), -levels, levels) + middle).astype(np.uint8).reshape(rows, dim)
+        zeros = np.full((rows, dim // block_size), middle, np.uint8)
+        if bits == 4:
+            q, zeros = _pack(q), _pack(np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2))))
+        new_inits = [numpy_helper.from_array(q, f"{table_name}_q{bits}"),
+                     numpy_helper.from_array(scale.astype(table.dtype), f"{table_name}_scales"),
+                     numpy_helper.from_array(zeros, f"{table_name}_zero_points")]
+        new = helper.make_node("GatherBlockQuantized", [new_inits[0].name, node.input[1], *(i.name for i in new_inits[1:])],
+                               list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft", bits=bits,
+                               block_size=block_size, gather_axis=0, quantize_axis=1)
+        graph.initializer.remove(inits.pop(table_name))
+        graph.initializer.extend(new_inits)
+        graph.node.insert(list(graph.node).index(node), new)
+        graph.node.remove(node)
+        changed.append(node.name)
+    if changed and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    Path(f"{dst}.data").unlink(missing_ok=True)  # onnx appends to an existing data file; the model is in memory
+    onnx.save(model, str(dst), save_as_external_data=True, location=Path(str(dst) + ".data").name)
+    return changed
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """Values 0..15 [..., 2m] -> bytes [..., m], the first of each pair in the low nibble (ONNX Runtime's order)."""
+    v = values.astype(np.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
 
 
 def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, block_size: int = 16,
@@ -221,8 +269,18 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
         quantizer = mnb.MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=True, accuracy_level=4,
                                              nodes_to_exclude=exclude or [], algo_config=config)
         quantizer.process()
+        if method == "hqq":  # ORT's HQQ quantizer leaves accuracy_level unset (0: fp32 compute, ~10x slower)
+            _set_accuracy_level(quantizer.model.model.graph, accuracy_level)
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     return {}
+
+
+def _set_accuracy_level(graph, level: int) -> None:
+    from onnx import helper
+
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
 
 
 def _rtn_int4(w: np.ndarray, block: int) -> np.ndarray:

@@ -48,9 +48,13 @@ def test_graphs_are_quantized_as_planned(quantized):
     b = bundle_mod.load(quantized["int4"])
     ex, re = b.models["extractor"].graphs, b.models["reasoner"].graphs
     assert (ex["vision"].quant, ex["embed"].quant, ex["decoder"].quant, re["decoder"].quant) == (
-        "int8", "fp32", "int4", "int4")  # vision never int4 by default; the embedding stays exact
+        "int8", "int8", "int4", "int4")  # vision never int4 by default; the token embeddings 8-bit
     for g in (ex["decoder"], re["decoder"]):
         assert "MatMulNBits" in ops(b.file(g.file)) and weight_matmuls(b.file(g.file)) == 0
+    # the token tables, the extractor's apart and the reasoner's inside its decoder: 8-bit, and not in a step's reads
+    assert "Gather" not in ops(b.file(ex["embed"].file)) and "GatherBlockQuantized" in ops(b.file(ex["embed"].file))
+    assert "GatherBlockQuantized" in ops(b.file(re["decoder"].file)) and re["decoder"].lookup_bytes > 0
+    assert b.manifest.quantization["embed"] == "int8"
     vision = b.file(ex["vision"].file)  # int8 compute (test_int8_compute.py)
     assert "MatMulIntegerToFloat" in ops(vision) and weight_matmuls(vision) == 0
     b8 = bundle_mod.load(quantized["int8"])
@@ -109,6 +113,40 @@ def test_per_component_precision_and_gptq(tiny_dir, tmp_path):
     assert Pipeline.from_bundle(path)(random_image(), "q", mode="direct", max_new_tokens=3).stages["direct"]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_token_embeddings_quantize_to_block_gathers_within_half_a_step(tmp_path, bits, dtype):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.export.quantize import quantize_embeddings
+
+    rng = np.random.default_rng(bits)
+    table = (rng.standard_normal((50, 96)) * rng.uniform(0.01, 3, (50, 1))).astype(dtype)  # 3 blocks: odd
+    table[7] = 0  # an all-zero row
+    other = numpy_helper.from_array(np.arange(50, dtype=np.int64), "other")  # a constant Gather: not an embedding
+    elem = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["y"], name="embed"),
+         helper.make_node("Gather", ["other", "input_ids"], ["z"], name="lookup")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "n"])],
+        [helper.make_tensor_value_info("y", elem, None), helper.make_tensor_value_info("z", TensorProto.INT64, None)],
+        [numpy_helper.from_array(table, "table"), other])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "a.onnx")
+    assert quantize_embeddings(tmp_path / "a.onnx", tmp_path / "b.onnx", bits) == ["embed"]
+    assert ops(tmp_path / "b.onnx") == {"GatherBlockQuantized", "Gather"}
+    ids = np.array([[0, 7, 49, 3]])
+    y, z = ort.InferenceSession(tmp_path / "b.onnx", providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    assert y.dtype == table.dtype and (z == ids).all()
+    ref = table[ids[0]].astype(np.float32).reshape(4, 3, 32)
+    step = np.abs(ref).max(axis=2, keepdims=True) / (127 if bits == 8 else 7)
+    err = np.abs(y.astype(np.float32).reshape(4, 3, 32) - ref)
+    assert (err <= step / 2 * 1.01 + 1e-3 * (dtype == "float16")).all() and (y[0, 1] == 0).all()
+
+
 def test_a_bundle_below_the_fidelity_gate_is_not_written(tiny_dir, tmp_path):
     out = tmp_path / "gated"
     proc = subprocess.run([sys.executable, "-m", "edgevlm", "export", "--out", out, "--extractor",
@@ -125,10 +163,12 @@ def test_a_bundle_below_the_fidelity_gate_is_not_written(tiny_dir, tmp_path):
     (["--quant", "int3"], "unknown precision 'int3'"),
     (["--quant", "int4", "--int4-method", "squeezellm"], "unknown int4 method"),
     (["--quant", "int4", "--block-size", "24"], "power of two"),
-    (["--embed-quant", "int8", "--quant", "int8"], "token embedding"),
+    (["--embed-quant", "int3", "--quant", "int8"], "unknown precision 'int3'"),
     (["--quant", "int4", "--int4-keep-int8", "attention"], "--int4-keep-int8"),
     (["--quant", "int4", "--fidelity-target", "1.5"], "--fidelity-target"),
-    (["--quant", "int8", "--fidelity-target", "0.9"], "needs --quant int4"),
+    (["--quant", "int8", "--fidelity-target", "0.9"], "need --quant int4"),
+    (["--quant", "int4", "--int4-method", "rtn", "--fidelity-kl", "0.01"], "need --quant int4"),
+    (["--quant", "int4", "--fidelity-kl", "-1"], "--fidelity-kl"),
     (["--min-agreement", "0.9"], "need a quantized export"),
     (["--calibration", "/nonexistent"], "calibration set"),
 ])
@@ -263,17 +303,18 @@ def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_d
     assert proc.returncode == 0, err
     b = bundle_mod.load(tmp_path / "b")
     kept = b.manifest.quantization["kept_int8"]["extractor"]
-    assert kept and f"kept in 8 bits for --fidelity-target: {', '.join(kept)}" in err
+    assert kept and f"kept in 8 bits for the fidelity target: {', '.join(kept)}" in err
     graph = onnx.load(str(b.file(b.models["extractor"].graphs["decoder"].file)), load_external_data=False).graph
     bits = {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
             for n in graph.node if n.op_type == "MatMulNBits"}
     assert all(bits[name] == 8 for name in kept) and 4 in bits.values()
-    assert b.manifest.quantization["fidelity_target"] == 0.93
+    assert b.manifest.quantization["fidelity_target"] == 0.93 and b.manifest.quantization["fidelity_kl"] is None
     info = subprocess.run([sys.executable, "-m", "edgevlm", "info", tmp_path / "b"], capture_output=True, env=ENV,
                           timeout=120).stdout.decode()
-    assert f"kept in 8 bits for --fidelity-target 0.93: {', '.join(kept)}" in info
+    assert f"kept in 8 bits for the fidelity target (top-1 0.93): {', '.join(kept)}" in info
     proc = subprocess.run([*args, "--out", tmp_path / "c", "--fidelity-target", "1"], capture_output=True, env=ENV,
                           timeout=600)
     err = proc.stderr.decode().strip().splitlines()
-    assert proc.returncode == 1 and err[-1].startswith("edgevlm: error: --fidelity-target 1.0 is out of reach")
+    assert proc.returncode == 1 and err[-1].startswith("edgevlm: error: the fidelity target (top-1 1.0) is out of "
+                                                       "reach")
     assert not (tmp_path / "c").exists()

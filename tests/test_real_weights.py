@@ -73,11 +73,12 @@ def test_int8_bundle_of_real_weights_keeps_top1_agreement_above_097(smollm2, tin
 
 @pytest.mark.slow  # ~10 minutes: exports SmolLM2 twice (fp32 reference, int4 with GPTQ) and measures 640 positions
 def test_default_int4_bundle_of_real_weights_keeps_its_agreement_floor(smollm2, tiny_dir, tmp_path):
-    """The default int4 (GPTQ, uint4 zero points, head and MLP down projections in 8 bits) on real weights.
-    Measured (benchmarks/quant_fidelity.py): plan 0.947 / KL 0.031, think 0.919 / 0.037 (awq, the default
-    before: 0.897 / 0.061, 0.872 / 0.066). The issue's 0.95 / 0.02 is met on the demo reasoner, not on this
-    GGUF, whose fp32 weights sit on the Q4_1 grid that no uint4 zero point reproduces: this pins the floor
-    it does reach."""
+    """The default int4 on real weights: GPTQ (uint4 zero points, head and MLP down projections in 8 bits), then
+    the default fidelity target (mean KL 0.01 on calibration prompts) moving MatMuls to 8 bits, and the 8-bit
+    token embedding. Measured (2026-12-03, held-out 10 x 32): plan 0.959 / KL 0.0049, think 0.950 / 0.0049,
+    0.27x fp32's size: this GGUF's fp32 weights sit on the Q4_1 grid that no uint4 zero point reproduces
+    (GPTQ alone: 0.947 / 0.032, 0.900 / 0.037), so the target keeps every one of its 90 int4 MatMuls in 8 bits.
+    This pins the issue's floor: top-1 0.95 (less one position in 320 of noise) and KL 0.02 each stage."""
     import onnx
 
     from edgevlm.export.exporter import QuantPlan, export_bundle
@@ -86,11 +87,15 @@ def test_default_int4_bundle_of_real_weights_keeps_its_agreement_floor(smollm2, 
                          quant=QuantPlan(extractor="fp32", reasoner="int4"), fidelity_samples=10,
                          fidelity_tokens=32, log=lambda m: None)
     b = bundle_mod.load(path)
-    report = b.manifest.fidelity
-    assert set(report) == {"plan", "think"} and b.manifest.quantization["int4_method"] == "gptq"
+    report, q = b.manifest.fidelity, b.manifest.quantization
+    assert set(report) == {"plan", "think"} and q["int4_method"] == "gptq" and q["fidelity_kl"] == 0.01
     for stage, r in report.items():
-        assert r["top1_agreement"] >= 0.90 and r["mean_kl"] <= 0.05, (stage, r)
-        assert r["size_ratio"] < 0.36, (stage, r)  # 224.9 of 653.5 MB: the token embedding stays fp32
+        assert r["top1_agreement"] >= 0.947 and r["mean_kl"] <= 0.02, (stage, r)
+        assert r["size_ratio"] < 0.30, (stage, r)  # 178 of 653.5 MB with the 8-bit token embedding
     graph = onnx.load(str(b.file(b.models["reasoner"].graphs["decoder"].file)), load_external_data=False).graph
+    bits = {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    assert {name for name, nbits in bits.items() if nbits == 8} >= set(q["kept_int8"]["reasoner"])
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
     zero_points = {i.name: i.data_type for i in graph.initializer if i.name.endswith("_zero_points")}
-    assert len(zero_points) == 90 and set(zero_points.values()) == {onnx.TensorProto.UINT8}  # the fast kernel's
+    assert set(zero_points.values()) <= {onnx.TensorProto.UINT8}  # int4 left: the fast kernel's format
