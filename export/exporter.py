@@ -448,7 +448,8 @@ def _meet_target(root: Path, role: str, reference: ModelSpec, spec: ModelSpec, e
     inputs = {stage: stage_inputs(stage, ref_model, items) for stage, r in STAGES.items() if r == role}
     src, dst = root / reference.graphs["decoder"].file, root / spec.graphs["decoder"].file
     target, kl_target = plan.fidelity_target or 0.0, plan.fidelity_kl or float("inf")
-    wanted = " and ".join([*([f"top-1 {target}"] if target else []), *([f"KL {kl_target}"] if plan.fidelity_kl else [])])
+    wanted = " and ".join([*([f"top-1 {target}"] if target else []),
+                           *([f"KL {kl_target}"] if plan.fidelity_kl else [])])
     count = 0
     while True:
         candidate = _ort_model(root, spec)

@@ -196,9 +196,9 @@ def quantize_embeddings(src: Path, dst: Path, bits: int = 8, block_size: int = E
         new_inits = [numpy_helper.from_array(q, f"{table_name}_q{bits}"),
                      numpy_helper.from_array(scale.astype(table.dtype), f"{table_name}_scales"),
                      numpy_helper.from_array(zeros, f"{table_name}_zero_points")]
-        new = helper.make_node("GatherBlockQuantized", [new_inits[0].name, node.input[1], *(i.name for i in new_inits[1:])],
-                               list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft", bits=bits,
-                               block_size=block_size, gather_axis=0, quantize_axis=1)
+        inputs = [new_inits[0].name, node.input[1], *(i.name for i in new_inits[1:])]
+        new = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+                               domain="com.microsoft", bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
         graph.initializer.remove(inits.pop(table_name))
         graph.initializer.extend(new_inits)
         graph.node.insert(list(graph.node).index(node), new)

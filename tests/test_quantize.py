@@ -147,6 +147,26 @@ def test_token_embeddings_quantize_to_block_gathers_within_half_a_step(tmp_path,
     assert (err <= step / 2 * 1.01 + 1e-3 * (dtype == "float16")).all() and (y[0, 1] == 0).all()
 
 
+def test_the_default_kl_target_warns_and_keeps_all_in_8_bits_where_it_is_out_of_reach(tiny_dir, tmp_path):
+    """The default target (resolved for GPTQ int4, not asked for) never fails an export: out of reach, every
+    MatMul goes to 8 bits with a warning. An explicit --fidelity-kl 0 turns it off."""
+    from dataclasses import replace
+
+    plan = QuantPlan(extractor="int4", reasoner="int4").resolved()
+    assert (plan.fidelity_kl, plan.targets_given, plan.embed) == (0.01, False, "int8")
+    assert QuantPlan(extractor="int4", reasoner="int4", fidelity_kl=0).resolved().fidelity_kl == 0
+    assert QuantPlan(extractor="int4", reasoner="int4", int4_method="awq").resolved().fidelity_kl is None
+    lines = []
+    path = export_bundle(tmp_path / "b", extractor=str(tiny_dir("llava_onevision")), with_reasoner=False,
+                         quant=replace(plan, fidelity_kl=1e-12), log=lines.append, fidelity_samples=1,
+                         fidelity_tokens=4)
+    assert any("warning: the default fidelity target (KL 1e-12) is out of reach" in line for line in lines), lines
+    b = bundle_mod.load(path)
+    graph = onnx.load(str(b.file(b.models["extractor"].graphs["decoder"].file)), load_external_data=False).graph
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    assert bits and set(bits) == {8} and b.manifest.quantization["kept_int8"]["extractor"]
+
+
 def test_a_bundle_below_the_fidelity_gate_is_not_written(tiny_dir, tmp_path):
     out = tmp_path / "gated"
     proc = subprocess.run([sys.executable, "-m", "edgevlm", "export", "--out", out, "--extractor",
