@@ -191,7 +191,9 @@ def quantize_embeddings(src: Path, dst: Path, bits: int = 8, block_size: int = E
         scale[scale == 0] = 1.0
         q = (np.clip(np.round(blocks / scale[..., None]), -levels, levels) + middle).astype(np.uint8).reshape(rows, dim)
         zeros = np.full((rows, dim // block_size), middle, np.uint8)
-        if bits == 4:
+        if bits == 4:  # two a byte, low nibble first, as MatMulNBits packs them
+            from edgevlm.export.gptq import _pack
+
             q, zeros = _pack(q), _pack(np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2))))
         new_inits = [numpy_helper.from_array(q, f"{table_name}_q{bits}"),
                      numpy_helper.from_array(scale.astype(table.dtype), f"{table_name}_scales"),
@@ -209,12 +211,6 @@ def quantize_embeddings(src: Path, dst: Path, bits: int = 8, block_size: int = E
     Path(f"{dst}.data").unlink(missing_ok=True)  # onnx appends to an existing data file; the model is in memory
     onnx.save(model, str(dst), save_as_external_data=True, location=Path(str(dst) + ".data").name)
     return changed
-
-
-def _pack(values: np.ndarray) -> np.ndarray:
-    """Values 0..15 [..., 2m] -> bytes [..., m], the first of each pair in the low nibble (ONNX Runtime's order)."""
-    v = values.astype(np.uint8)
-    return v[..., 0::2] | (v[..., 1::2] << 4)
 
 
 def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, block_size: int = 16,
