@@ -115,8 +115,10 @@ def answers(clock: Clock, pipe: Pipeline, temperature: float, items: int) -> Non
     rows = [json.loads(line) for line in (demo.TEST_SET / "items.jsonl").read_text().splitlines() if line.strip()]
     sets = answer_sets(rows)
 
-    def timed_generate(state, decoding, *, answer=None, **kw):
-        return generate(clock.state(state), decoding, answer=answer and clock.matcher(answer), **kw)
+    def timed_generate(state, decoding, *, answer=None, **kw):  # the constrained stage's steps, not the extractor's
+        if answer is None:
+            return generate(state, decoding, **kw)
+        return generate(clock.state(state), decoding, answer=clock.matcher(answer), **kw)
 
     pipeline_module.generate = timed_generate
     try:
