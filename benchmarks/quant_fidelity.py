@@ -114,14 +114,14 @@ def bench_model(name: str, work: Path, args) -> list[str]:
     inputs = {stage: stage_inputs(stage, reference, held[: args.samples]) for stage in ("plan", "think")}
     feeds = decoder_feeds(reference, [p for stage in ("plan", "think") for p in stage_inputs(stage, reference,
                                                                                             calib[:16])])
-    cache, errors = {}, {}  # GPTQ's per-MatMul results, shared by the gptq variants
+    cache, errors = {}, {}  # GPTQ's per-MatMul results and the k8top ranking, shared by the gptq variants
     results = {"fp32": (_size(src), None, reference)}
     for method in args.methods.split(","):
         out = work / method / "decoder.onnx"
         shutil.rmtree(out.parent, ignore_errors=True)  # onnx appends to an existing external data file
         out.parent.mkdir(parents=True)
         t = time.perf_counter()
-        errors.update(quantize_variant(method, src, out, feeds, cache, errors))
+        quantize_variant(method, src, out, feeds, cache, errors)
         quant_s = time.perf_counter() - t
         decoder = replace(entry.graphs["decoder"], file=str(out.relative_to(work)))
         candidate = OrtModel(Bundle.in_progress(work, {"m": replace(entry, graphs={"decoder": decoder})}), "m")
@@ -143,16 +143,15 @@ def bench_model(name: str, work: Path, args) -> list[str]:
             for m, (size, fid, _) in results.items()]
 
 
-def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> dict:
+def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> None:
     from edgevlm.export import quantize
 
     name, *opts = method.split("-")
     bits = next((int(o[3:]) for o in opts if o in ("emb8", "emb4")), None)
     if bits:  # the token embedding too, as export does after the MatMuls
-        result = quantize_variant("-".join(o for o in method.split("-") if o != f"emb{bits}"), src, out, feeds,
-                                  cache, errors)
+        quantize_variant("-".join(o for o in method.split("-") if o != f"emb{bits}"), src, out, feeds, cache, errors)
         quantize.quantize_embeddings(out, out, bits)
-        return result
+        return
     head = quantize.logits_matmul(src)
     exclude = [head] if "head32" in opts else []
     if "down32" in opts:
@@ -162,10 +161,10 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
     keep = [n for o in opts if o in kept for n in quantize.sensitive_matmuls(src, kept[o])]
     top = int(next((o[5:] for o in opts if o.startswith("k8top")), 0))
     if top:
-        if not errors:
+        if not errors:  # the ranking (every MatMul's int4 error), once for all variants
             with quantize.scratch_graph(out, "ranking") as scratch:
-                errors = quantize.int4(src, scratch, method="gptq", reader=quantize.FeedReader(feeds),
-                                       keep_int8=keep, cache=cache)
+                errors.update(quantize.int4(src, scratch, method="gptq", reader=quantize.FeedReader(feeds),
+                                            keep_int8=keep, cache=cache))
         keep += sorted((n for n in errors if n not in keep), key=errors.get, reverse=True)[:top]
     keep_block = int(next((o[4:] for o in opts if o.startswith("k8bs")), quantize.KEEP_INT8_BLOCK))
     block = int(next((o[2:] for o in opts if o.startswith("bs")), 16 if name == "int8" else 32))
@@ -176,13 +175,13 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
                 if n not in exclude]
         int8_compute.quantize(src, out, quantize.FeedReader(feeds), keep=keep, keep_fp32=exclude,
                               smooth="nosmooth" not in opts)
-        return {}
+        return
     if name == "int8":
         quantize.int8_weight_only(src, out, exclude=exclude, block_size=block, accuracy_level=acc)
-        return {}
+        return
     reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
-    return quantize.int4(src, out, method=name, block_size=block, reader=reader, exclude=exclude, keep_int8=keep,
-                         keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None)
+    quantize.int4(src, out, method=name, block_size=block, reader=reader, exclude=exclude, keep_int8=keep,
+                  keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None)
 
 
 def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float,
