@@ -158,7 +158,7 @@ class AnswerMatcher:
       single token t, the argmax: with top-k 1 and no tie for the top; or with top-p when t's probability under
       temperature alone is at least top_p (plus 1e-4 for float32 rounding). Masking and top-k only remove
       other tokens, so t's share of what is kept can only grow; a share of at least top_p removes every other
-      token from the nucleus (warp removes the second token when 1 - p(t) <= 1 - top_p). Else: masked.
+      token from the nucleus (HF removes the second token when 1 - p(t) <= 1 - top_p). Else: masked.
     """
 
     def __init__(self, constraint: Constraint, tokenizer, eos_ids: set[int], *, start: str, prefix: bool = True,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgevlm import prompts
-from edgevlm.generation import Decoding, ThinkControl, generate, sample, warp
+from edgevlm.generation import Decoding, ThinkControl, _draw, distribution, generate, sample
 from edgevlm.tokenizer import Tokenizer
 
 
@@ -111,8 +111,35 @@ def test_greedy_is_argmax():
     assert sample(logits, Decoding(max_new_tokens=1), np.random.default_rng(0)) == int(np.argmax(logits))
 
 
+def _dense(logits, decoding):
+    """`distribution` as probabilities over the whole vocabulary."""
+    ids, weights = distribution(logits, decoding)
+    probs = np.zeros(logits.size)
+    probs[slice(None) if ids is None else ids] = weights
+    return probs / probs.sum()
+
+
+def _hf_in_float64(logits, decoding):
+    """HF's warpers the way HF runs them (a sort of the whole vocabulary), in float64: the specification
+    `distribution` keeps without the sort. Also returns each token's distance from the top-p cut."""
+    x = logits.astype(np.float64) / decoding.temperature
+    if 0 < decoding.top_k < x.size:
+        x[x < np.sort(x)[-decoding.top_k]] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    margin = np.full(x.size, np.inf)
+    if decoding.top_p < 1:
+        order = np.argsort(x, kind="stable")
+        cum = np.cumsum(p[order])
+        remove = cum <= 1 - decoding.top_p
+        remove[-1] = False
+        margin[order] = np.abs(cum - (1 - decoding.top_p))
+        p[order[remove]] = 0
+    return p / p.sum(), margin
+
+
 @pytest.mark.parametrize("top_k, top_p, temperature", [(20, 1.0, 0.6), (0, 0.95, 0.6), (20, 0.8, 0.7), (5, 0.5, 1.3)])
-def test_warping_keeps_the_same_tokens_as_transformers(top_k, top_p, temperature):
+def test_distribution_keeps_the_same_tokens_as_transformers(top_k, top_p, temperature):
     import torch
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
@@ -121,6 +148,7 @@ def test_warping_keeps_the_same_tokens_as_transformers(top_k, top_p, temperature
     )
 
     rng = np.random.default_rng(top_k + int(top_p * 100))
+    decoding = Decoding(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     for _ in range(20):
         logits = (rng.normal(size=500) * 3).astype(np.float32)
         scores = torch.from_numpy(logits)[None]
@@ -129,9 +157,47 @@ def test_warping_keeps_the_same_tokens_as_transformers(top_k, top_p, temperature
             scores = TopKLogitsWarper(top_k)(None, scores)
         if top_p < 1:
             scores = TopPLogitsWarper(top_p)(None, scores)
-        ours = warp(logits, Decoding(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p))
-        np.testing.assert_array_equal(np.isfinite(ours), torch.isfinite(scores[0]).numpy())
-        np.testing.assert_allclose(ours[np.isfinite(ours)], scores[0][torch.isfinite(scores[0])].numpy(), rtol=1e-5)
+        theirs = torch.softmax(scores[0].double(), -1).numpy()
+        ours = _dense(logits, decoding)
+        np.testing.assert_array_equal(ours > 0, theirs > 0)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.95), (0, 0.5), (20, 0.95), (50, 1.0)])
+def test_distribution_over_a_real_vocabulary_matches_the_full_sort(top_k, top_p):
+    # 50,001 tokens: the float32 path, top-p's shortcut past the tokens under (1 - top_p) / vocab, ties at the
+    # k-th value, banned tokens (-inf), and a vocabulary that is not a whole number of the draw's blocks.
+    rng = np.random.default_rng(top_k + int(top_p * 100))
+    decoding = Decoding(max_new_tokens=1, temperature=0.6, top_k=top_k, top_p=top_p)
+    for trial in range(5):
+        logits = (rng.normal(size=50_001) * (1 + 3 * trial)).astype(np.float32)
+        logits[rng.choice(logits.size, 50, replace=False)] = -np.inf
+        logits[np.argsort(logits)[-top_k - 3:-top_k + 3]] = logits[np.argsort(logits)[-top_k]] if top_k else 0
+        ref, margin = _hf_in_float64(logits, decoding)
+        ours = _dense(logits, decoding)
+        differ = (ours > 0) != (ref > 0)
+        # Only a token on the top-p cut itself may go either way, or one that float32's exp rounds to 0.
+        assert not differ[(margin > 1e-6) & (ref > 1e-30)].any()
+        np.testing.assert_allclose(ours[~differ], ref[~differ], rtol=1e-4, atol=1e-9)
+
+
+def test_drawing_by_blocks_follows_the_weights():
+    rng = np.random.default_rng(3)
+    weights = np.zeros(50_001, np.float32)
+    heavy = [0, 255, 256, 20_000, 49_920, 50_000]  # block edges and the last, short block
+    weights[heavy] = [1, 2, 3, 4, 5, 6]
+    weights[1000:1256] = 5 / 256  # a block of many small ones
+    draws = np.array([_draw(weights, u) for u in rng.random(30_000)])
+    freq = np.bincount(draws, minlength=weights.size)
+    expect = weights / weights.sum()
+    np.testing.assert_allclose(freq[heavy] / draws.size, expect[heavy], atol=0.01)
+    assert abs(freq[1000:1256].sum() / draws.size - expect[1000:1256].sum()) < 0.01
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(weights))  # never a token of weight 0
+    # The ends of [0, 1) land on tokens that can be drawn, never on a zero (banned) one.
+    assert _draw(weights, 0.0) == 0 and _draw(weights, np.nextafter(1.0, 0.0)) == 50_000
+    weights[50_000] = 0
+    assert _draw(weights, np.nextafter(1.0, 0.0)) == 49_920
+    assert _draw(np.array([0.0, 1.0, 0.0]), np.nextafter(1.0, 0.0)) == 1
 
 
 def test_sampling_follows_the_softmax_and_is_reproducible():
