@@ -6,6 +6,8 @@ one token and returns the next logits (the KV cache lives inside it).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -99,17 +101,16 @@ def distribution(logits: np.ndarray, decoding: Decoding) -> tuple[np.ndarray | N
     if decoding.top_p < 1.0:
         total = weights.sum(dtype=np.float64)
         cut = (1.0 - decoding.top_p) * total
-        if ids is None:
+        below = 0.0
+        if ids is None and x.size > 4096:
             ids = np.flatnonzero(weights >= cut / x.size)  # the rest: under `cut` together, all removed
             below = total - weights[ids].sum(dtype=np.float64)
             weights = weights[ids]
-        else:
-            below = 0.0
         order = np.argsort(weights, kind="stable")  # ascending, ties in id order, as HF sorts
         remove = below + np.cumsum(weights[order], dtype=np.float64) <= cut
         remove[-1] = False  # always keep the most likely token
         keep = np.sort(order[~remove])
-        ids, weights = ids[keep], weights[keep]
+        ids, weights = (keep if ids is None else ids[keep]), weights[keep]
     return ids, weights
 
 
@@ -126,6 +127,10 @@ def _draw(weights: np.ndarray, u: float, block: int = 256) -> int:
     """The index i with cdf[i-1] <= u * total < cdf[i] (a token of weight 0 is never drawn). Over a long
     vocabulary, by blocks: a block's sum, then the cumulative sum of that block alone (a cumulative sum of
     the whole vocabulary is the slowest part of a draw: ~0.2 ms at 49k)."""
+    if weights.size <= 32:  # a few tokens (top-k, a constrained answer's): numpy's per-call cost is the draw
+        cdf = list(itertools.accumulate(weights.tolist()))
+        i = bisect.bisect_right(cdf, u * cdf[-1])
+        return i if i < len(cdf) and weights[i] > 0 else int(np.flatnonzero(weights)[-1])
     if weights.size <= 4 * block:
         return _search(weights, u)
     n = weights.size - weights.size % block

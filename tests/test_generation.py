@@ -197,7 +197,12 @@ def test_drawing_by_blocks_follows_the_weights():
     assert _draw(weights, 0.0) == 0 and _draw(weights, np.nextafter(1.0, 0.0)) == 50_000
     weights[50_000] = 0
     assert _draw(weights, np.nextafter(1.0, 0.0)) == 49_920
-    assert _draw(np.array([0.0, 1.0, 0.0]), np.nextafter(1.0, 0.0)) == 1
+    assert _draw(np.array([0.0, 1.0, 0.0]), np.nextafter(1.0, 0.0)) == 1  # a few tokens: in Python
+    assert _draw(np.r_[np.zeros(100), 1.0, np.zeros(399)], np.nextafter(1.0, 0.0)) == 100  # up to 1024: one cumsum
+    for size in (7, 500):  # the two shorter paths follow the weights too
+        weights = rng.random(size) ** 4
+        draws = np.bincount([_draw(weights, u) for u in rng.random(20_000)], minlength=size) / 20_000
+        assert np.abs(draws - weights / weights.sum()).max() < 0.015
 
 
 def test_sampling_follows_the_softmax_and_is_reproducible():
