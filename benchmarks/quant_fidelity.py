@@ -29,10 +29,10 @@ import numpy as np
 
 METHODS = "awq-keep8,gptq-keep8,gptq,gptq-keep8-k8top8,hqq-keep8,int8,w8a8"
 HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 compute: per-token int8 activations, "
-        "smoothed, the LM head weight-only int8: the export default; options nosmooth, keepdown: MLP down "
-        "projections weight-only int8 too, head32, down32) or an int4 method (gptq: the export default, awq, "
-        "rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; keep8head, "
-        "keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
+        "smoothed, the LM head weight-only int8: the export default; options nosmooth, u8 (uint8 weights), "
+        "keepdown: MLP down projections weight-only int8 too, head32, down32) or an int4 method (gptq: the export "
+        "default, awq, rtn, hqq); options: keep8 (head and MLP down projections in int8: the export default; "
+        "keep8head, keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
         "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), "
         "emb8 / emb4 (the token embedding 8 / 4-bit: the export default is emb8)")
@@ -174,7 +174,7 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
         keep = [n for n in quantize.sensitive_matmuls(src, quantize.SENSITIVE if "keepdown" in opts else ["head"])
                 if n not in exclude]
         int8_compute.quantize(src, out, quantize.FeedReader(feeds), keep=keep, keep_fp32=exclude,
-                              smooth="nosmooth" not in opts)
+                              smooth="nosmooth" not in opts, weights="uint8" if "u8" in opts else "int7")
         return
     if name == "int8":
         quantize.int8_weight_only(src, out, exclude=exclude, block_size=block, accuracy_level=acc)

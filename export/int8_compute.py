@@ -6,7 +6,19 @@ Weight-only int8 (MatMulNBits) makes decode faster, being memory-bound, but leav
 tower at fp32 speed. Here each constant-weight MatMul becomes:
 
     x [.., K] --(per-token: one scale per row, amax/127; uint8 with zero point 128)--> MatMulIntegerToFloat
-              with per-output-channel symmetric int8 weights --> times the row scale
+              with per-output-channel symmetric weights --> times the row scale
+
+The weights come in two formats (LEVELS), because without VNNI (AVX2; AVX-512 without VNNI: AMD before Zen 4,
+Skylake-X) ONNX Runtime's uint8 x int8 kernel adds pairs of products in int16 (vpmaddubsw), which saturates once
+255 * |w1| + 255 * |w2| > 32767. With full int8 weights a saturated pair moves outputs by whole units (measured on
+an AVX2 EPYC: 4.0 max error against exact integer math, the demo vision tower's cosine 0.943): such a bundle
+would compute differently on different CPUs. So:
+- "int7": int8 weights in -63..63, which no pair can saturate: the uint8 x int8 kernel, VNNI where there is one;
+  the weights' rounding error is doubled (a 1152 x 4304 MatMul's relative error 0.022 -> 0.027).
+- "uint8": uint8 weights with zero point 128 in -127..127, on the uint8 x uint8 kernel, which widens to int16
+  before multiplying (exact on every CPU): full 8-bit weights, as fast as "int7" on AVX2 but without a VNNI
+  kernel on AVX-512 (AVX-VNNI-INT8 and ARM's dot products have one).
+The exporter tries "int7" first and takes "uint8" where the 7-bit weights miss its check.
 
 One quantized copy of an activation serves every MatMul that reads it (QKV, gate/up). Per-tensor activations
 (ORT's quantize_dynamic) lost a 135M decoder's answers (0.78 top-1); per-token scales keep an outlier token
@@ -29,6 +41,9 @@ import numpy as np
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # smoothing strengths tried per activation (and none at all)
 SAMPLE_ROWS = 256  # calibration rows per activation the smoothing search scores on
+# weight formats: int8 holding -63..63 (no uint8 x int8 pair sum overflows int16: the module docstring), or
+# uint8 with zero point 128 holding -127..127 (exact on ONNX Runtime's widening uint8 x uint8 kernel)
+LEVELS = {"int7": 63, "uint8": 127}
 MS_DOMAIN = "com.microsoft"
 
 
@@ -38,14 +53,14 @@ def _q_rows(x: np.ndarray) -> np.ndarray:
     return np.round(x / s) * s
 
 
-def _q_cols(w: np.ndarray) -> np.ndarray:
-    """W [K, N] quantized and dequantized per output column, symmetric int8."""
-    s = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-8) / 127.0
+def _q_cols(w: np.ndarray, levels: int = LEVELS["int7"]) -> np.ndarray:
+    """W [K, N] quantized and dequantized per output column, symmetric, `levels` either side of zero."""
+    s = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-8) / levels
     return np.round(w / s) * s
 
 
 def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, int] | None = None,
-              alphas: Iterable[float] = ALPHAS) -> np.ndarray | None:
+              alphas: Iterable[float] = ALPHAS, levels: int = LEVELS["int7"]) -> np.ndarray | None:
     """The per-channel scale s (x / s, W * s) that minimises the int8 output error of x @ W on rows x, or None if
     no smoothing does best. `amax` is x's per-channel max |x| over all calibration rows; `group` = (kv_heads,
     heads) makes the query heads that read one value head share their channels' scales (fold_input_scales
@@ -60,11 +75,11 @@ def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, 
 
         amax, wmax = share(amax), share(wmax)
     reference = x @ w
-    best, best_err = None, np.square(_q_rows(x) @ _q_cols(w) - reference).mean()
+    best, best_err = None, np.square(_q_rows(x) @ _q_cols(w, levels) - reference).mean()
     for alpha in alphas:
         s = np.maximum(amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        err = np.square(_q_rows(x / s) @ _q_cols(w * s[:, None]) - reference).mean()
+        err = np.square(_q_rows(x / s) @ _q_cols(w * s[:, None], levels) - reference).mean()
         if err < best_err:
             best, best_err = s, err
     return best
@@ -74,16 +89,18 @@ def _opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
-def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: bool = True, progress=None) -> int:
+def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: bool = True, weights: str = "int7",
+            progress=None) -> int:
     """Writes `src` with every constant-weight 2-D MatMul not in `keep` on per-token int8 activations and
-    per-channel int8 weights (smoothed first, on `reader`'s calibration feeds, if `smooth`). Returns how many
-    MatMuls it rewrote."""
+    per-channel weights in format `weights` (LEVELS; smoothed first, on `reader`'s calibration feeds, if `smooth`).
+    Returns how many MatMuls it rewrote."""
     import onnx
     from onnx import helper, numpy_helper
 
     from edgevlm.export.quantize import _attr, _topological_save, activation_stats, fold_input_scales
 
     keep = set(keep)
+    levels = LEVELS[weights]
 
     def matmuls(graph) -> dict[str, list]:
         """The MatMuls to rewrite, by the activation they read."""
@@ -114,14 +131,14 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
                 progress(f"smoothing activations {i}/{len(by_input)}")
             if any(uses[n.input[1]] > 1 for n in nodes):
                 continue  # a weight another node reads too (tied): scaling it would change that node
-            weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
+            ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
             group = None
             if name in attention:
                 group = (_attr(attention[name], "kv_num_heads"), _attr(attention[name], "num_heads"))
-            s = smoothing(stats[name].rows, stats[name].amax, np.concatenate(weights, axis=1), group)
+            s = smoothing(stats[name].rows, stats[name].amax, np.concatenate(ws, axis=1), group, levels=levels)
             if s is None:
                 continue
-            for node, w in zip(nodes, weights, strict=True):
+            for node, w in zip(nodes, ws, strict=True):
                 inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], node.input[1]))
             inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{name}.int8_inv_scale")
             graph.initializer.append(inv)
@@ -139,6 +156,8 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
     graph.initializer.extend([numpy_helper.from_array(np.array(1e-8, np.float32), "int8.eps"),
                               numpy_helper.from_array(np.array(1 / 127, np.float32), "int8.step"),
                               numpy_helper.from_array(np.array(128, np.uint8), "int8.zp"),
+                              numpy_helper.from_array(np.array(128, np.uint8) if weights == "uint8"
+                                                      else np.array(0, np.int8), "int8.wzp"),
                               numpy_helper.from_array(np.array([-1], np.int64), "int8.last_axis")])
     new_nodes = []
     for i, (x, nodes) in enumerate(by_input.items()):
@@ -158,13 +177,14 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
         ]
         for node in nodes:
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            scale = (np.maximum(np.abs(w).max(axis=0), 1e-8) / 127.0).astype(np.float32)
-            wq = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            scale = (np.maximum(np.abs(w).max(axis=0), 1e-8) / levels).astype(np.float32)
+            wq = np.clip(np.round(w / scale), -levels, levels)
+            wq = (wq + 128).astype(np.uint8) if weights == "uint8" else wq.astype(np.int8)
             wname, sname = f"{node.name}.int8_weight", f"{node.name}.int8_weight_scale"
             graph.initializer.extend([numpy_helper.from_array(wq, wname), numpy_helper.from_array(scale, sname)])
             unscaled = f"{node.name}.int8_out"
             new_nodes += [
-                helper.make_node("MatMulIntegerToFloat", [f"{p}.q", wname, "int8.step", sname, "int8.zp"],
+                helper.make_node("MatMulIntegerToFloat", [f"{p}.q", wname, "int8.step", sname, "int8.zp", "int8.wzp"],
                                  [unscaled], name=f"{node.name}.int8", domain=MS_DOMAIN),
                 helper.make_node("Mul", [unscaled, f"{p}.a"], [node.output[0]], name=f"{node.name}.int8_rescale"),
             ]
@@ -212,15 +232,16 @@ def agreement(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], limit: i
 
 
 def quantize(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), keep_fp32: Iterable[str] = (),
-             smooth: bool = True, progress=None) -> int:
+             smooth: bool = True, weights: str = "int7", progress=None) -> int:
     """int8 compute for every constant-weight MatMul of `src` but `keep` (weight-only 8-bit blocks of 16, as
     quantize.int8_weight_only) and `keep_fp32` (left alone). Returns how many MatMuls run int8 compute."""
     from edgevlm.export import quantize as q
 
     keep, keep_fp32 = list(keep), list(keep_fp32)
     if not keep:
-        return rewrite(src, dst, reader, keep=keep_fp32, smooth=smooth, progress=progress)
+        return rewrite(src, dst, reader, keep=keep_fp32, smooth=smooth, weights=weights, progress=progress)
     with q.scratch_graph(dst, "w8a8") as half:
-        count = rewrite(src, half, reader, keep=[*keep, *keep_fp32], smooth=smooth, progress=progress)
+        count = rewrite(src, half, reader, keep=[*keep, *keep_fp32], smooth=smooth, weights=weights,
+                        progress=progress)
         q._nbits(half, dst, 8, include=keep, block_size=16)
     return count
