@@ -33,6 +33,17 @@ from edgevlm.manifest import FORMAT, FORMAT_VERSION, Manifest, ModelSpec, is_rel
 MANIFEST = "manifest.json"
 
 
+def _int8_compute_line(check: Mapping) -> str:
+    """How an int8 graph computes, from its export check (quantization.int8_compute_checks)."""
+    score = ", ".join(f"{k} {v}" for k, v in check.items() if k in ("mean_kl", "top1_agreement", "cosine"))
+    if not check.get("compute"):
+        return f"int8 weight-only (int8 compute missed the export check: {score})"
+    if "weights" not in check:  # exported before the weight formats (2026-12-04): full-range int8 weights
+        return ("int8 compute on full-range int8 weights, which CPUs without VNNI (AVX2) compute inexactly: "
+                "re-export this bundle to run it there")
+    return f"int8 compute, {check['weights']} weights, weight-only: {check['weight_only']} ({score})"
+
+
 class BundleError(EdgeVLMError):
     """A bundle is missing, unreadable, of another format version, or altered."""
 
@@ -93,6 +104,8 @@ class Bundle:
             for name, g in spec.graphs.items():
                 size = sizes.get(g.file, 0) + sizes.get(g.file + ".data", 0)
                 lines.append(f"  {name:<8} {g.file:<28} {size / 1e6:>9.1f} MB  {g.quant}")
+            for name, check in (((m.quantization or {}).get("int8_compute_checks") or {}).get(role) or {}).items():
+                lines.append(f"  {name:<8} {_int8_compute_line(check)}")
             kept = ((m.quantization or {}).get("kept_int8") or {}).get(role)
             if kept:
                 q = m.quantization

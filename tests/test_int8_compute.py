@@ -175,6 +175,27 @@ def test_an_int8_export_computes_on_int8_where_its_check_passes(int8_bundles):
         assert "MatMulIntegerToFloat" in ops and ops.count("MatMulNBits") == 1  # the LM head: weight-only
 
 
+def test_info_says_how_each_int8_graph_computes_and_flags_full_range_weights(int8_bundles):
+    """`edgevlm info` names each graph's weight format and score; a bundle whose checks carry no format (exported
+    with full-range int8 weights, before the formats) is told to be re-exported for CPUs without VNNI."""
+    import copy
+    import dataclasses
+
+    from edgevlm import bundle as bundle_mod
+
+    b = bundle_mod.load(int8_bundles)
+    checks = b.manifest.quantization["int8_compute_checks"]
+    text = b.describe()
+    vision = checks["extractor"]["vision"]
+    assert f"int8 compute, {vision['weights']} weights, weight-only: none (cosine {vision['cosine']})" in text
+    assert text.count("int8 compute, ") == 3 and "re-export" not in text  # two decoders and the vision tower
+    old = copy.deepcopy(dict(b.manifest.quantization))
+    del old["int8_compute_checks"]["extractor"]["vision"]["weights"]
+    aged = dataclasses.replace(b, manifest=dataclasses.replace(b.manifest, quantization=old))
+    line = next(ln for ln in aged.describe().splitlines() if ln.strip().startswith("vision") and "compute" in ln)
+    assert "full-range int8 weights" in line and "re-export this bundle" in line
+
+
 def test_a_graph_that_misses_the_check_falls_back_to_weight_only(tiny_dir, tmp_path, monkeypatch):
     from edgevlm import bundle as bundle_mod
     from edgevlm.export import exporter
