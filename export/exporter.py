@@ -235,10 +235,11 @@ def _int8_compute(src: Path, dst: Path, kind: str, reader, log) -> dict:
 
     metric, bound = INT8_COMPUTE_CHECKS[kind]
     head = quantize.sensitive_matmuls(src, ["head"]) if kind == "decoder" else []
-    ladder = [("int7", "none", []), ("uint8", "none", [])]
-    if head:
+    if head:  # (weight format, what stays weight-only: named, the MatMuls)
         ladder = [("int7", "head", head), ("uint8", "head", head),
                   ("uint8", "head, down", [*head, *quantize.sensitive_matmuls(src, ["down"])])]
+    else:
+        ladder = [("int7", "none", []), ("uint8", "none", [])]
     reference = int8_compute.outputs(src, reader.feeds)  # once, for every step of the ladder
     for weights, kept, keep in ladder:
         remove_graph(dst)

@@ -53,10 +53,16 @@ def _q_rows(x: np.ndarray) -> np.ndarray:
     return np.round(x / s) * s
 
 
+def _weight_ints(w: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [K, N] as integers in -levels..levels (float) and its per-output-column scale [N] (float32)."""
+    s = (np.maximum(np.abs(w).max(axis=0), 1e-8) / levels).astype(np.float32)
+    return np.clip(np.round(w / s), -levels, levels), s
+
+
 def _q_cols(w: np.ndarray, levels: int = LEVELS["int7"]) -> np.ndarray:
-    """W [K, N] quantized and dequantized per output column, symmetric, `levels` either side of zero."""
-    s = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-8) / levels
-    return np.round(w / s) * s
+    """W [K, N] quantized and dequantized per output column as the graph stores it (`_weight_ints`)."""
+    q, s = _weight_ints(w, levels)
+    return q * s
 
 
 def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, int] | None = None,
@@ -177,8 +183,7 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
         ]
         for node in nodes:
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            scale = (np.maximum(np.abs(w).max(axis=0), 1e-8) / levels).astype(np.float32)
-            wq = np.clip(np.round(w / scale), -levels, levels)
+            wq, scale = _weight_ints(w, levels)
             wq = (wq + 128).astype(np.uint8) if weights == "uint8" else wq.astype(np.int8)
             wname, sname = f"{node.name}.int8_weight", f"{node.name}.int8_weight_scale"
             graph.initializer.extend([numpy_helper.from_array(wq, wname), numpy_helper.from_array(scale, sname)])

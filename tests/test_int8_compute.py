@@ -59,7 +59,8 @@ def test_the_graph_computes_per_token_int8_times_per_channel_int8(tmp_path, weig
     _graph(src, rng, outlier=1.0)
     assert int8_compute.rewrite(src, dst, FeedReader(_feeds(rng)), smooth=False, weights=weights) == 3
     graph = onnx.load(str(dst)).graph
-    assert "MatMulIntegerToFloat" in {n.op_type for n in graph.node} and "MatMul" not in {n.op_type for n in graph.node}
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulIntegerToFloat" in ops and "MatMul" not in ops
     stored = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".int8_weight")]
     assert len(stored) == 3 and all(q.dtype == (np.uint8 if weights == "uint8" else np.int8) for q in stored)
     levels = int8_compute.LEVELS[weights]
