@@ -38,10 +38,23 @@ def _int8_compute_line(check: Mapping) -> str:
     score = ", ".join(f"{k} {v}" for k, v in check.items() if k in ("mean_kl", "top1_agreement", "cosine"))
     if not check.get("compute"):
         return f"int8 weight-only (int8 compute missed the export check: {score})"
-    if "weights" not in check:  # exported before the weight formats (2026-12-04): full-range int8 weights
+    if _full_range(check):
         return ("int8 compute on full-range int8 weights, which CPUs without VNNI (AVX2) compute inexactly: "
                 "re-export this bundle to run it there")
     return f"int8 compute, {check['weights']} weights, weight-only: {check['weight_only']} ({score})"
+
+
+def _full_range(check: Mapping) -> bool:
+    """An int8-compute graph exported before the weight formats (2026-12-04): full-range int8 weights."""
+    return bool(check.get("compute")) and "weights" not in check
+
+
+def full_range_int8(quantization: Mapping | None) -> list[str]:
+    """The graphs ("extractor vision", ...) that compute int8 on full-range int8 weights, which ONNX Runtime's
+    kernel on CPUs without VNNI sums inexactly (export/int8_compute.py): a bundle to re-export for them."""
+    checks = (quantization or {}).get("int8_compute_checks") or {}
+    return [f"{role} {graph}" for role, graphs in checks.items() for graph, check in graphs.items()
+            if isinstance(check, Mapping) and _full_range(check)]
 
 
 class BundleError(EdgeVLMError):

@@ -28,6 +28,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "torch", "torch.onnx", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    ours = logging.getLogger("edgevlm")  # edgevlm's own warnings stay (a bundle this CPU computes inexactly)
+    if not any(isinstance(h, _Warnings) for h in ours.handlers):
+        ours.addHandler(_Warnings(logging.WARNING))
+        ours.propagate = False
+
+
+class _Warnings(logging.Handler):
+    """edgevlm's warnings on stderr, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"edgevlm: warning: {record.getMessage()}", err=True)
 
 
 def _note(message: str) -> None:

@@ -2,6 +2,7 @@
 activations x per-channel int8 weights, checked against a numpy model of it), smoothing is folded exactly into
 the norm before, outliers that break plain int8 are handled, and the exporter keeps only what passes its check."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,49 @@ def test_a_graph_that_misses_the_check_falls_back_to_weight_only(tiny_dir, tmp_p
     assert b.manifest.quantization["int8_compute_checks"]["extractor"]["decoder"]["compute"] is False
     graph = onnx.load(str(b.file(b.models["extractor"].graphs["decoder"].file)), load_external_data=False).graph
     assert "MatMulIntegerToFloat" not in {n.op_type for n in graph.node}
+
+
+def test_only_x86_without_vnni_sums_int8_pairs_in_int16():
+    from edgevlm.backends.onnx import int8_sums_saturate
+
+    assert int8_sums_saturate({"avx2", "fma"}, "x86_64") and int8_sums_saturate({"avx512bw", "avx512f"}, "AMD64")
+    assert not int8_sums_saturate({"avx2", "avx512_vnni"}, "x86_64") and not int8_sums_saturate({"avx_vnni"}, "x86_64")
+    assert not int8_sums_saturate(set(), "aarch64")
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "avx512_vnni"}])
+def test_running_a_full_range_int8_bundle_without_vnni_warns_in_one_line(int8_bundles, tmp_path, capsys, monkeypatch,
+                                                                        flags):
+    """A bundle exported with full-range int8 weights (its checks name no weight format) still runs, but on a CPU
+    whose int8 kernel saturates (x86 without VNNI) `edgevlm run` says, on one line, that it computes inexactly
+    there and should be re-exported; on a VNNI CPU, and for a bundle with the formats, nothing is said."""
+    import shutil
+
+    from PIL import Image
+
+    from edgevlm.backends import onnx as onnx_backend
+    from edgevlm.cli import main
+
+    monkeypatch.setattr(onnx_backend, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(onnx_backend.platform, "machine", lambda: "x86_64")
+    image = tmp_path / "i.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    aged = tmp_path / "aged"
+    shutil.copytree(int8_bundles, aged)
+    manifest = json.loads((aged / "manifest.json").read_text())
+    checks = manifest["quantization"]["int8_compute_checks"]
+    for graphs in checks.values():
+        for check in graphs.values():
+            check.pop("weights", None)
+    (aged / "manifest.json").write_text(json.dumps(manifest))
+    for bundle, stale in ((int8_bundles, False), (aged, "avx512_vnni" not in flags)):
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(image), "How many?", "--bundle", str(bundle), "--max-new-tokens", "2"])
+        err = capsys.readouterr().err
+        assert e.value.code == 0, err
+        warned = [line for line in err.splitlines() if line.startswith("edgevlm: warning: ")]
+        if not stale:
+            assert not warned, err
+            continue
+        assert len(warned) == 1 and str(aged) in warned[0] and "re-export the bundle" in warned[0]
+        assert "extractor vision" in warned[0] and "reasoner decoder" in warned[0]

@@ -10,7 +10,10 @@ buffer set and write `present` (past and new, concatenated) into the other.
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
+from collections.abc import Iterable
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +29,7 @@ from edgevlm.kv_cache import KVCache
 from edgevlm.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, PIXEL_VALUES, POSITION_IDS
 from edgevlm.tokenizer import Prompt, Tokenizer
 
+log = logging.getLogger("edgevlm")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -68,11 +72,37 @@ def load(path: str, *, device: str = "cpu", threads: int | None = None, verify: 
         check_cuda_provider()
     b, plan = planned(path, verify=verify, memory_budget=memory_budget, vision_cache_mb=vision_cache_mb,
                       prefix_cache_mb=prefix_cache_mb, max_image_tokens=max_image_tokens)
+    stale = bundle.full_range_int8(b.manifest.quantization)
+    if stale and device == "cpu" and int8_sums_saturate():
+        log.warning("%s: %s compute int8 on full-range int8 weights, which this CPU (no VNNI) sums inexactly, "
+                    "so answers may differ from what the export checked: re-export the bundle", path, ", ".join(stale))
     if pipelined and plan.pipelining and device == "cpu" and not threads and not os.environ.get("EDGEVLM_THREADS"):
         threads = max(1, (os.cpu_count() or 1) // 2)
     models = {role: OrtModel(b, role, device=device, threads=threads, max_context=plan.max_context[role])
               for role in sorted(set(b.stages.values()))}
     return models[b.stages["extract"]], models.get(b.stages.get("think", "")), plan
+
+
+def int8_sums_saturate(flags: Iterable[str] | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernel here adds pairs of products in int16 (x86 without VNNI: AVX2, and
+    AVX-512 without VNNI), which full-range int8 weights saturate (export/int8_compute.py). `flags`: the CPU's
+    feature flags (default: /proc/cpuinfo's; where they cannot be read, False: nothing to warn about for sure)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if flags is None:
+        flags = _cpu_flags()
+        if flags is None:
+            return False
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return set(line.split(":", 1)[1].split()) if line else None
 
 
 def planned(path: str, *, verify: bool, memory_budget: int | str | None, vision_cache_mb: float,
