@@ -35,6 +35,8 @@ HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 comput
         "keep8head, keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
         "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), "
+        "sm8 (the inputs of the keep8 layers, or with int8 of every MatMul, smoothed against their int8 activation "
+        "blocks), "
         "emb8 / emb4 (the token embedding 8 / 4-bit: the export default is emb8)")
 
 
@@ -177,11 +179,22 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
                               smooth="nosmooth" not in opts, weights="uint8" if "u8" in opts else "int7")
         return
     if name == "int8":
+        if "sm8" in opts:  # every MatMul but the excluded reads a smoothed input
+            with quantize.scratch_graph(out, "smooth8") as smoothed:
+                import onnx
+
+                graph = onnx.load(str(src), load_external_data=False).graph
+                quantize.smooth_8bit_inputs(src, smoothed, quantize.FeedReader(feeds), [
+                    n.name for n in graph.node if n.op_type == "MatMul" and n.name not in exclude], block_size=block)
+                quantize.int8_weight_only(smoothed, out, exclude=exclude, block_size=block, accuracy_level=acc)
+            return
         quantize.int8_weight_only(src, out, exclude=exclude, block_size=block, accuracy_level=acc)
         return
     reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
+    smooth = [n for o in opts if o in kept for n in quantize.sensitive_matmuls(src, kept[o])] if "sm8" in opts else []
     quantize.int4(src, out, method=name, block_size=block, reader=reader, exclude=exclude, keep_int8=keep,
-                  keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None)
+                  keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 and not smooth else None,
+                  smooth_int8=smooth)
 
 
 def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float,

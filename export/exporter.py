@@ -211,8 +211,10 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
     else:  # int4
         reader = reader_for(kind) if plan.int4_method in ("awq", "gptq") else None
         keep = quantize.sensitive_matmuls(src, plan.keep_int8) if kind == "decoder" else []
+        kept = [*keep, *extra_int8]  # their inputs smoothed against their int8 activation blocks
         errors = quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
-                               keep_int8=[*keep, *extra_int8], cache=cache, progress=log)
+                               keep_int8=kept, cache=cache, smooth_int8=kept if reader is not None else (),
+                               progress=log)
     if kind == "decoder" and quant in ("int8", "int4") and plan.embed in ("int8", "int4"):
         quantize.quantize_embeddings(dst, dst, bits=int(plan.embed[3:]))  # a token table inside the decoder
     return errors

@@ -10,6 +10,7 @@ quantized integers are written straight into MatMulNBits nodes, so nothing re-ro
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     """Every MatMul of `src` with a constant 2-D weight (but `exclude`) as GPTQ'd int4 MatMulNBits, written to
     `dst` (weights in `dst`.data). Returns each one's relative output error on the calibration inputs,
     |X (W - Wq)|^2 / |X W|^2: what its int4 costs, for choosing which to keep in 8 bits. `cache` (a dict kept
-    by the caller across calls on one graph and feeds) saves redoing a MatMul's GPTQ."""
+    by the caller across calls on one graph and feeds) saves redoing a MatMul's GPTQ while its weight is the same
+    (smoothing another layer's input can scale this one's columns)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -144,6 +146,10 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     targets = [node for node in graph.node if node.op_type == "MatMul" and node.name not in exclude
                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2]
     cache = {} if cache is None else cache
+    prints = {t.name: _fingerprint(numpy_helper.to_array(inits[t.input[1]])) for t in targets}
+    for t in targets:
+        if t.name in cache and cache[t.name][4] != prints[t.name]:
+            del cache[t.name]
     todo = sorted({t.input[0] for t in targets if t.name not in cache})
     grams = activation_grams(src, todo, feeds) if todo else {}
     uses: dict[str, int] = {}
@@ -152,9 +158,9 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
             uses[name] = uses.get(name, 0) + 1
     for i, node in enumerate(targets):
         if node.name not in cache:
-            cache[node.name] = _quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
-                                         block_size)
-        q, scales, zeros, _ = cache[node.name]
+            cache[node.name] = (*_quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
+                                           block_size), prints[node.name])
+        q, scales, zeros, _, _ = cache[node.name]
         k = inits[node.input[1]].dims[0]
         new, new_inits = matmul_nbits(node, q, scales, zeros, k, block_size, accuracy_level)
         graph.initializer.extend(new_inits)
@@ -169,6 +175,10 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     Path(str(dst) + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save(model, str(dst), save_as_external_data=True, location=Path(str(dst) + ".data").name)
     return {t.name: cache[t.name][3] for t in targets}
+
+
+def _fingerprint(w: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(w).tobytes(), digest_size=16).hexdigest()
 
 
 def _quantize(w: np.ndarray, gram: np.ndarray, block_size: int):

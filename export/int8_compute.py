@@ -47,8 +47,11 @@ LEVELS = {"int7": 63, "uint8": 127}
 MS_DOMAIN = "com.microsoft"
 
 
-def _q_rows(x: np.ndarray) -> np.ndarray:
-    """x quantized and dequantized as the graph does it: symmetric int8 per row."""
+def _q_rows(x: np.ndarray, block: int | None = None) -> np.ndarray:
+    """x quantized and dequantized as the graph does it: symmetric int8 per row (or, with `block`, per block of
+    that many channels of a row, as ONNX Runtime's MatMulNBits quantizes its input at accuracy level 4)."""
+    if block is not None:
+        return _q_rows(x.reshape(len(x), -1, block)).reshape(x.shape)
     s = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-8) / 127.0
     return np.round(x / s) * s
 
@@ -59,18 +62,25 @@ def _weight_ints(w: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(w / s), -levels, levels), s
 
 
-def _q_cols(w: np.ndarray, levels: int = LEVELS["int7"]) -> np.ndarray:
-    """W [K, N] quantized and dequantized per output column as the graph stores it (`_weight_ints`)."""
+def _q_cols(w: np.ndarray, levels: int = LEVELS["int7"], block: int | None = None) -> np.ndarray:
+    """W [K, N] quantized and dequantized per output column as the graph stores it (`_weight_ints`), or per block
+    of `block` input channels of each column (MatMulNBits' symmetric 8-bit blocks)."""
+    if block is not None:
+        k, n = w.shape
+        return _q_cols(w.reshape(k // block, block, n).transpose(1, 0, 2).reshape(block, -1), levels).reshape(
+            block, k // block, n).transpose(1, 0, 2).reshape(k, n)
     q, s = _weight_ints(w, levels)
     return q * s
 
 
 def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, int] | None = None,
-              alphas: Iterable[float] = ALPHAS, levels: int = LEVELS["int7"]) -> np.ndarray | None:
+              alphas: Iterable[float] = ALPHAS, levels: int = LEVELS["int7"],
+              block: int | None = None) -> np.ndarray | None:
     """The per-channel scale s (x / s, W * s) that minimises the int8 output error of x @ W on rows x, or None if
     no smoothing does best. `amax` is x's per-channel max |x| over all calibration rows; `group` = (kv_heads,
     heads) makes the query heads that read one value head share their channels' scales (fold_input_scales
-    needs that to fold through the attention)."""
+    needs that to fold through the attention); `block`: both sides quantized per block of that many input
+    channels (MatMulNBits at accuracy level 4), not per row and column."""
     wmax = np.abs(w).max(axis=1)
     if group is not None:
         kv, heads = group
@@ -81,14 +91,57 @@ def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, 
 
         amax, wmax = share(amax), share(wmax)
     reference = x @ w
-    best, best_err = None, np.square(_q_rows(x) @ _q_cols(w, levels) - reference).mean()
+    best, best_err = None, np.square(_q_rows(x, block) @ _q_cols(w, levels, block) - reference).mean()
     for alpha in alphas:
         s = np.maximum(amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        err = np.square(_q_rows(x / s) @ _q_cols(w * s[:, None], levels) - reference).mean()
+        err = np.square(_q_rows(x / s, block) @ _q_cols(w * s[:, None], levels, block) - reference).mean()
         if err < best_err:
             best, best_err = s, err
     return best
+
+
+def smooth_graph(graph, by_input: dict[str, list], stats: dict, *, levels: int, block: int | None = None,
+                 progress=None) -> int:
+    """Smooths each activation of `by_input` (its name: the MatMuls that read it, all of them) whose calibration
+    `stats` (quantize.activation_stats) favour it (`smoothing`): W * s in the weights, x / s as a Mul before them,
+    folded into the norm or layer that produces x where that is exact (quantize.fold_input_scales). Returns how
+    many activations it smoothed."""
+    from onnx import helper, numpy_helper
+
+    from edgevlm.export.quantize import _attr, fold_input_scales
+
+    inits = {i.name: i for i in graph.initializer}
+    attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    smoothed_count = 0
+    for i, (name, nodes) in enumerate(by_input.items()):
+        if progress and i % 16 == 0:
+            progress(f"smoothing activations {i}/{len(by_input)}")
+        if name not in stats or any(uses[n.input[1]] > 1 for n in nodes):
+            continue  # a weight another node reads too (tied): scaling it would change that node
+        ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
+        group = None
+        if name in attention:
+            group = (_attr(attention[name], "kv_num_heads"), _attr(attention[name], "num_heads"))
+        s = smoothing(stats[name].rows, stats[name].amax, np.concatenate(ws, axis=1), group, levels=levels,
+                      block=block)
+        if s is None:
+            continue
+        for node, w in zip(nodes, ws, strict=True):
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], node.input[1]))
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{name}.int8_inv_scale")
+        graph.initializer.append(inv)
+        smoothed = f"{name}.int8_smoothed"
+        graph.node.append(helper.make_node("Mul", [name, inv.name], [smoothed], name=f"{name}.int8.awq_mul"))
+        for node in nodes:
+            node.input[0] = smoothed
+        smoothed_count += 1
+    fold_input_scales(graph)  # where exact; a Mul it cannot fold stays (still the same function)
+    return smoothed_count
 
 
 def _opset(model) -> int:
@@ -103,7 +156,7 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
     import onnx
     from onnx import helper, numpy_helper
 
-    from edgevlm.export.quantize import _attr, _topological_save, activation_stats, fold_input_scales
+    from edgevlm.export.quantize import _topological_save, activation_stats
 
     keep = set(keep)
     levels = LEVELS[weights]
@@ -127,33 +180,7 @@ def rewrite(src: Path, dst: Path, reader, *, keep: Iterable[str] = (), smooth: b
     targets = [n for nodes in by_input.values() for n in nodes]
 
     if stats:
-        attention = {n.output[0]: n for n in graph.node if n.op_type == "GroupQueryAttention"}
-        uses: dict[str, int] = {}
-        for n in graph.node:
-            for x in n.input:
-                uses[x] = uses.get(x, 0) + 1
-        for i, (name, nodes) in enumerate(by_input.items()):
-            if progress and i % 16 == 0:
-                progress(f"smoothing activations {i}/{len(by_input)}")
-            if any(uses[n.input[1]] > 1 for n in nodes):
-                continue  # a weight another node reads too (tied): scaling it would change that node
-            ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
-            group = None
-            if name in attention:
-                group = (_attr(attention[name], "kv_num_heads"), _attr(attention[name], "num_heads"))
-            s = smoothing(stats[name].rows, stats[name].amax, np.concatenate(ws, axis=1), group, levels=levels)
-            if s is None:
-                continue
-            for node, w in zip(nodes, ws, strict=True):
-                inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], node.input[1]))
-            inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{name}.int8_inv_scale")
-            graph.initializer.append(inv)
-            inits[inv.name] = inv
-            smoothed = f"{name}.int8_smoothed"
-            graph.node.append(helper.make_node("Mul", [name, inv.name], [smoothed], name=f"{name}.int8.awq_mul"))
-            for node in nodes:
-                node.input[0] = smoothed
-        fold_input_scales(graph)  # where exact; a Mul it cannot fold stays (still the same function)
+        smooth_graph(graph, by_input, stats, levels=levels, progress=progress)
 
     by_input = {}
     for node in targets:

@@ -224,13 +224,58 @@ def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, 
     _nbits(src, dst, 8, exclude=exclude, block_size=block_size, accuracy_level=accuracy_level)
 
 
+def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterable[str], *,
+                       block_size: int = KEEP_INT8_BLOCK) -> int:
+    """Smoothing (export/int8_compute.py) for 8-bit weight-only MatMuls: ONNX Runtime's MatMulNBits at accuracy
+    level 4 quantizes its input to int8 per block of `block_size` channels, where one outlier channel flattens
+    its block's others; that, not the 8-bit weights, is most of such a layer's error. So each activation that only
+    `matmuls` read is scaled as x / s, W * s (s searched on calibration rows against that blocked int8 error), the
+    1/s folded into what produces x where exact. Writes `dst` (the same function in fp32); returns how many
+    activations it smoothed."""
+    import onnx
+
+    from edgevlm.export import int8_compute
+
+    matmuls = set(matmuls)
+
+    def readers(graph) -> dict[str, list]:
+        """The activations every MatMul reader of which is in `matmuls` (a constant 2-D weight of whole blocks)."""
+        dims = {i.name: i.dims for i in graph.initializer}
+        by_input: dict[str, list] = {}
+        for n in graph.node:
+            if n.op_type == "MatMul" and n.name in matmuls:
+                by_input.setdefault(n.input[0], []).append(n)
+        others = {x for n in graph.node if n.op_type != "MatMul" or n.name not in matmuls for x in n.input}
+        others |= {o.name for o in graph.output}
+        return {x: nodes for x, nodes in by_input.items() if x not in others and all(
+            len(dims.get(n.input[1], ())) == 2 and dims[n.input[1]][0] % block_size == 0 for n in nodes)}
+
+    activations = list(readers(onnx.load(str(src), load_external_data=False).graph))
+    if not activations:
+        return 0
+    stats = activation_stats(src, activations, reader, "smooth8", rows=int8_compute.SAMPLE_ROWS)
+    model = onnx.load(str(src))
+    count = int8_compute.smooth_graph(model.graph, readers(model.graph), stats, levels=127, block=block_size)
+    _topological_save(model, dst)
+    return count
+
+
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
          exclude: list[str] | None = None, keep_int8: list[str] | None = None,
          keep_block_size: int = KEEP_INT8_BLOCK, accuracy_level: int = 4, cache: dict | None = None,
-         progress=None) -> dict[str, float]:
+         smooth_int8: Iterable[str] = (), progress=None) -> dict[str, float]:
     """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights (blocks of `keep_block_size`) instead,
-    `exclude` stay fp32. For gptq, returns each int4 MatMul's relative output error on the calibration prompts
-    (see gptq.quantize_graph, also for `cache`); else {}."""
+    the inputs of those of them in `smooth_int8` smoothed first (smooth_8bit_inputs), `exclude` stay fp32. For
+    gptq, returns each int4 MatMul's relative output error on the calibration prompts (see gptq.quantize_graph,
+    also for `cache`, which holds results for one smoothing: smoothing can scale an int4 layer's columns);
+    else {}."""
+    smooth_int8 = [n for n in smooth_int8 if n in (keep_int8 or ())]
+    if smooth_int8:
+        with scratch_graph(dst, "smooth8") as smoothed:
+            smooth_8bit_inputs(src, smoothed, reader, smooth_int8, block_size=keep_block_size)
+            return int4(smoothed, dst, method=method, block_size=block_size, reader=reader, exclude=exclude,
+                        keep_int8=keep_int8, keep_block_size=keep_block_size, accuracy_level=accuracy_level,
+                        cache=cache, progress=progress)
     if keep_int8:
         with scratch_graph(dst, "int4") as half:
             errors = int4(src, half, method=method, block_size=block_size, reader=reader,

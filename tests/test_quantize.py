@@ -312,6 +312,36 @@ def test_gptq_writes_the_fast_kernel_format_and_errs_less_than_round_to_nearest(
     assert errors["mm"] == pytest.approx(gptq_err / np.square(x @ w).mean(), rel=1e-3)
 
 
+def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
+    """The fidelity target re-exports with GPTQ's per-MatMul cache; smoothing a newly kept layer's input can scale
+    an int4 layer's columns, so a cached result is reused only for the same weight: scaled columns come out scaled
+    (GPTQ is column-wise), an unchanged weight comes out the same."""
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.export import gptq
+
+    rng = np.random.default_rng(1)
+    k, n = 64, 24
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((128, k)).astype(np.float32)
+    cache, outputs = {}, []
+    for i, weight in enumerate((w, w, w * np.linspace(0.5, 4, n, dtype=np.float32))):
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+                                  [numpy_helper.from_array(weight, "w")])
+        src, dst = Path(tmp_path / f"m{i}.onnx"), Path(tmp_path / f"q{i}.onnx")
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        gptq.quantize_graph(src, dst, [{"x": x}], accuracy_level=0, cache=cache)
+        outputs.append(ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    np.testing.assert_allclose(outputs[2], outputs[0] * np.linspace(0.5, 4, n), rtol=1e-4, atol=1e-4)
+
+
 def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_dir, tmp_path):
     """--fidelity-target moves int4 MatMuls to 8 bits, costliest first, until the calibration agreement reaches
     it; export names them and the manifest lists them. A target even all-8-bit misses is a one-line error."""
