@@ -35,8 +35,7 @@ HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 comput
         "keep8head, keep8down: one of them), k8topN (gptq: also the N MatMuls with the largest GPTQ output error, as "
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
         "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), "
-        "sm8 (the inputs of the keep8 layers, or with int8 of every MatMul, smoothed against their int8 activation "
-        "blocks), "
+        "sm8 (the inputs of the 8-bit layers smoothed against their int8 activation blocks: the export default), "
         "emb8 / emb4 (the token embedding 8 / 4-bit: the export default is emb8)")
 
 
@@ -191,10 +190,9 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
         quantize.int8_weight_only(src, out, exclude=exclude, block_size=block, accuracy_level=acc)
         return
     reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
-    smooth = [n for o in opts if o in kept for n in quantize.sensitive_matmuls(src, kept[o])] if "sm8" in opts else []
     quantize.int4(src, out, method=name, block_size=block, reader=reader, exclude=exclude, keep_int8=keep,
-                  keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 and not smooth else None,
-                  smooth_int8=smooth)
+                  keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None,
+                  smooth_int8=keep if "sm8" in opts else ())
 
 
 def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float,
