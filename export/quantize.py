@@ -225,13 +225,14 @@ def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, 
 
 
 def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterable[str], *,
-                       block_size: int = KEEP_INT8_BLOCK) -> int:
+                       block_size: int = KEEP_INT8_BLOCK, stats: dict | None = None) -> int:
     """Smoothing (export/int8_compute.py) for 8-bit weight-only MatMuls: ONNX Runtime's MatMulNBits at accuracy
     level 4 quantizes its input to int8 per block of `block_size` channels, where one outlier channel flattens
     its block's others; that, not the 8-bit weights, is most of such a layer's error. So each activation that only
     `matmuls` read is scaled as x / s, W * s (s searched on calibration rows against that blocked int8 error), the
     1/s folded into what produces x where exact. Writes `dst` (the same function in fp32); returns how many
-    activations it smoothed."""
+    activations it smoothed. `stats`: a dict the caller keeps across calls on one `src` and `reader`, of the
+    activations' calibration statistics (computed once each)."""
     import onnx
 
     from edgevlm.export import int8_compute
@@ -253,7 +254,10 @@ def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterab
     activations = list(readers(onnx.load(str(src), load_external_data=False).graph))
     if not activations:
         return 0
-    stats = activation_stats(src, activations, reader, "smooth8", rows=int8_compute.SAMPLE_ROWS)
+    stats = {} if stats is None else stats
+    missing = [a for a in activations if a not in stats]
+    if missing:
+        stats.update(activation_stats(src, missing, reader, "smooth8", rows=int8_compute.SAMPLE_ROWS))
     model = onnx.load(str(src))
     count = int8_compute.smooth_graph(model.graph, readers(model.graph), stats, levels=127, block=block_size)
     _topological_save(model, dst)
@@ -266,13 +270,15 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
          smooth_int8: Iterable[str] = (), progress=None) -> dict[str, float]:
     """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights (blocks of `keep_block_size`) instead,
     the inputs of those of them in `smooth_int8` smoothed first (smooth_8bit_inputs), `exclude` stay fp32. For
-    gptq, returns each int4 MatMul's relative output error on the calibration prompts (see gptq.quantize_graph,
-    also for `cache`, which holds results for one smoothing: smoothing can scale an int4 layer's columns);
-    else {}."""
+    gptq, returns each int4 MatMul's relative output error on the calibration prompts (see gptq.quantize_graph);
+    else {}. `cache`: a dict the caller keeps across calls on one `src` and `reader`, of GPTQ's per-MatMul results
+    and the smoothing's activation statistics."""
+    cache = {} if cache is None else cache
     smooth_int8 = [n for n in smooth_int8 if n in (keep_int8 or ())]
     if smooth_int8:
         with scratch_graph(dst, "smooth8") as smoothed:
-            smooth_8bit_inputs(src, smoothed, reader, smooth_int8, block_size=keep_block_size)
+            smooth_8bit_inputs(src, smoothed, reader, smooth_int8, block_size=keep_block_size,
+                               stats=cache.setdefault("smoothing", {}))
             return int4(smoothed, dst, method=method, block_size=block_size, reader=reader, exclude=exclude,
                         keep_int8=keep_int8, keep_block_size=keep_block_size, accuracy_level=accuracy_level,
                         cache=cache, progress=progress)
@@ -299,7 +305,8 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
 
         reader.rewind()
         return gptq.quantize_graph(src, dst, reader, block_size=block_size, exclude=exclude or [],
-                                   accuracy_level=accuracy_level, cache=cache, progress=progress)
+                                   accuracy_level=accuracy_level, cache=cache.setdefault("gptq", {}),
+                                   progress=progress)
     if method == "rtn":
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
     elif method == "hqq":
