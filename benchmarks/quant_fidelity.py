@@ -179,10 +179,10 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
         return
     if name == "int8":
         if "sm8" in opts:  # every MatMul but the excluded reads a smoothed input
-            with quantize.scratch_graph(out, "smooth8") as smoothed:
-                import onnx
+            import onnx
 
-                graph = onnx.load(str(src), load_external_data=False).graph
+            graph = onnx.load(str(src), load_external_data=False).graph
+            with quantize.scratch_graph(out, "smooth8") as smoothed:
                 quantize.smooth_8bit_inputs(src, smoothed, quantize.FeedReader(feeds), [
                     n.name for n in graph.node if n.op_type == "MatMul" and n.name not in exclude], block_size=block)
                 quantize.int8_weight_only(smoothed, out, exclude=exclude, block_size=block, accuracy_level=acc)

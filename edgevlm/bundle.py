@@ -41,7 +41,7 @@ def _int8_compute_line(check: Mapping) -> str:
     if _full_range(check):
         return ("int8 compute on full-range int8 weights, which CPUs without VNNI (AVX2) compute inexactly: "
                 "re-export this bundle to run it there")
-    return f"int8 compute, {check['weights']} weights, weight-only: {check['weight_only']} ({score})"
+    return f"int8 compute, {check['weights']} weights, weight-only: {check.get('weight_only', 'none')} ({score})"
 
 
 def _full_range(check: Mapping) -> bool:
@@ -52,9 +52,9 @@ def _full_range(check: Mapping) -> bool:
 def full_range_int8(quantization: Mapping | None) -> list[str]:
     """The graphs ("extractor vision", ...) that compute int8 on full-range int8 weights, which ONNX Runtime's
     kernel on CPUs without VNNI sums inexactly (export/int8_compute.py): a bundle to re-export for them."""
-    checks = (quantization or {}).get("int8_compute_checks") or {}
+    checks = (quantization or {}).get("int8_compute_checks") or {}  # its shape checked at load (bundle.schema.json)
     return [f"{role} {graph}" for role, graphs in checks.items() for graph, check in graphs.items()
-            if isinstance(check, Mapping) and _full_range(check)]
+            if _full_range(check)]
 
 
 class BundleError(EdgeVLMError):

@@ -124,6 +124,12 @@ MALFORMED = {
                             'files["extractor/decoder.onnx"].bytes: expected an integer >= 0'),
     "file sha256 short": (lambda m: m["files"]["extractor/decoder.onnx"].__setitem__("sha256", "abc"),
                           'files["extractor/decoder.onnx"].sha256: expected 64 lowercase hex digits'),
+    "int8 checks a list": (_set("quantization", value={"int8_compute_checks": [1, 2]}),
+                           "quantization.int8_compute_checks: expected an object, got an array of 2"),
+    "int8 check a string": (_set("quantization", value={"int8_compute_checks": {"extractor": {"vision": "x"}}}),
+                            "quantization.int8_compute_checks.extractor.vision: expected an object"),
+    "int8 weights unknown": (_set("quantization", value={"int8_compute_checks": {"reasoner": {"decoder": {
+        "compute": True, "weights": "int3"}}}}), "quantization.int8_compute_checks.reasoner.decoder.weights"),
     "models a list": (_set("models", value=[]), "models: expected an object, got an array of 0"),
     "files missing": (_delete("files"), "files: required, but missing"),
     "unknown top-level field": (_set("plugins", value=["evil.so"]), "plugins: unknown field"),
