@@ -11,7 +11,8 @@ each way; fidelity is measured against fp32 on the shipped calibration set's hel
 planner and reasoning prompts the reasoner really sees: top-1 agreement and mean KL over teacher-forced
 positions, greedy exact match over `--tokens` tokens per stage; then file size and decode speed (the
 variants of a model timed in turns, `--rounds` times, median: this machine's timings are noisy), each also
-as a ratio to `--baseline` (the export default before GPTQ).
+as a ratio to `--baseline` (the export default before GPTQ): the speed ratio is the median of each turn's own
+ratio, so that the machine's pace drifting between turns cancels.
 """
 
 from __future__ import annotations
@@ -71,14 +72,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keeps the fp32 exports between runs")
     parser.add_argument("--samples", type=int, default=10, help="held-out prompts per stage")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="speed measurements per variant, in turns")
+    parser.add_argument("--rounds", type=int, default=5, help="speed measurements per variant, in turns")
     parser.add_argument("--baseline", default="awq-keep8", help="the variant ratios are taken to")
     parser.add_argument("--methods", default=METHODS, help=HELP)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="edgevlm-quant-"))
     tables = [bench_model(name, work / Path(name).name, args) for name in args.models.split(",")]
     print(f"\n{args.samples} held-out prompts x {args.tokens} tokens per stage; tok/s: decode after a 128-token "
-          f"prompt, median of {args.rounds} turns; ratios to {args.baseline}")
+          f"prompt, median of {args.rounds} turns; ratios: the median of each turn's to {args.baseline}")
     print(f"{'model':<9}{'variant':<20}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}"
           f"{'think top1':>11}{'KL':>8}{'exact':>6}{'tok/s':>7}{'speed':>6}{'prefill':>9}{'x fp32':>6}")
     for table in tables:
@@ -136,12 +137,10 @@ def bench_model(name: str, work: Path, args) -> list[str]:
         for m, (_, _, model) in results.items():
             speeds[m].append(_speed(model))
             prefills[m].append(_prefill_speed(model))
-    speed = {m: float(np.median(s)) for m, s in speeds.items()}
-    prefill = {m: float(np.median(s)) for m, s in prefills.items()}
     base = args.baseline if args.baseline in results else "fp32"
     label = Path(name).name[:8]
-    return [_row(label, m, size, fid, speed[m], results[base][0], speed[base], prefill[m], prefill["fp32"])
-            for m, (size, fid, _) in results.items()]
+    return [_row(label, m, size / results[base][0], fid, speeds[m], speeds[base], prefills[m], prefills["fp32"],
+                 size) for m, (size, fid, _) in results.items()]
 
 
 def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> None:
@@ -195,10 +194,15 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
                   smooth_int8=keep if "sm8" in opts else ())
 
 
-def _row(model: str, name: str, size: float, fid, speed: float, base_size: float, base_speed: float,
-         prefill: float, fp32_prefill: float) -> str:
-    head = f"{model:<9}{name:<20}{size:>7.1f}{size / base_size:>6.2f}"
-    tail = f"{speed:>7.1f}{speed / base_speed:>6.2f}{prefill:>9.0f}{prefill / fp32_prefill:>6.2f}"
+def _row(model: str, name: str, size_ratio: float, fid, speeds: list, base_speeds: list, prefills: list,
+         fp32_prefills: list, size: float) -> str:
+    """One variant's line: its medians, and the medians of its ratios to the baseline's turn by turn."""
+    def paired(xs, bases):
+        return float(np.median(np.divide(xs, bases)))
+
+    head = f"{model:<9}{name:<20}{size:>7.1f}{size_ratio:>6.2f}"
+    tail = (f"{np.median(speeds):>7.1f}{paired(speeds, base_speeds):>6.2f}{np.median(prefills):>9.0f}"
+            f"{paired(prefills, fp32_prefills):>6.2f}")
     if fid is None:
         return f"{head}{'(reference)':>49}{tail}"
     stages = "".join(f"{fid[s].top1_agreement:>{w}.3f}{fid[s].mean_kl:>8.4f}{fid[s].exact_match:>6.2f}"
@@ -225,7 +229,7 @@ def _prefill_speed(model, tokens: int = 512) -> float:
     return tokens / (time.perf_counter() - t)
 
 
-def _speed(model, steps: int = 32) -> float:
+def _speed(model, steps: int = 64) -> float:
     from edgevlm.backends.base import Prepared
 
     state = model.prefill(Prepared(list(range(10, 138))))
