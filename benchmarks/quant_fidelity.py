@@ -37,7 +37,8 @@ HELP = ("comma list of METHOD[-OPTION...]: int8 (weight-only), w8a8 (int8 comput
         "--fidelity-target picks them), k8bsN (block size N of those int8 layers; default 64), head32 (LM head "
         "stays fp32), down32 (MLP down projections stay fp32), bsN (block size N), accN (accuracy_level N), "
         "sm8 (the inputs of the 8-bit layers smoothed against their int8 activation blocks: the export default), "
-        "emb8 / emb4 (the token embedding 8 / 4-bit: the export default is emb8)")
+        "emb8 / emb4 (the token embedding 8 / 4-bit: the export default is emb8), off (gptq: float zero points "
+        "through extra blocks over the input's block sums, gptq.with_offsets)")
 
 
 def smollm2_gguf() -> Path:
@@ -191,7 +192,7 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
     reader = quantize.FeedReader(feeds) if name in ("awq", "gptq") else None
     quantize.int4(src, out, method=name, block_size=block, reader=reader, exclude=exclude, keep_int8=keep,
                   keep_block_size=keep_block, accuracy_level=acc, cache=cache if block == 32 else None,
-                  smooth_int8=keep if "sm8" in opts else ())
+                  smooth_int8=keep if "sm8" in opts else (), offsets="off" in opts)
 
 
 def _row(model: str, name: str, size_ratio: float, fid, speeds: list, base_speeds: list, prefills: list,

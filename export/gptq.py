@@ -34,17 +34,26 @@ def activation_grams(src: Path, names: list[str], feeds: Iterable[dict[str, np.n
     return grams
 
 
-def _block_params(w: np.ndarray, shrink: np.ndarray = SHRINK) -> tuple[np.ndarray, np.ndarray]:
+def _block_params(w: np.ndarray, shrink: np.ndarray = SHRINK,
+                  offsets: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point (0..15) per row of w [N, block], the range always holding 0 (a uint4 zero
-    point cannot leave it), narrowed by the `shrink` factor with the least squared rounding error."""
-    lo, hi = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
+    point cannot leave it), narrowed by the `shrink` factor with the least squared rounding error. `offsets`: the
+    zero point is any float (the block's own range, narrowed about its middle)."""
+    if offsets:
+        lo, hi = w.min(axis=1), w.max(axis=1)
+    else:
+        lo, hi = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
     best_err = np.full(len(w), np.inf)
     best_scale, best_zero = np.ones(len(w), np.float32), np.zeros(len(w), np.float32)
     for f in shrink:
         scale = (hi - lo) * f / 15.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        zero = np.clip(np.round(-lo * f / scale), 0, 15)
-        q = np.clip(np.round(w / scale[:, None]) + zero[:, None], 0, 15)
+        if offsets:
+            zero = 7.5 - (hi + lo) / 2 / scale
+            q = np.clip(np.round(w / scale[:, None] + zero[:, None]), 0, 15)
+        else:
+            zero = np.clip(np.round(-lo * f / scale), 0, 15)
+            q = np.clip(np.round(w / scale[:, None]) + zero[:, None], 0, 15)
         err = np.square((q - zero[:, None]) * scale[:, None] - w).sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
@@ -52,12 +61,12 @@ def _block_params(w: np.ndarray, shrink: np.ndarray = SHRINK) -> tuple[np.ndarra
     return best_scale, best_zero
 
 
-def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32,
-         act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32, act_order: bool = True,
+         offsets: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of W [K, N] (K a multiple of block_size) given its inputs' X^T X [K, K]. Returns the uint4 values
     q [N, K], scales [N, K/block] and zero points [N, K/block]: W[k, n] ~ (q[n, k] - zero) * scale.
     `act_order` quantizes the channels with the most input energy first, each block's scale and zero point
-    then set from the original weights."""
+    then set from the original weights. `offsets`: float zero points (see quantize_graph)."""
     k, n = w.shape
     assert k % block_size == 0 and BATCH % block_size == 0
     W = w.T.astype(np.float32).copy()  # [N, K]: one row per output, channels quantized left to right
@@ -71,7 +80,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32,
     perm = np.arange(k)
     if act_order:
         for b in range(k // block_size):
-            scales[:, b], zeros[:, b] = _block_params(W[:, b * block_size:(b + 1) * block_size])
+            scales[:, b], zeros[:, b] = _block_params(W[:, b * block_size:(b + 1) * block_size], offsets=offsets)
         perm = np.argsort(-np.diag(H), kind="stable")
         W, H = W[:, perm], H[perm][:, perm]
     hinv = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper factor
@@ -87,9 +96,9 @@ def gptq(w: np.ndarray, gram: np.ndarray, block_size: int = 32,
                 scale, zero = scales[:, b], zeros[:, b]
             elif col % block_size == 0:
                 b = col // block_size
-                scales[:, b], zeros[:, b] = _block_params(w1[:, i:i + block_size])
+                scales[:, b], zeros[:, b] = _block_params(w1[:, i:i + block_size], offsets=offsets)
                 scale, zero = scales[:, b], zeros[:, b]
-            qi = np.clip(np.round(w1[:, i] / scale) + zero, 0, 15)
+            qi = np.clip(np.round(w1[:, i] / scale + zero) if offsets else np.round(w1[:, i] / scale) + zero, 0, 15)
             q[:, perm[col]] = qi
             e = (w1[:, i] - (qi - zero) * scale) / h1[i, i]
             w1[:, i + 1:] -= np.outer(e, h1[i, i + 1:])
@@ -112,8 +121,9 @@ def _pack(values: np.ndarray) -> np.ndarray:
 
 
 def matmul_nbits(node, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int, block_size: int,
-                 accuracy_level: int = 4):
-    """The MatMulNBits node (4 bits, uint4 zero points) and its initializers replacing MatMul `node`."""
+                 accuracy_level: int = 4, input_name: str | None = None):
+    """The MatMulNBits node (4 bits, uint4 zero points) and its initializers replacing MatMul `node` (reading
+    `input_name` instead of the MatMul's input, if given)."""
     from onnx import helper, numpy_helper
 
     n, blocks = scales.shape
@@ -122,20 +132,52 @@ def matmul_nbits(node, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: 
     zp = _pack(np.pad(zeros, ((0, 0), (0, blocks % 2))).astype(np.uint8))
     inits = [numpy_helper.from_array(packed, f"{base}_Q4"), numpy_helper.from_array(scales, f"{base}_scales"),
              numpy_helper.from_array(zp, f"{base}_zero_points")]
-    new = helper.make_node("MatMulNBits", [node.input[0], *(i.name for i in inits)], list(node.output),
+    new = helper.make_node("MatMulNBits", [input_name or node.input[0], *(i.name for i in inits)], list(node.output),
                            name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size,
                            accuracy_level=accuracy_level)
     return new, inits
 
 
+def with_offsets(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int):
+    """Float zero points in the fast format: W = (q - z) * s, z any float, is (q - z0) * s + r with z0 = z rounded
+    into 0..15 and r = (z0 - z) * s one float per block, so x @ W = x @ ((q - z0) * s) + blocksum(x) @ r. Both
+    terms fit one MatMulNBits over [x, blocksum(x)]: r's rows (one per block of x, padded to whole blocks) are
+    extra blocks of the weight, quantized like any (integer zero points; their error is a fraction of one step of
+    r, itself at most half a step of the weights). Returns q, scales and zero points of that [N, K + extra]
+    weight, extra = the blocksum's width."""
+    n, blocks = scales.shape
+    z0 = np.clip(np.round(zeros), 0, 15)
+    extra = -(-blocks // block_size) * block_size
+    r = np.zeros((n, extra), np.float32)
+    r[:, :blocks] = (z0 - zeros) * scales
+    rs, rz = zip(*(_block_params(r[:, j:j + block_size]) for j in range(0, extra, block_size)), strict=True)
+    rs, rz = np.stack(rs, axis=1), np.stack(rz, axis=1)
+    rq = np.clip(np.round(r / np.repeat(rs, block_size, axis=1)) + np.repeat(rz, block_size, axis=1), 0, 15)
+    return (np.concatenate([q, rq.astype(q.dtype)], axis=1), np.concatenate([scales, rs], axis=1).astype(np.float32),
+            np.concatenate([z0, rz], axis=1))
+
+
+def blocksum_matrix(k: int, block_size: int) -> np.ndarray:
+    """B [K, extra]: x @ B is x's sum over each block of `block_size` channels, padded with zero columns to whole
+    blocks (with_offsets)."""
+    blocks = k // block_size
+    b = np.zeros((k, -(-blocks // block_size) * block_size), np.float32)
+    b[np.arange(k), np.arange(k) // block_size] = 1.0
+    return b
+
+
 def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], *, block_size: int = 32,
                    exclude: Iterable[str] = (), accuracy_level: int = 4, cache: dict | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, float]:
+                   offsets: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Every MatMul of `src` with a constant 2-D weight (but `exclude`) as GPTQ'd int4 MatMulNBits, written to
     `dst` (weights in `dst`.data). Returns each one's relative output error on the calibration inputs,
     |X (W - Wq)|^2 / |X W|^2: what its int4 costs, for choosing which to keep in 8 bits. `cache` (a dict kept
     by the caller across calls on one graph and feeds) saves redoing a MatMul's GPTQ while its weight is the same
-    (smoothing another layer's input can scale this one's columns)."""
+    (smoothing another layer's input can scale this one's columns). `offsets`: float zero points (with_offsets)
+    where K is whole blocks: a weight on a grid with a float minimum per block (GGUF's Q4_1, Q4_K) then comes out
+    as it was, not re-rounded, at the cost of two small nodes per input (its block sums and a Concat): about 15% of
+    SmolLM2-135M's decode step, nothing measurable on 1.7B-sized MatMuls (benchmarks/quant_fidelity.py, `off`).
+    The export does not use it yet."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -146,7 +188,8 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     targets = [node for node in graph.node if node.op_type == "MatMul" and node.name not in exclude
                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2]
     cache = {} if cache is None else cache
-    prints = {t.name: _fingerprint(numpy_helper.to_array(inits[t.input[1]])) for t in targets}
+    prints = {t.name: _fingerprint(numpy_helper.to_array(inits[t.input[1]])) + ("+offsets" if offsets else "")
+              for t in targets}
     for t in targets:
         if t.name in cache and cache[t.name][4] != prints[t.name]:
             del cache[t.name]
@@ -156,13 +199,28 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    augmented: dict[str, str] = {}  # an input -> [input, its blocksums] (offsets)
     for i, node in enumerate(targets):
+        k = inits[node.input[1]].dims[0]
         if node.name not in cache:
             cache[node.name] = (*_quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
-                                           block_size), prints[node.name])
+                                           block_size, offsets and k % block_size == 0), prints[node.name])
         q, scales, zeros, _, _ = cache[node.name]
-        k = inits[node.input[1]].dims[0]
-        new, new_inits = matmul_nbits(node, q, scales, zeros, k, block_size, accuracy_level)
+        x = None
+        if offsets and k % block_size == 0:
+            q, scales, zeros = with_offsets(q, scales, zeros, block_size)
+            if (x := augmented.get(node.input[0])) is None:
+                x = augmented[node.input[0]] = f"{node.input[0]}.with_blocksums"
+                b = f"gptq.blocksum_{k}"
+                if b not in inits:
+                    inits[b] = numpy_helper.from_array(blocksum_matrix(k, block_size), b)
+                    graph.initializer.append(inits[b])
+                at = list(graph.node).index(node)
+                graph.node.insert(at, helper.make_node("Concat", [node.input[0], f"{x}.sums"], [x], axis=-1,
+                                                       name=f"{x}.concat"))
+                graph.node.insert(at, helper.make_node("MatMul", [node.input[0], b], [f"{x}.sums"], name=f"{x}.sum"))
+            k = q.shape[1]
+        new, new_inits = matmul_nbits(node, q, scales, zeros, k, block_size, accuracy_level, x)
         graph.initializer.extend(new_inits)
         if uses[node.input[1]] == 1:
             graph.initializer.remove(inits.pop(node.input[1]))
@@ -181,14 +239,14 @@ def _fingerprint(w: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(w).tobytes(), digest_size=16).hexdigest()
 
 
-def _quantize(w: np.ndarray, gram: np.ndarray, block_size: int):
+def _quantize(w: np.ndarray, gram: np.ndarray, block_size: int, offsets: bool = False):
     """gptq() of W [K, N] padded to whole blocks, and its relative output error on the calibration inputs."""
     w = w.astype(np.float32)
     pad = (-w.shape[0]) % block_size
     if pad:  # zero channels: quantized exactly, they change nothing
         w = np.pad(w, ((0, pad), (0, 0)))
         gram = np.pad(gram, ((0, pad), (0, pad)))
-    q, scales, zeros = gptq(w, gram, block_size)
+    q, scales, zeros = gptq(w, gram, block_size, offsets=offsets)
     delta = (dequantize(q, scales, zeros, block_size) - w).astype(np.float64)
     ref = float(np.sum((gram @ w) * w))
     return q, scales, zeros, float(np.sum((gram @ delta) * delta)) / max(ref, 1e-30)

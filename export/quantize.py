@@ -267,12 +267,12 @@ def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterab
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
          exclude: list[str] | None = None, keep_int8: list[str] | None = None,
          keep_block_size: int = KEEP_INT8_BLOCK, accuracy_level: int = 4, cache: dict | None = None,
-         smooth_int8: Iterable[str] = (), progress=None) -> dict[str, float]:
+         smooth_int8: Iterable[str] = (), offsets: bool = False, progress=None) -> dict[str, float]:
     """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights (blocks of `keep_block_size`) instead,
     the inputs of those of them in `smooth_int8` smoothed first (smooth_8bit_inputs), `exclude` stay fp32. For
     gptq, returns each int4 MatMul's relative output error on the calibration prompts (see gptq.quantize_graph);
     else {}. `cache`: a dict the caller keeps across calls on one `src` and `reader`, of GPTQ's per-MatMul results
-    and the smoothing's activation statistics."""
+    and the smoothing's activation statistics. `offsets`: gptq with float zero points (gptq.quantize_graph)."""
     cache = {} if cache is None else cache
     smooth_int8 = [n for n in smooth_int8 if n in (keep_int8 or ())]
     if smooth_int8:
@@ -281,12 +281,12 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
                                stats=cache.setdefault("smoothing", {}))
             return int4(smoothed, dst, method=method, block_size=block_size, reader=reader, exclude=exclude,
                         keep_int8=keep_int8, keep_block_size=keep_block_size, accuracy_level=accuracy_level,
-                        cache=cache, progress=progress)
+                        cache=cache, offsets=offsets, progress=progress)
     if keep_int8:
         with scratch_graph(dst, "int4") as half:
             errors = int4(src, half, method=method, block_size=block_size, reader=reader,
                           exclude=[*(exclude or []), *keep_int8], accuracy_level=accuracy_level, cache=cache,
-                          progress=progress)
+                          offsets=offsets, progress=progress)
             _nbits(half, dst, 8, include=keep_int8, block_size=keep_block_size, accuracy_level=accuracy_level)
         return errors
     mnb = _mnb()
@@ -306,7 +306,7 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
         reader.rewind()
         return gptq.quantize_graph(src, dst, reader, block_size=block_size, exclude=exclude or [],
                                    accuracy_level=accuracy_level, cache=cache.setdefault("gptq", {}),
-                                   progress=progress)
+                                   offsets=offsets, progress=progress)
     if method == "rtn":
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
     elif method == "hqq":

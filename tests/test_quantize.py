@@ -312,6 +312,51 @@ def test_gptq_writes_the_fast_kernel_format_and_errs_less_than_round_to_nearest(
     assert errors["mm"] == pytest.approx(gptq_err / np.square(x @ w).mean(), rel=1e-3)
 
 
+def test_gptq_offsets_reproduce_a_weight_on_a_float_minimum_grid_at_the_fast_format(tmp_path):
+    """A weight on GGUF Q4_1's grid (per block of 32: d * q + m, m any float) has no uint4 zero point: GPTQ re-rounds
+    it. With offsets the float zero point is split into a uint4 one and a per-block offset, carried as extra blocks
+    over x's block sums, all one MatMulNBits (uint4 zero points, accuracy level 4 as exported): ONNX Runtime then
+    computes x @ W within its int8 activations' error, against 60x that without. Off any grid, offsets
+    never do worse."""
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.export import gptq
+
+    rng = np.random.default_rng(2)
+    k, n = 128, 48
+    d = rng.uniform(0.01, 0.05, (k // 32, n)).astype(np.float32)
+    m = (-d * rng.uniform(4, 11, d.shape)).astype(np.float32)  # the block's minimum: about a symmetric range
+    q = rng.integers(0, 16, (k, n))
+    q[0::32], q[1::32] = 0, 15  # each block spans its grid, as Q4_1's quantizer makes it
+    on_grid = (np.repeat(d, 32, axis=0) * q + np.repeat(m, 32, axis=0)).astype(np.float32)
+    x = rng.standard_normal((256, k)).astype(np.float32)
+
+    def error(w, offsets, accuracy_level):
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+                                  [numpy_helper.from_array(w, "w")])
+        src, dst = Path(tmp_path / "m.onnx"), Path(tmp_path / f"q{offsets}.onnx")
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        gptq.quantize_graph(src, dst, [{"x": x}], accuracy_level=accuracy_level, offsets=offsets)
+        nodes = {nd.op_type: nd for nd in onnx.load(str(dst), load_external_data=False).graph.node}
+        assert "MatMul" in nodes if offsets else "MatMul" not in nodes  # the block sums
+        zero_points = [i for i in onnx.load(str(dst)).graph.initializer if i.name == nodes["MatMulNBits"].input[3]]
+        assert zero_points[0].data_type == TensorProto.UINT8
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return float(np.square(y - x @ w).mean() / np.square(x @ w).mean())
+
+    exact, plain = error(on_grid, True, 0), error(on_grid, False, 0)
+    assert exact < plain / 100, (exact, plain)  # fp32 activations: only the offsets' own rounding is left (1/300)
+    assert error(on_grid, True, 4) < plain / 20  # the fast kernel's int8 activations on top (1/60)
+    off_grid = rng.standard_normal((k, n)).astype(np.float32)
+    assert error(off_grid, True, 0) <= error(off_grid, False, 0) * 1.02
+
+
 def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
     """The fidelity target re-exports with GPTQ's per-MatMul cache; smoothing a newly kept layer's input can scale
     an int4 layer's columns, so a cached result is reused only for the same weight: scaled columns come out scaled
