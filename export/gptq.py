@@ -175,7 +175,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     by the caller across calls on one graph and feeds) saves redoing a MatMul's GPTQ while its weight is the same
     (smoothing another layer's input can scale this one's columns). `offsets`: float zero points (with_offsets)
     where K is whole blocks: a weight on a grid with a float minimum per block (GGUF's Q4_1, Q4_K) then comes out
-    as it was, not re-rounded, at the cost of two small nodes per input (its block sums and a Concat): 15-20% of
+    as it was, not re-rounded, at the cost of two small nodes per input (its block sums and a Concat): 6-20% of
     SmolLM2-135M's decode step, 10% on 0.6B-sized MatMuls, nothing measurable on 1.7B-sized ones (README).
     The export does not use it yet."""
     import onnx
