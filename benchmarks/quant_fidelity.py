@@ -140,8 +140,8 @@ def bench_model(name: str, work: Path, args) -> list[str]:
             prefills[m].append(_prefill_speed(model))
     base = args.baseline if args.baseline in results else "fp32"
     label = Path(name).name[:8]
-    return [_row(label, m, size / results[base][0], fid, speeds[m], speeds[base], prefills[m], prefills["fp32"],
-                 size) for m, (size, fid, _) in results.items()]
+    return [_row(label, m, size, results[base][0], fid, speeds[m], speeds[base], prefills[m], prefills["fp32"])
+            for m, (size, fid, _) in results.items()]
 
 
 def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> None:
@@ -195,13 +195,13 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
                   smooth_int8=keep if "sm8" in opts else (), offsets="off" in opts)
 
 
-def _row(model: str, name: str, size_ratio: float, fid, speeds: list, base_speeds: list, prefills: list,
-         fp32_prefills: list, size: float) -> str:
+def _row(model: str, name: str, size: float, base_size: float, fid, speeds: list, base_speeds: list,
+         prefills: list, fp32_prefills: list) -> str:
     """One variant's line: its medians, and the medians of its ratios to the baseline's turn by turn."""
     def paired(xs, bases):
         return float(np.median(np.divide(xs, bases)))
 
-    head = f"{model:<9}{name:<20}{size:>7.1f}{size_ratio:>6.2f}"
+    head = f"{model:<9}{name:<20}{size:>7.1f}{size / base_size:>6.2f}"
     tail = (f"{np.median(speeds):>7.1f}{paired(speeds, base_speeds):>6.2f}{np.median(prefills):>9.0f}"
             f"{paired(prefills, fp32_prefills):>6.2f}")
     if fid is None:

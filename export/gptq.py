@@ -147,21 +147,26 @@ def with_offsets(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_siz
     weight, extra = the blocksum's width."""
     n, blocks = scales.shape
     z0 = np.clip(np.round(zeros), 0, 15)
-    extra = -(-blocks // block_size) * block_size
+    extra = _blocksum_width(blocks, block_size)
     r = np.zeros((n, extra), np.float32)
     r[:, :blocks] = (z0 - zeros) * scales
-    rs, rz = zip(*(_block_params(r[:, j:j + block_size]) for j in range(0, extra, block_size)), strict=True)
-    rs, rz = np.stack(rs, axis=1), np.stack(rz, axis=1)
-    rq = np.clip(np.round(r / np.repeat(rs, block_size, axis=1)) + np.repeat(rz, block_size, axis=1), 0, 15)
-    return (np.concatenate([q, rq.astype(q.dtype)], axis=1), np.concatenate([scales, rs], axis=1).astype(np.float32),
-            np.concatenate([z0, rz], axis=1))
+    rows = r.reshape(-1, block_size)  # each extra block of each output, as _block_params takes them
+    rs, rz = _block_params(rows)
+    rq = np.clip(np.round(rows / rs[:, None]) + rz[:, None], 0, 15).reshape(n, extra)
+    return (np.concatenate([q, rq.astype(q.dtype)], axis=1),
+            np.concatenate([scales, rs.reshape(n, -1)], axis=1).astype(np.float32),
+            np.concatenate([z0, rz.reshape(n, -1)], axis=1))
+
+
+def _blocksum_width(blocks: int, block_size: int) -> int:
+    """Columns of x's block sums: one per block, padded to whole blocks."""
+    return -(-blocks // block_size) * block_size
 
 
 def blocksum_matrix(k: int, block_size: int) -> np.ndarray:
     """B [K, extra]: x @ B is x's sum over each block of `block_size` channels, padded with zero columns to whole
     blocks (with_offsets)."""
-    blocks = k // block_size
-    b = np.zeros((k, -(-blocks // block_size) * block_size), np.float32)
+    b = np.zeros((k, _blocksum_width(k // block_size, block_size)), np.float32)
     b[np.arange(k), np.arange(k) // block_size] = 1.0
     return b
 
@@ -202,12 +207,13 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     augmented: dict[str, str] = {}  # an input -> [input, its blocksums] (offsets)
     for i, node in enumerate(targets):
         k = inits[node.input[1]].dims[0]
+        offset = offsets and k % block_size == 0  # the block sums need K in whole blocks
         if node.name not in cache:
             cache[node.name] = (*_quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
-                                           block_size, offsets and k % block_size == 0), prints[node.name])
+                                           block_size, offset), prints[node.name])
         q, scales, zeros, _, _ = cache[node.name]
         x = None
-        if offsets and k % block_size == 0:
+        if offset:
             q, scales, zeros = with_offsets(q, scales, zeros, block_size)
             if (x := augmented.get(node.input[0])) is None:
                 x = augmented[node.input[0]] = f"{node.input[0]}.with_blocksums"
