@@ -12,7 +12,8 @@ planner and reasoning prompts the reasoner really sees: top-1 agreement and mean
 positions, greedy exact match over `--tokens` tokens per stage; then file size and decode speed (the
 variants of a model timed in turns, `--rounds` times, median: this machine's timings are noisy), each also
 as a ratio to `--baseline` (the export default before GPTQ): the speed ratio is the median of each turn's own
-ratio, so that the machine's pace drifting between turns cancels.
+ratio, so that the machine's pace drifting between turns cancels. `dec`: the top-1 agreement at the positions
+where fp32's top token is at least twice as likely as its runner-up (calibration.metrics.decisive).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def main() -> None:
     tables = [bench_model(name, work / Path(name).name, args) for name in args.models.split(",")]
     print(f"\n{args.samples} held-out prompts x {args.tokens} tokens per stage; tok/s: decode after a 128-token "
           f"prompt, median of {args.rounds} turns; ratios: the median of each turn's to {args.baseline}")
-    print(f"{'model':<9}{'variant':<20}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}"
-          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'tok/s':>7}{'speed':>6}{'prefill':>9}{'x fp32':>6}")
+    print(f"{'model':<9}{'variant':<20}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}{'dec':>6}"
+          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'dec':>6}{'tok/s':>7}{'speed':>6}{'prefill':>9}{'x fp32':>6}")
     for table in tables:
         for line in table:
             print(line)
@@ -205,9 +206,9 @@ def _row(model: str, name: str, size: float, base_size: float, fid, speeds: list
     tail = (f"{np.median(speeds):>7.1f}{paired(speeds, base_speeds):>6.2f}{np.median(prefills):>9.0f}"
             f"{paired(prefills, fp32_prefills):>6.2f}")
     if fid is None:
-        return f"{head}{'(reference)':>49}{tail}"
+        return f"{head}{'(reference)':>61}{tail}"
     stages = "".join(f"{fid[s].top1_agreement:>{w}.3f}{fid[s].mean_kl:>8.4f}{fid[s].exact_match:>6.2f}"
-                     for s, w in (("plan", 10), ("think", 11)))
+                     f"{fid[s].decisive_top1:>6.3f}" for s, w in (("plan", 10), ("think", 11)))
     return head + stages + tail
 
 

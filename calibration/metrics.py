@@ -23,12 +23,25 @@ def top1_agreement(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
 
 
+DECISIVE = float(np.log(2.0))  # nats: the reference's top token at least twice as likely as its runner-up
+
+
+def decisive(ref_logits: np.ndarray) -> np.ndarray:
+    """The positions where the reference's top token leads its runner-up by at least DECISIVE nats (a logit
+    difference is a log-probability difference). Elsewhere the reference itself hesitates between two tokens, and
+    any change of arithmetic (another CPU's kernels, fp16) flips some of them."""
+    top2 = np.partition(ref_logits.astype(np.float64), -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0] >= DECISIVE
+
+
 @dataclass
 class Fidelity:
     """One stage's agreement with the reference, over `positions` teacher-forced next-token predictions
     and `sequences` free-running greedy continuations of `tokens` tokens. `prefill_*`: the same at the last
     prompt position alone (what the prefill computed); `feature_cosine`: the image features' mean cosine
-    similarity, per visual token (stages with an image; else None)."""
+    similarity, per visual token (stages with an image; else None). `decisive_top1`: the top-1 agreement over
+    the `decisive_positions` alone (see `decisive`): whether the flips are where the reference was sure (1.0
+    when there are none such)."""
 
     top1_agreement: float
     mean_kl: float
@@ -39,6 +52,8 @@ class Fidelity:
     prefill_top1: float = 0.0
     prefill_kl: float = 0.0
     feature_cosine: float | None = None
+    decisive_top1: float = 1.0
+    decisive_positions: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,6 +62,7 @@ class Fidelity:
         d["exact_match"] = round(d["exact_match"], 4)
         d["prefill_top1"] = round(d["prefill_top1"], 4)
         d["prefill_kl"] = round(d["prefill_kl"], 6)
+        d["decisive_top1"] = round(d["decisive_top1"], 4)
         if d["feature_cosine"] is None:
             del d["feature_cosine"]
         else:
@@ -66,11 +82,14 @@ def summarize(ref_logits: list[np.ndarray], test_logits: list[np.ndarray], match
     exact-match flags into one Fidelity."""
     ref, test = np.concatenate(ref_logits), np.concatenate(test_logits)
     ref0, test0 = np.stack([r[0] for r in ref_logits]), np.stack([t[0] for t in test_logits])
+    sure = decisive(ref)
     return Fidelity(top1_agreement=top1_agreement(ref, test), mean_kl=float(kl_divergence(ref, test).mean()),
                     exact_match=float(np.mean(matches)) if matches else 0.0, positions=len(ref),
                     sequences=len(matches), tokens=tokens, prefill_top1=top1_agreement(ref0, test0),
                     prefill_kl=float(kl_divergence(ref0, test0).mean()),
-                    feature_cosine=float(np.mean(feature_cosines)) if len(feature_cosines) else None)
+                    feature_cosine=float(np.mean(feature_cosines)) if len(feature_cosines) else None,
+                    decisive_top1=top1_agreement(ref[sure], test[sure]) if sure.any() else 1.0,
+                    decisive_positions=int(sure.sum()))
 
 
 def report_table(report: dict | None) -> str:
@@ -78,11 +97,19 @@ def report_table(report: dict | None) -> str:
     if not report:
         return "fidelity: not measured (an fp32 bundle is the reference)"
     lines = [f"{'stage':<9}{'model':<11}{'top-1 agree':>12}{'mean KL':>10}{'exact match':>13}{'positions':>11}"
-             f"{'prefill top-1':>14}{'prefill KL':>11}{'features cos':>13}{'size':>8}"]
+             f"{'decisive top-1':>15}{'prefill top-1':>14}{'prefill KL':>11}{'features cos':>13}{'size':>8}"]
     for stage, r in report.items():
         cos = r.get("feature_cosine")
         lines.append(f"{stage:<9}{r['role']:<11}{r['top1_agreement']:>12.4f}{r['mean_kl']:>10.4g}"
-                     f"{r['exact_match']:>13.2f}{r['positions']:>11}{r.get('prefill_top1', float('nan')):>14.4f}"
+                     f"{r['exact_match']:>13.2f}{r['positions']:>11}{_decisive(r):>15}"
+                     f"{r.get('prefill_top1', float('nan')):>14.4f}"
                      f"{r.get('prefill_kl', float('nan')):>11.4g}{'-' if cos is None else f'{cos:.5f}':>13}"
                      f"{r['size_ratio']:>7.2f}x")
     return "fidelity vs fp32:\n" + "\n".join(lines)
+
+
+def _decisive(r: dict) -> str:
+    """`decisive_top1 (positions)`; '-' for a report written before it was measured."""
+    if "decisive_top1" not in r:
+        return "-"
+    return f"{r['decisive_top1']:.4f} ({r['decisive_positions']})"

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from edgevlm.calibration.metrics import cosine, kl_divergence, log_softmax, summarize, top1_agreement
+from edgevlm.calibration.metrics import (
+    DECISIVE,
+    cosine,
+    decisive,
+    kl_divergence,
+    log_softmax,
+    summarize,
+    top1_agreement,
+)
 
 
 def test_kl_of_identical_distributions_is_zero_and_shift_invariant():
@@ -37,12 +45,35 @@ def test_top1_agreement_and_summary():
     # the prefill's last position is each sequence's first: rows 0 (agree) and 2 (disagree)
     assert f.prefill_top1 == 0.5 and f.prefill_kl > 0
     assert set(f.to_dict()) == {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens",
-                                "prefill_top1", "prefill_kl"}
+                                "prefill_top1", "prefill_kl", "decisive_top1", "decisive_positions"}
+    assert (f.decisive_positions, f.decisive_top1) == (4, 0.75)  # one-hot logits of 5: every position decisive
     late = summarize([ref[:2], ref[1:3]], [test[:2], test[1:3]], [True, False], tokens=2)
     assert late.prefill_top1 == 1.0 and late.prefill_kl == pytest.approx(0.0)  # rows 0 and 1 first: both agree
     assert late.top1_agreement == 0.75
     with_images = summarize([ref], [test], [False], tokens=4, feature_cosines=[0.5, 1.0])
     assert with_images.to_dict()["feature_cosine"] == 0.75
+
+
+def test_decisive_agreement_counts_only_the_flips_where_the_reference_was_sure():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(40, 30))
+    margins = rng.uniform(0, 2, size=40)  # the reference's top token's lead over its runner-up, in nats
+    top, second = ref.argsort(-1)[:, -1], ref.argsort(-1)[:, -2]
+    ref[np.arange(40), top] = ref[np.arange(40), second] + margins
+    test = ref.copy()
+    test[np.arange(40), second] += 2.5  # every position flips to the runner-up
+    sure = margins >= DECISIVE
+    np.testing.assert_array_equal(decisive(ref), sure)
+    np.testing.assert_array_equal(decisive(ref + 7.0), sure)  # a shift of the logits changes no probability
+    f = summarize([ref], [test], [False], tokens=40)
+    assert f.top1_agreement == 0 and f.decisive_top1 == 0 and f.decisive_positions == sure.sum() > 0
+    hesitant = ~sure  # flips only where the reference hesitated: decisive agreement stays perfect
+    mixed = np.where(hesitant[:, None], test, ref)
+    g = summarize([ref], [mixed], [False], tokens=40)
+    assert g.top1_agreement == pytest.approx(sure.mean()) and g.decisive_top1 == 1.0
+    # logits from probabilities: a 2:1 lead is exactly DECISIVE
+    assert decisive(np.log(np.array([[0.5, 0.25, 0.25], [0.5, 0.3, 0.2]]))).tolist() == [True, False]
+    assert summarize([ref[:1] * 0], [ref[:1]], [True], tokens=1).decisive_top1 == 1.0  # no decisive position
 
 
 def test_cosine_of_rows():

@@ -16,7 +16,7 @@ from edgevlm.pipeline import Pipeline
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 FIDELITY_KEYS = {"top1_agreement", "mean_kl", "exact_match", "positions", "sequences", "tokens", "role", "size_ratio",
-                 "prefill_top1", "prefill_kl"}
+                 "prefill_top1", "prefill_kl", "decisive_top1", "decisive_positions"}
 
 
 def ops(path) -> set[str]:
