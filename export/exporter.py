@@ -417,13 +417,13 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
 
     from edgevlm.export import fused, graphs, tensorrt
 
-    converted, errors, cache = {}, {}, {}
+    converted, errors, caches = {}, {}, {}  # per graph: quantize.int4's results, kept across the target's steps
     for name, g in reference.graphs.items():
         q = plan.for_graph(role, name)
         src, dst = root / g.file, out / Path(g.file).name
         if q != "fp32":
             log(f"{role}: {name} -> {q}{f' ({plan.int4_method}, block {plan.block_size})' if q == 'int4' else ''}")
-        errors[name] = _convert_graph(src, dst, q, name, plan, reader_for, flavour, cache=cache,
+        errors[name] = _convert_graph(src, dst, q, name, plan, reader_for, flavour, cache=caches.setdefault(name, {}),
                                       log=lambda m, name=name: log(f"{role}: {name}: {m}"), record=int8_checks)
         if flavour == "tensorrt":
             tensorrt.check(dst)  # refuses, naming the node, what TensorRT's parser would
@@ -432,7 +432,8 @@ def _finish_model(root: Path, role: str, reference: ModelSpec, plan: QuantPlan, 
                    arrays={k: f"{role}/{Path(v).name}" for k, v in reference.arrays.items()})
     kept = ()
     if (plan.fidelity_target or plan.fidelity_kl) and converted["decoder"].quant == "int4":
-        kept = _meet_target(root, role, reference, spec, errors["decoder"], plan, calib_items, reader_for, cache, log)
+        kept = _meet_target(root, role, reference, spec, errors["decoder"], plan, calib_items, reader_for,
+                            caches["decoder"], log)
     shared = fused.updates_cache_in_place(root / converted["decoder"].file)  # not after an fp16 conversion
     return replace(spec, kv=replace(reference.kv, shared=shared)), kept
 

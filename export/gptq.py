@@ -173,16 +173,18 @@ def blocksum_matrix(k: int, block_size: int) -> np.ndarray:
 
 def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], *, block_size: int = 32,
                    exclude: Iterable[str] = (), accuracy_level: int = 4, cache: dict | None = None,
-                   offsets: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, float]:
+                   grams: dict | None = None, offsets: bool = False,
+                   progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Every MatMul of `src` with a constant 2-D weight (but `exclude`) as GPTQ'd int4 MatMulNBits, written to
     `dst` (weights in `dst`.data). Returns each one's relative output error on the calibration inputs,
     |X (W - Wq)|^2 / |X W|^2: what its int4 costs, for choosing which to keep in 8 bits. `cache` (a dict kept
     by the caller across calls on one graph and feeds) saves redoing a MatMul's GPTQ while its weight is the same
-    (smoothing another layer's input can scale this one's columns). `offsets`: float zero points (with_offsets)
-    where K is whole blocks: a weight on a grid with a float minimum per block (GGUF's Q4_1, Q4_K) then comes out
-    as it was, not re-rounded, at the cost of two small nodes per input (its block sums and a Concat): 6-20% of
-    SmolLM2-135M's decode step, 10% on 0.6B-sized MatMuls, nothing measurable on 1.7B-sized ones (README).
-    The export does not use it yet."""
+    (smoothing another layer's input can scale this one's columns); `grams` (likewise) its inputs' X^T X, which
+    that smoothing leaves as they are (it changes only the activations that 8-bit layers alone read).
+    `offsets`: float zero points (with_offsets) where K is whole blocks: a weight on a grid with a float minimum
+    per block (GGUF's Q4_1, Q4_K) then comes out as it was, not re-rounded, at the cost of two small nodes per
+    input (its block sums and a Concat): 6-20% of SmolLM2-135M's decode step, 10% on 0.6B-sized MatMuls, nothing
+    measurable on 1.7B-sized ones (README). The export does not use it yet."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -198,8 +200,11 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     for t in targets:
         if t.name in cache and cache[t.name][4] != prints[t.name]:
             del cache[t.name]
-    todo = sorted({t.input[0] for t in targets if t.name not in cache})
-    grams = activation_grams(src, todo, feeds) if todo else {}
+    grams = {} if grams is None else grams
+    for name in set(grams) - {t.input[0] for t in targets}:  # held while an int4 MatMul reads it (GBs at 1.7B)
+        del grams[name]
+    if todo := sorted({t.input[0] for t in targets if t.name not in cache} - set(grams)):
+        grams.update(activation_grams(src, todo, feeds))
     uses: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:

@@ -102,11 +102,12 @@ def smoothing(x: np.ndarray, amax: np.ndarray, w: np.ndarray, group: tuple[int, 
 
 
 def smooth_graph(graph, by_input: dict[str, list], stats: dict, *, levels: int, block: int | None = None,
-                 progress=None) -> int:
+                 scales: dict | None = None, progress=None) -> int:
     """Smooths each activation of `by_input` (its name: the MatMuls that read it, all of them) whose calibration
     `stats` (quantize.activation_stats) favour it (`smoothing`): W * s in the weights, x / s as a Mul before them,
     folded into the norm or layer that produces x where that is exact (quantize.fold_input_scales). Returns how
-    many activations it smoothed."""
+    many activations it smoothed. `scales`: a dict the caller keeps across calls on one graph and `stats`, of
+    each activation's s by its readers (the search, not redone)."""
     from onnx import helper, numpy_helper
 
     from edgevlm.export.quantize import _attr, fold_input_scales
@@ -117,7 +118,7 @@ def smooth_graph(graph, by_input: dict[str, list], stats: dict, *, levels: int, 
     for n in graph.node:
         for x in n.input:
             uses[x] = uses.get(x, 0) + 1
-    smoothed_count = 0
+    smoothed_count, scales = 0, {} if scales is None else scales
     for i, (name, nodes) in enumerate(by_input.items()):
         if progress and i % 16 == 0:
             progress(f"smoothing activations {i}/{len(by_input)}")
@@ -127,8 +128,11 @@ def smooth_graph(graph, by_input: dict[str, list], stats: dict, *, levels: int, 
         group = None
         if name in attention:
             group = (_attr(attention[name], "kv_num_heads"), _attr(attention[name], "num_heads"))
-        s = smoothing(stats[name].rows, stats[name].amax, np.concatenate(ws, axis=1), group, levels=levels,
-                      block=block)
+        key = (name, tuple(n.name for n in nodes), levels, block)
+        if key not in scales:
+            scales[key] = smoothing(stats[name].rows, stats[name].amax, np.concatenate(ws, axis=1), group,
+                                    levels=levels, block=block)
+        s = scales[key]
         if s is None:
             continue
         for node, w in zip(nodes, ws, strict=True):

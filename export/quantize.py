@@ -225,14 +225,14 @@ def int8_weight_only(src: Path, dst: Path, *, exclude: list[str] | None = None, 
 
 
 def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterable[str], *,
-                       block_size: int = KEEP_INT8_BLOCK, stats: dict | None = None) -> int:
+                       block_size: int = KEEP_INT8_BLOCK, stats: dict | None = None, scales: dict | None = None) -> int:
     """Smoothing (export/int8_compute.py) for 8-bit weight-only MatMuls: ONNX Runtime's MatMulNBits at accuracy
     level 4 quantizes its input to int8 per block of `block_size` channels, where one outlier channel flattens
     its block's others; that, not the 8-bit weights, is most of such a layer's error. So each activation that only
     `matmuls` read is scaled as x / s, W * s (s searched on calibration rows against that blocked int8 error), the
     1/s folded into what produces x where exact. Writes `dst` (the same function in fp32); returns how many
     activations it smoothed. `stats`: a dict the caller keeps across calls on one `src` and `reader`, of the
-    activations' calibration statistics (computed once each)."""
+    activations' calibration statistics (computed once each); `scales` likewise, of the smoothing's search."""
     import onnx
 
     from edgevlm.export import int8_compute
@@ -259,7 +259,8 @@ def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterab
     if missing:
         stats.update(activation_stats(src, missing, reader, "smooth8", rows=int8_compute.SAMPLE_ROWS))
     model = onnx.load(str(src))
-    count = int8_compute.smooth_graph(model.graph, readers(model.graph), stats, levels=127, block=block_size)
+    count = int8_compute.smooth_graph(model.graph, readers(model.graph), stats, levels=127, block=block_size,
+                                      scales=scales)
     _topological_save(model, dst)
     return count
 
@@ -278,7 +279,7 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
     if smooth_int8:
         with scratch_graph(dst, "smooth8") as smoothed:
             smooth_8bit_inputs(src, smoothed, reader, smooth_int8, block_size=keep_block_size,
-                               stats=cache.setdefault("smoothing", {}))
+                               stats=cache.setdefault("smoothing", {}), scales=cache.setdefault("scales", {}))
             return int4(smoothed, dst, method=method, block_size=block_size, reader=reader, exclude=exclude,
                         keep_int8=keep_int8, keep_block_size=keep_block_size, accuracy_level=accuracy_level,
                         cache=cache, offsets=offsets, progress=progress)
@@ -306,7 +307,7 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
         reader.rewind()
         return gptq.quantize_graph(src, dst, reader, block_size=block_size, exclude=exclude or [],
                                    accuracy_level=accuracy_level, cache=cache.setdefault("gptq", {}),
-                                   offsets=offsets, progress=progress)
+                                   grams=cache.setdefault("grams", {}), offsets=offsets, progress=progress)
     if method == "rtn":
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
     elif method == "hqq":

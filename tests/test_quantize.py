@@ -360,7 +360,8 @@ def test_gptq_offsets_reproduce_a_weight_on_a_float_minimum_grid_at_the_fast_for
 def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
     """The fidelity target re-exports with GPTQ's per-MatMul cache; smoothing a newly kept layer's input can scale
     an int4 layer's columns, so a cached result is reused only for the same weight: scaled columns come out scaled
-    (GPTQ is column-wise), an unchanged weight comes out the same."""
+    (GPTQ is column-wise), an unchanged weight comes out the same. The input's X^T X is computed once (the graph
+    runs on the feeds once) and dropped when no int4 MatMul reads that input any more."""
     from pathlib import Path
 
     import numpy as np
@@ -373,7 +374,13 @@ def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
     k, n = 64, 24
     w = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((128, k)).astype(np.float32)
-    cache, outputs = {}, []
+    cache, grams, outputs, runs = {}, {}, [], []
+
+    class Feeds:
+        def __iter__(self):
+            runs.append(1)
+            return iter([{"x": x}])
+
     for i, weight in enumerate((w, w, w * np.linspace(0.5, 4, n, dtype=np.float32))):
         graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
@@ -381,10 +388,14 @@ def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
                                   [numpy_helper.from_array(weight, "w")])
         src, dst = Path(tmp_path / f"m{i}.onnx"), Path(tmp_path / f"q{i}.onnx")
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-        gptq.quantize_graph(src, dst, [{"x": x}], accuracy_level=0, cache=cache)
+        gptq.quantize_graph(src, dst, Feeds(), accuracy_level=0, cache=cache, grams=grams)
         outputs.append(ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
     np.testing.assert_array_equal(outputs[1], outputs[0])
     np.testing.assert_allclose(outputs[2], outputs[0] * np.linspace(0.5, 4, n), rtol=1e-4, atol=1e-4)
+    assert len(runs) == 1 and set(grams) == {"x"}
+    np.testing.assert_allclose(grams["x"], x.astype(np.float64).T @ x, rtol=1e-9)
+    gptq.quantize_graph(src, tmp_path / "none.onnx", Feeds(), exclude=["mm"], cache=cache, grams=grams)
+    assert grams == {} and len(runs) == 1  # nothing left in int4 reads x
 
 
 def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_dir, tmp_path):
