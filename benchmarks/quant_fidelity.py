@@ -93,7 +93,7 @@ def bench_model(name: str, work: Path, args) -> list[str]:
     from edgevlm.backends.onnx import OrtModel
     from edgevlm.bundle import Bundle
     from edgevlm.calibration import data
-    from edgevlm.calibration.fidelity import measure, stage_inputs
+    from edgevlm.calibration.fidelity import measure, reference_run, stage_inputs
     from edgevlm.export import causal_lm, graphs
     from edgevlm.export.checkpoints import resolve
     from edgevlm.export.exporter import decoder_feeds
@@ -116,6 +116,7 @@ def bench_model(name: str, work: Path, args) -> list[str]:
     reference = OrtModel(Bundle.in_progress(work, {"m": entry}), "m")
     calib, held = data.split(data.load())
     inputs = {stage: stage_inputs(stage, reference, held[: args.samples]) for stage in ("plan", "think")}
+    recorded = {stage: [reference_run(reference, *x, args.tokens) for x in xs] for stage, xs in inputs.items()}
     feeds = decoder_feeds(reference, [p for stage in ("plan", "think") for p in stage_inputs(stage, reference,
                                                                                             calib[:16])])
     cache, errors = {}, {}  # GPTQ's per-MatMul results and the k8top ranking, shared by the gptq variants
@@ -129,7 +130,7 @@ def bench_model(name: str, work: Path, args) -> list[str]:
         quant_s = time.perf_counter() - t
         decoder = replace(entry.graphs["decoder"], file=str(out.relative_to(work)))
         candidate = OrtModel(Bundle.in_progress(work, {"m": replace(entry, graphs={"decoder": decoder})}), "m")
-        fid = {stage: measure(reference, candidate, inputs[stage], args.tokens) for stage in inputs}
+        fid = {stage: measure(reference, candidate, inputs[stage], args.tokens, recorded[stage]) for stage in inputs}
         results[method] = (_size(out), fid, candidate)
         print(f"{name} {method}: quantized in {quant_s:.0f} s; plan {fid['plan'].top1_agreement:.3f}, think "
               f"{fid['think'].top1_agreement:.3f}", flush=True)

@@ -24,30 +24,41 @@ from edgevlm.tokenizer import Prompt
 STAGES = {"plan": "reasoner", "extract": "extractor", "think": "reasoner"}
 
 
+def reference_run(reference: Model, rendered: Prompt | str, image: Image.Image | None,
+                  tokens: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reference's side of `measure` for one prompt: its next-token logits [tokens, vocab] along its own greedy
+    continuation, and its image features (None without an image). Kept, it serves every candidate measured
+    against the same reference (the fidelity target's steps)."""
+    prepared = reference.prepare(rendered, image)
+    reference.encode(prepared)
+    state = reference.prefill(prepared)
+    logits = []
+    for n in range(tokens):
+        logits.append(np.array(state.logits, dtype=np.float32))
+        if n < tokens - 1:
+            state.step(int(np.argmax(logits[-1])))
+    return np.stack(logits), prepared.image_features
+
+
 def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str, Image.Image | None]],
-            tokens: int = 32) -> Fidelity:
-    """Compare `candidate` with `reference` on rendered prompts (with their image, if any)."""
+            tokens: int = 32, recorded: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> Fidelity:
+    """Compare `candidate` with `reference` on rendered prompts (with their image, if any). `recorded`: the
+    reference's reference_run of each input, if kept from before (else run now)."""
     ref_all, test_all, matches, cosines = [], [], [], []
-    for rendered, image in inputs:
-        states, features = [], []
-        for model in (reference, candidate):
-            prepared = model.prepare(rendered, image)
-            model.encode(prepared)
-            features.append(prepared.image_features)
-            states.append(model.prefill(prepared))
-        if features[0] is not None and features[1] is not None:
-            cosines.append(float(cosine(np.asarray(features[0]), np.asarray(features[1])).mean()))
-        ref, test = states
-        ref_logits, test_logits = [], []
+    for i, (rendered, image) in enumerate(inputs):
+        ref, ref_features = recorded[i] if recorded is not None else reference_run(reference, rendered, image, tokens)
+        prepared = candidate.prepare(rendered, image)
+        candidate.encode(prepared)
+        state = candidate.prefill(prepared)
+        if ref_features is not None and prepared.image_features is not None:
+            cosines.append(float(cosine(np.asarray(ref_features), np.asarray(prepared.image_features)).mean()))
+        test = []
         for n in range(tokens):
-            ref_logits.append(np.array(ref.logits, dtype=np.float32))
-            test_logits.append(np.array(test.logits, dtype=np.float32))
+            test.append(np.array(state.logits, dtype=np.float32))
             if n < tokens - 1:
-                token = int(np.argmax(ref.logits))
-                ref.step(token)
-                test.step(token)
-        ref_all.append(np.stack(ref_logits))
-        test_all.append(np.stack(test_logits))
+                state.step(int(np.argmax(ref[n])))  # teacher-forced along the reference's continuation
+        ref_all.append(ref)
+        test_all.append(np.stack(test))
         matches.append(bool((ref_all[-1].argmax(-1) == test_all[-1].argmax(-1)).all()))
     return summarize(ref_all, test_all, matches, tokens, cosines)
 

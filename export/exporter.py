@@ -449,12 +449,13 @@ def _meet_target(root: Path, role: str, reference: ModelSpec, spec: ModelSpec, e
     and stays within plan.fidelity_kl mean KL on calibration prompts GPTQ did not see. Returns the MatMuls kept
     beyond plan.keep_int8. Out of reach even all in 8 bits: an error for targets the user set; for the default,
     a warning, all kept in 8 bits (the nearest to the target there is)."""
-    from edgevlm.calibration.fidelity import STAGES, measure, stage_inputs
+    from edgevlm.calibration.fidelity import STAGES, measure, reference_run, stage_inputs
 
     ranked = sorted(errors, key=errors.get, reverse=True)
     items = calib_items[16:16 + TARGET_PROMPTS] or calib_items[:TARGET_PROMPTS]
     ref_model = _ort_model(root, reference)
     inputs = {stage: stage_inputs(stage, ref_model, items) for stage, r in STAGES.items() if r == role}
+    recorded = {stage: [reference_run(ref_model, *x, TARGET_TOKENS) for x in xs] for stage, xs in inputs.items()}
     src, dst = root / reference.graphs["decoder"].file, root / spec.graphs["decoder"].file
     target, kl_target = plan.fidelity_target or 0.0, plan.fidelity_kl or float("inf")
     wanted = " and ".join([*([f"top-1 {target}"] if target else []),
@@ -462,7 +463,7 @@ def _meet_target(root: Path, role: str, reference: ModelSpec, spec: ModelSpec, e
     count = 0
     while True:
         candidate = _ort_model(root, spec)
-        scores = [measure(ref_model, candidate, prompts, TARGET_TOKENS) for prompts in inputs.values()]
+        scores = [measure(ref_model, candidate, xs, TARGET_TOKENS, recorded[stage]) for stage, xs in inputs.items()]
         top1, kl = min(f.top1_agreement for f in scores), max(f.mean_kl for f in scores)
         kept = tuple(ranked[:count])
         log(f"{role}: {count} more MatMuls in 8 bits: top-1 agreement {top1:.4f}, mean KL {kl:.4f} on calibration "

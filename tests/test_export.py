@@ -266,3 +266,12 @@ def test_fp16_bundle_runs_close_to_fp32(bundles, tiny_dir, tmp_path):
     for _ in range(4):
         token = int(np.argmax(states[1].logits))
         np.testing.assert_allclose(states[0].step(token), states[1].step(token), atol=5e-3)
+    # the fidelity measure, with the reference's side recorded once (as the fidelity target's steps keep it) or
+    # run alongside: the same figures
+    from edgevlm.calibration.fidelity import measure, reference_run
+
+    inputs = [(rendered, image), (fp32.tokenizer.apply_chat_template(fp32.family.messages("Colour?")), None)]
+    recorded = [reference_run(fp32, *x, 6) for x in inputs]
+    assert recorded[0][0].shape == (6, len(states[1].logits)) and recorded[1][1] is None
+    live, kept = measure(fp32, fp16, inputs, 6), measure(fp32, fp16, inputs, 6, recorded)
+    assert live == kept and live.positions == 12 and live.feature_cosine > 0.999 and live.mean_kl > 0
