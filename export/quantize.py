@@ -232,14 +232,14 @@ def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterab
     `matmuls` read is scaled as x / s, W * s (s searched on calibration rows against that blocked int8 error), the
     1/s folded into what produces x where exact. Writes `dst` (the same function in fp32); returns how many
     activations it smoothed. `stats`: a dict the caller keeps across calls on one `src` and `reader`, of the
-    activations' calibration statistics (computed once each; on the first call, those of every activation that
-    8-bit layers could come to read alone, in the same run of the feeds); `scales` likewise, of the smoothing's
-    search."""
+    activations' calibration statistics (computed once each); `scales` likewise, of the smoothing's search."""
     import onnx
 
     from edgevlm.export import int8_compute
 
-    def readers(graph, matmuls: set[str]) -> dict[str, list]:
+    matmuls = set(matmuls)
+
+    def readers(graph) -> dict[str, list]:
         """The activations every MatMul reader of which is in `matmuls` (a constant 2-D weight of whole blocks)."""
         dims = {i.name: i.dims for i in graph.initializer}
         by_input: dict[str, list] = {}
@@ -251,21 +251,16 @@ def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterab
         return {x: nodes for x, nodes in by_input.items() if x not in others and all(
             len(dims.get(n.input[1], ())) == 2 and dims[n.input[1]][0] % block_size == 0 for n in nodes)}
 
-    matmuls = set(matmuls)
-    graph = onnx.load(str(src), load_external_data=False).graph
-    activations = list(readers(graph, matmuls))
+    activations = list(readers(onnx.load(str(src), load_external_data=False).graph))
     if not activations:
         return 0
-    if stats is None:
-        stats = {}
-    elif not stats:  # a caller that keeps them smooths again with more layers kept: one run for all
-        activations = list(readers(graph, {n.name for n in graph.node if n.op_type == "MatMul"}))
+    stats = {} if stats is None else stats
     missing = [a for a in activations if a not in stats]
     if missing:
         stats.update(activation_stats(src, missing, reader, "smooth8", rows=int8_compute.SAMPLE_ROWS))
     model = onnx.load(str(src))
-    count = int8_compute.smooth_graph(model.graph, readers(model.graph, matmuls), stats, levels=127,
-                                      block=block_size, scales=scales)
+    count = int8_compute.smooth_graph(model.graph, readers(model.graph), stats, levels=127, block=block_size,
+                                      scales=scales)
     _topological_save(model, dst)
     return count
 
@@ -412,7 +407,7 @@ def activation_stats(src: Path, activations: list[str], reader: FeedReader, tag:
     sums = {a: 0.0 for a in activations}
     counts = dict.fromkeys(activations, 0)
     samples: dict[str, list[np.ndarray]] = {a: [] for a in activations}
-    rngs = {a: np.random.default_rng(0) for a in activations}  # each one's rows whatever else is probed with it
+    rng = np.random.default_rng(0)
     with activation_probe(src, activations, tag) as session:
         reader.rewind()
         for feed in reader:
@@ -421,7 +416,7 @@ def activation_stats(src: Path, activations: list[str], reader: FeedReader, tag:
                 amax[name] = np.maximum(amax[name], np.abs(x).max(0))
                 sums[name] = sums[name] + np.abs(x).sum(0)
                 counts[name] += len(x)
-                samples[name].append(x[rngs[name].choice(len(x), size=min(len(x), 64), replace=False)])
+                samples[name].append(x[rng.choice(len(x), size=min(len(x), 64), replace=False)])
     return {a: ActivationStats(amax[a], sums[a] / max(counts[a], 1), np.concatenate(samples[a])[:rows])
             for a in activations}
 
