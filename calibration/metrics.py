@@ -109,7 +109,9 @@ def report_table(report: dict | None) -> str:
 
 
 def _decisive(r: dict) -> str:
-    """`decisive_top1 (positions)`; '-' for a report written before it was measured."""
+    """`decisive_top1 (positions)`; '-' for a report written before it was measured (the manifest's schema has
+    each field optional: a count missing is left out)."""
     if "decisive_top1" not in r:
         return "-"
-    return f"{r['decisive_top1']:.4f} ({r['decisive_positions']})"
+    count = r.get("decisive_positions")
+    return f"{r['decisive_top1']:.4f}" + ("" if count is None else f" ({count})")

@@ -9,6 +9,7 @@ from edgevlm.calibration.metrics import (
     decisive,
     kl_divergence,
     log_softmax,
+    report_table,
     summarize,
     top1_agreement,
 )
@@ -74,6 +75,12 @@ def test_decisive_agreement_counts_only_the_flips_where_the_reference_was_sure()
     # logits from probabilities: a 2:1 lead is exactly DECISIVE
     assert decisive(np.log(np.array([[0.5, 0.25, 0.25], [0.5, 0.3, 0.2]]))).tolist() == [True, False]
     assert summarize([ref[:1] * 0], [ref[:1]], [True], tokens=1).decisive_top1 == 1.0  # no decisive position
+    row = {**f.to_dict(), "role": "reasoner", "size_ratio": 0.3}
+    assert f"0.0000 ({f.decisive_positions})" in report_table({"plan": row})
+    row.pop("decisive_positions")  # a hand-edited manifest (its schema has each field optional)
+    assert "0.0000 " in report_table({"plan": row})
+    row.pop("decisive_top1")  # a report written before it was measured
+    assert report_table({"plan": row}).splitlines()[-1].split()[6] == "-"
 
 
 def test_cosine_of_rows():
