@@ -124,6 +124,20 @@ def test_manifest_describes_every_model_and_file(bundles):
         assert bundle_mod.sha256(bundles["llava"] / rel) == meta["sha256"]
 
 
+def test_every_graph_declares_an_ir_version_older_onnxruntime_builds_read(bundles):
+    """ONNX Runtime refuses a graph whose IR version is newer than it knows, and the CUDA and Jetson builds lag the
+    pinned CPU wheel: every graph declares IR 10 at most (ONNX Runtime 1.17+), and no less than its opsets need."""
+    import onnx
+
+    for path in bundles.values():
+        b = bundle_mod.load(path)
+        for entry in b.manifest.models.values():
+            for g in entry.graphs.values():
+                model = onnx.load(str(b.graph(g.file)), load_external_data=False)
+                lowest = onnx.helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True)
+                assert lowest <= model.ir_version <= 10, (g.file, model.ir_version)
+
+
 def _copy(bundles, tmp_path, name="llava"):
     dst = tmp_path / name
     shutil.copytree(bundles[name], dst)
