@@ -316,3 +316,61 @@ def test_real_engines_match_onnxruntime_on_cpu(trt_bundle, tmp_path):
             token = int(np.argmax(ref_state.logits))
             agree += int(np.argmax(our_state.step(token)) == np.argmax(ref_state.step(token)))
         assert agree >= 8, agree  # TensorRT's kernels (TF32 where it picks them) on fp32 graphs: top-1 nearly always
+
+
+def _has_cuda() -> bool:
+    from edgevlm.backends import trt_device
+
+    found = trt_device.available()
+    return found["cuda"] and found["gpu"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs cuda-python and an NVIDIA GPU")
+def test_device_memory_round_trips_and_is_counted_on_a_real_gpu():
+    """The backend's CUDA layer alone (no TensorRT): host -> device -> host in stream order, on arrays of the KV's,
+    the logits' and the ids' dtypes (and an empty one), with the bytes held and their peak counted for the profile."""
+    from edgevlm.backends.trt_device import Cuda
+
+    cuda = Cuda()
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((1, 2, 37, 16)).astype(np.float16),
+              rng.standard_normal((1, 1, 857)).astype(np.float32),
+              rng.integers(0, 50_000, (1, 300)).astype(np.int64), np.zeros((0,), np.float32)]
+    ptrs = [cuda.malloc(a.nbytes) for a in arrays]
+    assert cuda.held == cuda.peak == sum(a.nbytes for a in arrays)
+    for ptr, a in zip(ptrs, arrays, strict=True):
+        cuda.to_device(ptr, a)
+    backs = [np.full_like(a, 7) for a in arrays]
+    for ptr, back in zip(ptrs, backs, strict=True):
+        cuda.to_host(back, ptr)
+    cuda.sync()
+    for a, back in zip(arrays, backs, strict=True):
+        np.testing.assert_array_equal(back, a)
+    cuda.free(ptrs[0])
+    assert cuda.held == sum(a.nbytes for a in arrays[1:]) and cuda.peak == sum(a.nbytes for a in arrays)
+    cuda.close()
+    assert cuda.held == 0
+
+
+def _has_ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_ort_cuda(), reason="needs onnxruntime-gpu and an NVIDIA GPU")
+def test_onnxruntime_on_cuda_decodes_what_it_does_on_cpu(tiny_bundle):
+    """ONNX Runtime's CUDA provider on a fused fp32 bundle (the KV written in place, one-token steps fed by id)
+    against CPU, prefill and 8 decode steps of each model. Tolerance: CUDA's fp32 GEMMs may use TF32 (10-bit
+    mantissa); a stale input (the step's token not reaching the device) moves logits by whole units."""
+    b = bundle_mod.load(tiny_bundle)
+    for role, image in (("extractor", random_image(61, 83)), ("reasoner", None)):
+        cpu, gpu = OrtModel(b, role), OrtModel(b, role, device="cuda")
+        rendered = cpu.tokenizer.apply_chat_template(cpu.family.messages("Describe it.", with_image=image is not None))
+        ref, ours = prefill_each((cpu, gpu), rendered, image)
+        np.testing.assert_allclose(ours.logits, ref.logits, atol=2e-2)
+        for _ in range(8):
+            token = int(np.argmax(ref.logits))
+            np.testing.assert_allclose(ours.step(token), ref.step(token), atol=2e-2)

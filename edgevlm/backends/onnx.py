@@ -300,7 +300,11 @@ class OrtModel:
         # with them and calls nothing else before the run (a fused graph takes no mask to rebind at each new
         # length): SmolLM2's int4 step is ~10 ms, and each binding call between two runs cost ~0.15 ms of it,
         # on caches the run has just flushed. Likewise the logits are handed back as a view, not copied.
-        binding = cache.binding if cache.shared and cache.binding_capacity == cache.capacity else None
+        # Only on CPU: elsewhere ONNX Runtime copies a host input to the device that reads it when it is bound,
+        # so a binding kept across runs feeds the first step's token (and KV) again (measured on an H200: the
+        # fp32 reasoner's decode agreed with CPU on 1 position in 11).
+        keep = cache.shared and self.device == "cpu"
+        binding = cache.binding if keep and cache.binding_capacity == cache.capacity else None
         if binding is None:
             binding = self.decoder.io_binding()
             for name, pointer in zip(self._past_names, cache.read_pointers(), strict=True):
@@ -311,11 +315,11 @@ class OrtModel:
                 binding.bind_output(LOGITS, "cpu", 0, np.float32, list(cache.logits.shape), cache.logits.ctypes.data)
             for name, pointer in zip(self._present_names, cache.write_pointers(), strict=True):
                 binding.bind_output(name, "cpu", 0, np.float32, cache.past_shape(total), pointer)
-            if cache.shared:
+            if keep:
                 cache.binding, cache.binding_capacity, cache.step_bound = binding, cache.capacity, False
         if self._mask:
             binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, total), np.int64))
-        if cache.shared and seq == 1 and x.dtype == np.int64:
+        if keep and seq == 1 and x.dtype == np.int64:
             if not cache.step_bound:
                 binding.bind_input(self._input_name, "cpu", 0, np.int64, [1, 1], cache.step_token.ctypes.data)
                 binding.bind_input(POSITION_IDS, "cpu", 0, np.int64, [1, 1], cache.step_position.ctypes.data)

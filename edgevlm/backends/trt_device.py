@@ -2,7 +2,8 @@
 (`cuda.bindings.runtime`) and TensorRT 10's runtime API, one call each, nothing decided here (the decisions are
 edgevlm.backends.trt_plan's). Importing this module imports neither; `available()` says what is missing.
 
-Nothing in this file has run on a GPU in this project (see README, TensorRT backend).
+`Cuda` has run on an H200 (tests/test_trt_backend.py, marked `cuda`); `Engine` has not run on a GPU in this
+project: no machine here has TensorRT (see README, TensorRT backend and CUDA).
 """
 
 from __future__ import annotations
