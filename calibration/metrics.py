@@ -99,13 +99,19 @@ def report_table(report: dict | None) -> str:
     lines = [f"{'stage':<9}{'model':<11}{'top-1 agree':>12}{'mean KL':>10}{'exact match':>13}{'positions':>11}"
              f"{'decisive top-1':>15}{'prefill top-1':>14}{'prefill KL':>11}{'features cos':>13}{'size':>8}"]
     for stage, r in report.items():
-        cos = r.get("feature_cosine")
-        lines.append(f"{stage:<9}{r['role']:<11}{r['top1_agreement']:>12.4f}{r['mean_kl']:>10.4g}"
-                     f"{r['exact_match']:>13.2f}{r['positions']:>11}{_decisive(r):>15}"
-                     f"{r.get('prefill_top1', float('nan')):>14.4f}"
-                     f"{r.get('prefill_kl', float('nan')):>11.4g}{'-' if cos is None else f'{cos:.5f}':>13}"
-                     f"{r['size_ratio']:>7.2f}x")
+        lines.append(f"{stage:<9}{str(r.get('role', '-')):<11}{_field(r, 'top1_agreement', '.4f'):>12}"
+                     f"{_field(r, 'mean_kl', '.4g'):>10}{_field(r, 'exact_match', '.2f'):>13}"
+                     f"{_field(r, 'positions', 'd'):>11}{_decisive(r):>15}{_field(r, 'prefill_top1', '.4f'):>14}"
+                     f"{_field(r, 'prefill_kl', '.4g'):>11}{_field(r, 'feature_cosine', '.5f'):>13}"
+                     f"{_field(r, 'size_ratio', '.2f', 'x'):>8}")
     return "fidelity vs fp32:\n" + "\n".join(lines)
+
+
+def _field(r: dict, key: str, spec: str, unit: str = "") -> str:
+    """One figure of a stage's report, '-' where it is absent: the manifest's schema keeps the report
+    informational (every field optional), so older or hand-edited manifests print rather than fail."""
+    value = r.get(key)
+    return "-" if value is None else format(value, spec) + unit
 
 
 def _decisive(r: dict) -> str:

@@ -83,6 +83,21 @@ def test_decisive_agreement_counts_only_the_flips_where_the_reference_was_sure()
     assert report_table({"plan": row}).splitlines()[-1].split()[6] == "-"
 
 
+def test_the_fidelity_table_prints_a_dash_for_each_figure_a_manifest_lacks():
+    """The manifest's fidelity report is informational (its schema has every field optional): a bundle whose
+    report lacks any figure, or all of them, still prints its table (`edgevlm info`), with '-' in their place."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(6, 20)) * 3
+    f = summarize([ref], [ref + rng.normal(size=ref.shape)], [True], tokens=6)
+    row = {**f.to_dict(), "role": "reasoner", "size_ratio": 0.3, "feature_cosine": 0.99}
+    full = report_table({"plan": row}).splitlines()[-1].split()
+    assert full[:2] == ["plan", "reasoner"] and "-" not in full and full[-1] == "0.30x"
+    for key in row:
+        cells = report_table({"plan": {k: v for k, v in row.items() if k != key}}).splitlines()[-1].split()
+        assert cells[0] == "plan" and (key in ("sequences", "tokens", "decisive_positions") or "-" in cells), key
+    assert report_table({"plan": {}}).splitlines()[-1].split() == ["plan"] + ["-"] * 10
+
+
 def test_cosine_of_rows():
     a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0], [0.0, 0.0]])
