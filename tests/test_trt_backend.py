@@ -158,7 +158,10 @@ def test_device_cuda_on_onnxruntime_names_the_wheel_installed_and_the_fix():
 @pytest.fixture(scope="module")
 def trt_bundle(tiny_dir, tmp_path_factory):
     """An fp32 TensorRT-flavour export of the tiny LLaVA-OV(Qwen3) + Qwen3 pair (fp32: the ONNX Runtime backend on
-    the same graphs is then the exact reference)."""
+    the same graphs is then the exact reference). EDGEVLM_TEST_TRT_BUNDLE names one exported elsewhere, for a GPU
+    host whose torch is not the pinned one (an H200's torch 2.11 traced a KV update the runtime cannot use)."""
+    if os.environ.get("EDGEVLM_TEST_TRT_BUNDLE"):
+        return Path(os.environ["EDGEVLM_TEST_TRT_BUNDLE"])
     pytest.importorskip("torch")
     from edgevlm.export.exporter import export_bundle
 
@@ -374,3 +377,42 @@ def test_onnxruntime_on_cuda_decodes_what_it_does_on_cpu(tiny_bundle):
         for _ in range(8):
             token = int(np.argmax(ref.logits))
             np.testing.assert_allclose(ours.step(token), ref.step(token), atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (_has_cuda() and _has_ort_cuda()), reason="needs cuda-python, onnxruntime-gpu and a GPU")
+def test_the_backend_on_a_real_gpu_matches_onnxruntime_on_cpu(trt_bundle, monkeypatch, tmp_path):
+    """Everything of the TensorRT backend but TensorRT's own calls, on a GPU: its CUDA memory and stream, the KV in
+    two device sets used in turn, prompt chunks, token ids and positions copied in, logits out, prefix-cache rows
+    restored to the device. The engines are tests/trt_fake.py's, run by ONNX Runtime's CUDA provider from and to
+    the device addresses the backend gives them (`install_on_gpu`). Tolerance: TF32 GEMMs, as above."""
+    import shutil
+
+    from edgevlm import engine_build
+
+    path = tmp_path / "b"
+    shutil.copytree(trt_bundle, path)
+    trt_fake.install_on_gpu(monkeypatch)
+    trt_fake.build(path, built_for=engine_build.device())
+    ex, rs, _ = _load(path)
+    b = bundle_mod.load(path)
+    long_text = "Count the words: " + "one two three " * 200  # > 512 positions: prefill in chunks
+    for role, ours, image, text in (("extractor", ex, random_image(61, 83), "Describe the image."),
+                                    ("reasoner", rs, None, long_text)):
+        ref = OrtModel(b, role)
+        rendered = ref.tokenizer.apply_chat_template(ref.family.messages(text, with_image=image is not None))
+        ref_state, our_state = prefill_each((ref, ours), rendered, image)
+        assert our_state.prompt_len == ref_state.prompt_len
+        np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=2e-2)
+        for _ in range(5):
+            token = int(np.argmax(ref_state.logits))
+            np.testing.assert_allclose(our_state.step(token), ref_state.step(token), atol=2e-2)
+        assert ours.cuda.peak >= ours.kv.allocated_bytes() > 0
+    from edgevlm.cache import PrefixCache
+
+    rs.prefix_cache = PrefixCache(64_000_000)  # as the pipeline gives it
+    rendered = rs.tokenizer.apply_chat_template(rs.family.messages(long_text))
+    first = rs.prefill(rs.prepare(rendered)).logits.copy()
+    again = rs.prefill(rs.prepare(rendered))  # the prompt's rows but its last, from the prefix cache
+    assert again.reused > 512
+    np.testing.assert_allclose(again.logits, first, atol=2e-2)

@@ -3,7 +3,11 @@
 "engine" runs the bundle's ONNX graph on ONNX Runtime's CPU provider from and to those addresses. The device
 layer itself runs unchanged on top of them, so what the backend sends it (addresses, shapes, profiles, copies)
 is what gets computed. The fake engine holds the backend to TensorRT's rules: an input shape outside the
-current profile's min..max is refused, as are unset addresses and a profile index the engine lacks."""
+current profile's min..max is refused, as are unset addresses and a profile index the engine lacks.
+
+On a machine with a GPU and onnxruntime-gpu but no TensorRT, `install_on_gpu` leaves CUDA real and fakes
+`tensorrt` alone: its engines run each graph on ONNX Runtime's CUDA provider from and to the real device
+addresses the backend gives them, so everything of the backend but TensorRT's own calls runs on the GPU."""
 
 from __future__ import annotations
 
@@ -103,6 +107,8 @@ class _Context:
         return self.engine.session.run(None, feeds)[index].shape
 
     def execute_async_v3(self, stream):
+        if self.engine.gpu:
+            return self._execute_on_gpu()
         session = self.engine.session
         feeds = {i.name: _read(self.addresses[i.name], self.shapes[i.name], self.engine.dtypes[i.name])
                  for i in session.get_inputs()}
@@ -114,14 +120,44 @@ class _Context:
         return True
 
 
+    def _execute_on_gpu(self):
+        """The graph on ONNX Runtime's CUDA provider, its inputs read in place at their device addresses, its
+        outputs copied device to device to theirs; after the backend's copies on its stream, before its next."""
+        from cuda.bindings import runtime as rt
+
+        session = self.engine.session
+        _cuda_ok(rt.cudaDeviceSynchronize())
+        binding = session.io_binding()
+        for i in session.get_inputs():
+            binding.bind_input(i.name, "cuda", 0, self.engine.dtypes[i.name], list(self.shapes[i.name]),
+                               self.addresses[i.name])
+        for o in session.get_outputs():
+            binding.bind_output(o.name, "cuda")
+        session.run_with_iobinding(binding)
+        for o, value in zip(session.get_outputs(), binding.get_outputs(), strict=True):
+            nbytes = int(np.prod(value.shape())) * np.dtype(self.engine.dtypes[o.name]).itemsize
+            _cuda_ok(rt.cudaMemcpy(self.addresses[o.name], value.data_ptr(), nbytes,
+                                   rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
+        _cuda_ok(rt.cudaDeviceSynchronize())
+        self.engine.runs.append({n: s for n, s in self.shapes.items()} | {"profile": self.profile})
+        return True
+
+
+def _cuda_ok(result) -> None:
+    err = result[0] if isinstance(result, tuple) else result
+    assert int(err) == 0, err
+
+
 class _Engine:
     """An engine blob is JSON naming the ONNX graph and the profiles `edgevlm build` would give it."""
 
-    def __init__(self, blob: bytes):
+    def __init__(self, blob: bytes, gpu: bool = False):
         import onnxruntime as ort
 
         spec = json.loads(blob)
-        self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+        self.gpu = gpu
+        self.session = ort.InferenceSession(spec["onnx"], providers=["CUDAExecutionProvider"] if gpu else
+                                            ["CPUExecutionProvider"])
         self.profiles = [engines.Profile(p["name"], {k: tuple(map(tuple, v)) for k, v in p["shapes"].items()})
                          for p in spec["profiles"]]
         self.io = [(i.name, True, i.type) for i in self.session.get_inputs()]
@@ -160,17 +196,18 @@ class FakeTensorRT(types.ModuleType):
         def __init__(self, level):
             pass
 
-    def __init__(self):
+    def __init__(self, gpu: bool = False):
         super().__init__("tensorrt")
         self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
         self.loaded: list[_Engine] = []
+        self.gpu = gpu
 
     def Runtime(self, logger):  # noqa: N802
         fake = self
 
         class _Runtime:
             def deserialize_cuda_engine(self, blob):
-                engine = _Engine(blob)
+                engine = _Engine(blob, fake.gpu)
                 fake.loaded.append(engine)
                 return engine
 
@@ -197,8 +234,16 @@ def install(monkeypatch) -> tuple[FakeTensorRT, Runtime]:
     return trt, rt
 
 
-def build(path: Path, budget: int | None = None) -> None:
-    """What `edgevlm build` writes (engines/*.plan and engines.json), with fake engines planned as it plans them."""
+def install_on_gpu(monkeypatch) -> FakeTensorRT:
+    """Make `import tensorrt` find the fake, whose engines run on ONNX Runtime's CUDA provider; CUDA stays real."""
+    trt = FakeTensorRT(gpu=True)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def build(path: Path, budget: int | None = None, built_for: engines.Compatibility | None = None) -> None:
+    """What `edgevlm build` writes (engines/*.plan and engines.json), with fake engines planned as it plans them,
+    recorded as built for the fake GPU (or `built_for`)."""
     from edgevlm import bundle as bundle_mod
     from edgevlm.engine_build import RECORD
 
@@ -213,5 +258,5 @@ def build(path: Path, budget: int | None = None) -> None:
         record[f"{p.role}.{p.graph}"] = {"file": p.engine, "onnx": p.onnx,
                                          "sha256": bundle_mod.sha256(b.path / p.engine),
                                          "profiles": [prof.name for prof in p.profiles]}
-    built_for = engines.Compatibility(VERSION, GPU[0], f"{GPU[1]}.{GPU[2]}")
+    built_for = built_for or engines.Compatibility(VERSION, GPU[0], f"{GPU[1]}.{GPU[2]}")
     (out / RECORD).write_text(json.dumps({"built_for": built_for.to_dict(), "engines": record}))

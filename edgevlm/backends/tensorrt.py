@@ -11,7 +11,9 @@ features placed in numpy, as on ONNX Runtime) go in once per prefill chunk. The 
 embedding run through their engines from and to host arrays, once per prompt.
 
 The decisions are edgevlm.backends.trt_plan's (pure, unit-tested); the hardware calls are
-edgevlm.backends.trt_device's. Nothing here has run on a GPU in this project (README, TensorRT backend).
+edgevlm.backends.trt_device's. Everything here but TensorRT's own calls has run on an H200, with stand-in engines
+that run each graph on ONNX Runtime's CUDA provider at the device addresses this backend gives them
+(tests/test_trt_backend.py, marked `cuda`); TensorRT itself has not (README, TensorRT backend and CUDA).
 """
 
 from __future__ import annotations
