@@ -11,14 +11,68 @@ quantized integers are written straight into MatMulNBits nodes, so nothing re-ro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 
 import numpy as np
 
+from edgevlm.errors import ModelError
+
 DAMP = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse finite for rarely-used channels
 BATCH = 128  # channels per lazy update of the rest of the matrix
 SHRINK = np.linspace(1.0, 0.8, 5)  # a block's range may be narrowed to these fractions if that errs less
+
+
+class SpilledGrams(MutableMapping):
+    """Inputs' X^T X (what `quantize_graph(grams=)` keeps across a fidelity target's steps) held on disk, each a
+    float64 .npy in a directory of this object's own, read back memory-mapped: between GPTQ runs the target
+    loads the fp32 reference and the candidate to measure them, and the grams must not sit in memory beside
+    them (SmolLM2-135M's are 0.8 GB; a 1.7B model's over 10 GB). The directory (under TMPDIR) goes when this
+    object does, or at exit. Loading never unpickles."""
+
+    def __init__(self):
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix="edgevlm-grams-"))
+        except OSError as e:
+            raise ModelError(f"GPTQ cannot make a scratch directory under {tempfile.gettempdir()}: "
+                             f"{e.strerror or e}; point TMPDIR at a writable disk") from None
+        self._files: dict[str, tuple[Path, int]] = {}  # name -> (its file, its bytes)
+        self._written = 0
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+
+    def __setitem__(self, name: str, gram: np.ndarray) -> None:
+        if name in self._files:
+            del self[name]
+        path = self.dir / f"{self._written}.npy"  # tensor names may hold '/': files are numbered
+        self._written += 1
+        gram = np.asarray(gram, np.float64)
+        try:
+            np.save(path, gram)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            held = sum(n for _, n in self._files.values()) + gram.nbytes
+            raise ModelError(f"GPTQ cannot keep its X^T X in {self.dir} ({held / 1e9:.1f} GB needed so far): "
+                             f"{e.strerror or e}; point TMPDIR at a disk with room") from None
+        self._files[name] = path, gram.nbytes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.load(self._files[name][0], mmap_mode="r", allow_pickle=False)
+
+    def __delitem__(self, name: str) -> None:
+        self._files.pop(name)[0].unlink()
+
+    def __iter__(self):
+        return iter(list(self._files))
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def close(self) -> None:
+        self._files.clear()
+        self._cleanup()
 
 
 def activation_grams(src: Path, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

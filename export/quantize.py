@@ -305,9 +305,11 @@ def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, rea
         from edgevlm.export import gptq
 
         reader.rewind()
+        if "grams" not in cache:
+            cache["grams"] = gptq.SpilledGrams()
         return gptq.quantize_graph(src, dst, reader, block_size=block_size, exclude=exclude or [],
                                    accuracy_level=accuracy_level, cache=cache.setdefault("gptq", {}),
-                                   grams=cache.setdefault("grams", {}), offsets=offsets, progress=progress)
+                                   grams=cache["grams"], offsets=offsets, progress=progress)
     if method == "rtn":
         config = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
     elif method == "hqq":

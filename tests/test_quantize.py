@@ -357,11 +357,13 @@ def test_gptq_offsets_reproduce_a_weight_on_a_float_minimum_grid_at_the_fast_for
     assert error(off_grid, True, 0) <= error(off_grid, False, 0) * 1.02
 
 
-def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
+@pytest.mark.parametrize("store", ["dict", "spilled"])
+def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path, store):
     """The fidelity target re-exports with GPTQ's per-MatMul cache; smoothing a newly kept layer's input can scale
     an int4 layer's columns, so a cached result is reused only for the same weight: scaled columns come out scaled
     (GPTQ is column-wise), an unchanged weight comes out the same. The input's X^T X is computed once (the graph
-    runs on the feeds once) and dropped when no int4 MatMul reads that input any more."""
+    runs on the feeds once) and dropped when no int4 MatMul reads that input any more; in memory or on disk
+    (gptq.SpilledGrams, what the export keeps)."""
     from pathlib import Path
 
     import numpy as np
@@ -374,7 +376,7 @@ def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
     k, n = 64, 24
     w = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((128, k)).astype(np.float32)
-    cache, grams, outputs, runs = {}, {}, [], []
+    cache, grams, outputs, runs = {}, {} if store == "dict" else gptq.SpilledGrams(), [], []
 
     class Feeds:
         def __iter__(self):
@@ -395,7 +397,69 @@ def test_gptq_cache_redoes_a_matmul_whose_weight_changed(tmp_path):
     assert len(runs) == 1 and set(grams) == {"x"}
     np.testing.assert_allclose(grams["x"], x.astype(np.float64).T @ x, rtol=1e-9)
     gptq.quantize_graph(src, tmp_path / "none.onnx", Feeds(), exclude=["mm"], cache=cache, grams=grams)
-    assert grams == {} and len(runs) == 1  # nothing left in int4 reads x
+    assert dict(grams) == {} and len(runs) == 1  # nothing left in int4 reads x
+
+
+def test_spilled_grams_live_on_disk_read_only_and_go_with_their_owner():
+    """X^T X kept across the fidelity target's steps sits in files, not memory: each read is a read-only memory map
+    of exactly what was stored; a dropped one's file goes, and the directory goes on close() or when the object
+    is collected. Names are tensor names, '/' and all."""
+    import gc
+
+    import numpy as np
+
+    from edgevlm.export import gptq
+
+    rng = np.random.default_rng(2)
+    grams = gptq.SpilledGrams()
+    a, b = rng.standard_normal((5, 5)), rng.standard_normal((3, 3)).astype(np.float32)
+    grams.update({"/layers.0/input_layernorm/output_0": a, "b": b})
+    read = grams["/layers.0/input_layernorm/output_0"]
+    assert isinstance(read, np.memmap) and not read.flags.writeable
+    np.testing.assert_array_equal(read, a)
+    assert grams["b"].dtype == np.float64 and np.array_equal(grams["b"], b.astype(np.float64))
+    files = sorted(grams.dir.iterdir())
+    assert len(files) == 2 and sorted(grams) == ["/layers.0/input_layernorm/output_0", "b"]
+    grams["b"] = b * 2  # replaced: one file per name
+    assert len(list(grams.dir.iterdir())) == 2 and np.array_equal(grams["b"], b.astype(np.float64) * 2)
+    del grams["b"]
+    assert len(grams) == 1 and len(list(grams.dir.iterdir())) == 1
+    folder = grams.dir
+    del read
+    grams.close()
+    assert not folder.exists()
+    other = gptq.SpilledGrams()
+    other["x"] = a
+    folder = other.dir
+    del other
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_a_full_disk_under_spilled_grams_is_a_one_line_error_naming_tmpdir(monkeypatch):
+    import numpy as np
+
+    from edgevlm.errors import ModelError
+    from edgevlm.export import gptq
+
+    grams = gptq.SpilledGrams()
+    grams["a"] = np.ones((4, 4))
+
+    def full(path, array):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(ModelError, match=r"X\^T X in .*\(0\.0 GB needed so far\): No space left on device; point "
+                                         "TMPDIR at a disk with room"):
+        grams["b"] = np.ones((8, 8))
+    assert sorted(grams) == ["a"] and len(list(grams.dir.iterdir())) == 1  # the partial file is gone
+    def unwritable(prefix):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(gptq.tempfile, "mkdtemp", unwritable)
+    with pytest.raises(ModelError, match="scratch directory under .*: Permission denied; point TMPDIR"):
+        gptq.SpilledGrams()
 
 
 def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_dir, tmp_path):
