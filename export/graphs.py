@@ -186,7 +186,27 @@ def export_decoder(body: nn.Module, lm_head: nn.Module, text_config, path: Path,
         lm_head = head
     wrapper = DecoderWithPast(body, lm_head, text_config.num_hidden_layers, embeds)
     inputs, outputs, axes = decoder_io(text_config.num_hidden_layers, embeds)
-    return export(wrapper, sample_decoder_inputs(text_config, embeds), path, inputs, outputs, axes, varargs_from=3)
+    sample = sample_decoder_inputs(text_config, embeds)
+    check_explicit_cache(wrapper, sample)
+    return export(wrapper, sample, path, inputs, outputs, axes, varargs_from=3)
+
+
+def check_explicit_cache(wrapper: DecoderWithPast, sample: tuple) -> None:
+    """Refuse (one line) a decoder whose `present` is not past + new positions on the sample inputs: a transformers
+    other than the pinned one can ignore the cache DecoderWithPast hands the body, and the traced graph then
+    attends to the new positions alone (a GPU host's torch 2.11 / transformers 5.17 export: its present held the
+    new positions alone, the bundle exported, and its first decode step failed inside ONNX Runtime)."""
+    import transformers
+
+    from edgevlm.errors import ModelError
+
+    with torch.no_grad():
+        present = wrapper(*sample)[1]
+    past, new = sample[3].shape[2], sample[0].shape[1]
+    if present.shape[2] != past + new:
+        raise ModelError(f"the decoder ignored its explicit KV cache under transformers {transformers.__version__} / "
+                         f"torch {torch.__version__} (present holds {present.shape[2]} positions after {past} past "
+                         f"and {new} new): export with edgevlm[export]'s pinned versions")
 
 
 def export_embedding(embedding: nn.Module, vocab_size: int, path: Path) -> Path:

@@ -289,3 +289,28 @@ def test_fp16_bundle_runs_close_to_fp32(bundles, tiny_dir, tmp_path):
     assert recorded[0][0].shape == (6, len(states[1].logits)) and recorded[1][1] is None
     live, kept = measure(fp32, fp16, inputs, 6), measure(fp32, fp16, inputs, 6, recorded)
     assert live == kept and live.positions == 12 and live.feature_cosine > 0.999 and live.mean_kl > 0
+
+
+def test_a_decoder_that_ignores_its_explicit_cache_is_refused_before_tracing(tiny_dir, monkeypatch, tmp_path):
+    """A transformers other than the pinned one can drop the cache the export hands the decoder body (a GPU host's
+    torch 2.11 / transformers 5.17 export held the new positions alone in present): its traced graph then exports,
+    and fails at the first decode step. The export checks present = past + new on its sample inputs first, and
+    names the versions in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from edgevlm.errors import ModelError
+    from edgevlm.export import graphs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen3")).eval()
+    body = model.model
+    original = type(body).forward
+
+    def forgetful(self, *args, cache=None, **kwargs):  # the cache never reaches the attention
+        return original(self, *args, **kwargs)
+
+    graphs.export_decoder(body, model.lm_head, model.config, tmp_path / "ok.onnx", embeds=False, fused=False)
+    monkeypatch.setattr(type(body), "forward", forgetful)
+    with pytest.raises(ModelError, match=r"ignored its explicit KV cache under transformers .* \(present holds 3 "
+                                         r"positions after 4 past and 3 new\): export with edgevlm\[export\]'s"):
+        graphs.export_decoder(body, model.lm_head, model.config, tmp_path / "bad.onnx", embeds=False, fused=False)
+    assert not (tmp_path / "bad.onnx").exists()

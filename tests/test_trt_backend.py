@@ -159,7 +159,8 @@ def test_device_cuda_on_onnxruntime_names_the_wheel_installed_and_the_fix():
 def trt_bundle(tiny_dir, tmp_path_factory):
     """An fp32 TensorRT-flavour export of the tiny LLaVA-OV(Qwen3) + Qwen3 pair (fp32: the ONNX Runtime backend on
     the same graphs is then the exact reference). EDGEVLM_TEST_TRT_BUNDLE names one exported elsewhere, for a GPU
-    host whose torch is not the pinned one (an H200's torch 2.11 traced a KV update the runtime cannot use)."""
+    host whose torch is not the pinned one (an H200's torch 2.11 / transformers 5.17 export held the new positions
+    alone in present; export now refuses that: export.graphs.check_explicit_cache)."""
     if os.environ.get("EDGEVLM_TEST_TRT_BUNDLE"):
         return Path(os.environ["EDGEVLM_TEST_TRT_BUNDLE"])
     pytest.importorskip("torch")
