@@ -103,6 +103,10 @@ _PLACE = _options(
     click.option("--max-image-tokens", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Bundles: cut each image (a smaller AnyRes grid, a shorter resized edge) to at most N prompt "
                  "positions [default: the bundle's own budget, if any]."),
+    click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
+                 help="Bundles: what runs the graphs [default: a TensorRT bundle on --device cuda runs its engines, "
+                 "anything else ONNX Runtime]; onnxruntime runs a TensorRT bundle on ONNX Runtime's CUDA provider, "
+                 "where TensorRT is not installed."),
 )
 _PIPELINED = click.option("--pipelined/--in-turn", default=None, help="Bundles: two frames in flight, one's extract "
                           "beside the other's think [default: where there are 4 or more cores or a GPU and the "
@@ -148,7 +152,7 @@ def cli(debug: bool) -> None:
               help="Write a Chrome/Perfetto trace (JSON; every decode step) to FILE: open it in ui.perfetto.dev.")
 def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, quant, mode, think, think_budget,
         max_new_tokens, choices, instruction, schema_file, regex, one_of, constrain, temperature, seed, device,
-        memory_budget, max_image_tokens, stream, as_json, profile, trace_file):
+        memory_budget, max_image_tokens, backend, stream, as_json, profile, trace_file):
     """Answer QUESTION about IMAGE (a path, or - to read image bytes from stdin)."""
     from edgevlm.bundle import check_output_file
     from edgevlm.loading import Source
@@ -162,7 +166,8 @@ def run(image, question, bundle_dir, extractor, reasoner, preset, gguf_file, qua
     Options.of(options)  # the pipeline's own checks of the call (it repeats them), made before a model loads
     check_text(question, "the question")
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, quant=quant,
-                    gguf_file=gguf_file, device=device, memory_budget=memory_budget, max_image_tokens=max_image_tokens)
+                    gguf_file=gguf_file, device=device, memory_budget=memory_budget, max_image_tokens=max_image_tokens,
+                    backend=backend)
     check_output_file(trace_file, "--trace")
     pil = _read_image(image)
     _note("loading models")
@@ -249,7 +254,7 @@ def _follow(events, stream: bool, out):
               help="Write stacked per-stage latency bars (one per bundle) as PNG.")
 @click.option("--compare", nargs=2, metavar="A.json B.json", help="Print B's ratios to A from two saved runs.")
 def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, think, think_budget, warmup, runs,
-          fixed_tokens, device, memory_budget, max_image_tokens, vision_cache, prefix_cache, target, json_file,
+          fixed_tokens, device, memory_budget, max_image_tokens, backend, vision_cache, prefix_cache, target, json_file,
           plot_file, compare):
     """Time the pipeline: warmup, N runs, p50/p90/max per stage, TTFT, decode tokens/s, memory, roofline."""
     from edgevlm import bench as benchmod
@@ -262,7 +267,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
         click.echo(benchmod.compare_lines(a["results"][0], b["results"]))
         return
     systems = sources(bundles, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                      memory_budget=memory_budget, max_image_tokens=max_image_tokens,
+                      memory_budget=memory_budget, max_image_tokens=max_image_tokens, backend=backend,
                       vision_cache_mb=VISION_CACHE_MB if vision_cache else 0,
                       prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache else 0)
     check_output_file(json_file, "--json")
@@ -412,13 +417,13 @@ def build(bundle_dir, memory_budget, timing_cache, show_plan):
 @_PLACE
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (per system and mode).")
 def eval_(data, bundles, extractor, reasoner, preset, modes, think, temperature, limit, constrained, seed, device,
-          memory_budget, max_image_tokens, as_json):
+          memory_budget, max_image_tokens, backend, as_json):
     """Accuracy on a question set, per mode and question type, for one or more systems side by side."""
     from edgevlm import evaluation
     from edgevlm.loading import sources
 
     systems = sources(bundles, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                      memory_budget=memory_budget, max_image_tokens=max_image_tokens)
+                      memory_budget=memory_budget, max_image_tokens=max_image_tokens, backend=backend)
     if data is None:
         if preset != "demo":
             raise UsageError("give the items to score with --data FILE.jsonl (only --preset demo has a default)")
@@ -486,8 +491,8 @@ def tune(model, data, out, val_data, teacher, steps, batch_size, lr, lora, adapt
               help="Requests that may wait for the models; more are refused with 503.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20, show_default=True, callback=_finite,
               help="The largest request body.")
-def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, max_image_tokens, pipelined, host, port,
-          api_key, allow_dir, max_queue, max_body_mb):
+def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, max_image_tokens, backend, pipelined, host,
+          port, api_key, allow_dir, max_queue, max_body_mb):
     """An OpenAI-compatible HTTP server (POST /v1/chat/completions; /v1/models, /health, /metrics)."""
     from pathlib import Path
 
@@ -501,7 +506,8 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, max_im
     except ImportError as e:
         raise UsageError(f"edgevlm serve needs its extra ({e}); pip install 'edgevlm[serve]'") from None
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, device=device,
-                    memory_budget=memory_budget, max_image_tokens=max_image_tokens, pipelined=pipelined)
+                    memory_budget=memory_budget, max_image_tokens=max_image_tokens, pipelined=pipelined,
+                    backend=backend)
     _note("loading models")
     pipe = source.load()
     limits = Limits(max_body_bytes=int(max_body_mb * 1e6), allow_dir=Path(allow_dir) if allow_dir else None)
@@ -529,7 +535,8 @@ def serve(bundle_dir, extractor, reasoner, preset, device, memory_budget, max_im
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Answer only the first N picked frames.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a frame: time_s and the `run --json` result.")
 def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset, gguf_file, mode, think, think_budget,
-           max_new_tokens, temperature, seed, device, memory_budget, max_image_tokens, pipelined, limit, as_json):
+           max_new_tokens, temperature, seed, device, memory_budget, max_image_tokens, backend, pipelined, limit,
+           as_json):
     """Answer QUESTION about the frames of a rosbag2 recording BAG (MCAP or sqlite3), offline."""
     import collections
     import itertools
@@ -548,7 +555,8 @@ def replay(bag, topic, question, every, bundle_dir, extractor, reasoner, preset,
     if first is None:
         raise UsageError(f"{topic} has no messages in {bag}")
     source = Source(bundle=bundle_dir, extractor=extractor, reasoner=reasoner, preset=preset, gguf_file=gguf_file,
-                    device=device, memory_budget=memory_budget, max_image_tokens=max_image_tokens, pipelined=pipelined)
+                    device=device, memory_budget=memory_budget, max_image_tokens=max_image_tokens, pipelined=pipelined,
+                    backend=backend)
     _note("loading models")
     pipe = source.load(load_reasoner=mode != "direct")
 

@@ -60,6 +60,9 @@ class Source:
         if self.max_image_tokens is not None and not self.bundle:
             raise UsageError("--max-image-tokens cuts an exported bundle's images (--bundle); the PyTorch backend "
                              "preprocesses as the checkpoint's processor does")
+        if self.backend is not None and not self.bundle:
+            raise UsageError("--backend picks what runs an exported bundle (--bundle); HF checkpoints run on the "
+                             "PyTorch backend")
         if self.preset:
             get_preset(self.preset)  # an unknown name is a usage error before anything loads
 

@@ -25,6 +25,7 @@ from edgevlm.manifest import Graph, Tensor
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "edgevlm" / "demo" / "example.png"
+ITEMS = DEMO_IMAGE.parent / "test" / "items.jsonl"
 
 
 def _decoder(embeds=False, mask=True, layers=2):
@@ -38,6 +39,12 @@ def _decoder(embeds=False, mask=True, layers=2):
             inputs.append(Tensor(f"past.{i}.{kind}", "float32", ("batch", 2, "past_sequence", 16)))
             outputs.append(Tensor(f"present.{i}.{kind}", "float32", ("batch", 2, "present_sequence", 16)))
     return Graph("reasoner/decoder.onnx", "fp16", tuple(inputs), tuple(outputs))
+
+
+def _has_ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -291,6 +298,34 @@ def test_without_tensorrt_cuda_or_a_gpu_cuda_is_refused_naming_each_fix(trt_bund
     err = proc.stderr.decode().strip()
     assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "--device cuda runs this TensorRT bundle's engines" in err
+    assert err.endswith("(or --backend onnxruntime: its graphs on ONNX Runtime's CUDA provider)")
+
+
+@pytest.mark.skipif(_has_ort_cuda(), reason="onnxruntime-gpu is here: --backend onnxruntime would run")
+def test_backend_from_the_cli_picks_what_runs_a_bundle_and_refuses_what_cannot(trt_bundle, tiny_bundle):
+    """`--backend onnxruntime` takes a TensorRT bundle to ONNX Runtime (here: its CUDA provider is missing, and
+    that is what the one-line error names, not TensorRT); `--backend tensorrt` on cpu or on ONNX Runtime graphs,
+    and --backend without a bundle, are refused in one line before anything loads. On run, bench and eval."""
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "edgevlm", *args], capture_output=True, env=ENV, timeout=300)
+        err = proc.stderr.decode().strip()
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("edgevlm: error: "), err
+        return proc.returncode, err.splitlines()[-1]  # after progress lines (bench, eval), the error
+
+    ask = (str(DEMO_IMAGE), "What is this?")
+    code, err = cli("run", *ask, "--bundle", str(trt_bundle), "--device", "cuda", "--backend", "onnxruntime")
+    assert code == 1 and "needs ONNX Runtime's CUDA provider" in err and "tensorrt" not in err
+    code, err = cli("run", *ask, "--bundle", str(trt_bundle), "--backend", "tensorrt")
+    assert code == 1 and "the TensorRT backend runs on a GPU: use --device cuda" in err
+    code, err = cli("bench", "--bundle", str(tiny_bundle), "--image", str(DEMO_IMAGE), "--question", "Why?",
+                    "--device", "cuda", "--backend", "tensorrt")
+    assert code == 1 and "holds ONNX Runtime graphs, which TensorRT cannot parse" in err
+    code, err = cli("eval", "--bundle", str(trt_bundle), "--data", str(ITEMS), "--backend", "tensorrt", "--limit", "1")
+    assert code == 1 and "the TensorRT backend runs on a GPU" in err
+    code, err = cli("run", *ask, "--extractor", "x", "--backend", "onnxruntime")
+    assert code == 2 and "--backend picks what runs an exported bundle (--bundle)" in err
+    code, err = cli("run", *ask, "--bundle", str(trt_bundle), "--backend", "onnx")
+    assert code == 2 and "'onnx' is not one of 'onnxruntime', 'tensorrt'" in err
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -355,12 +390,6 @@ def test_device_memory_round_trips_and_is_counted_on_a_real_gpu():
     assert cuda.held == sum(a.nbytes for a in arrays[1:]) and cuda.peak == sum(a.nbytes for a in arrays)
     cuda.close()
     assert cuda.held == 0
-
-
-def _has_ort_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.mark.cuda

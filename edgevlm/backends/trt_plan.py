@@ -56,7 +56,8 @@ def missing_for_tensorrt(found: dict[str, bool]) -> list[str]:
 
 
 def missing_message(missing: list[str]) -> str:
-    return "--device cuda runs this TensorRT bundle's engines, which needs " + "; and ".join(missing)
+    return ("--device cuda runs this TensorRT bundle's engines, which needs " + "; and ".join(missing)
+            + " (or --backend onnxruntime: its graphs on ONNX Runtime's CUDA provider)")
 
 
 # ---------------------------------------------------------------- engine I/O <-> the manifest's graph I/O
