@@ -300,3 +300,29 @@ def test_smoothing_for_8bit_weight_only_layers_tames_their_int8_activation_block
         assert "MatMulNBits" in {n.op_type for n in onnx.load(str(q), load_external_data=False).graph.node}
         err[name] = np.abs(_run(q, x) - fp32).mean()
     assert err["smoothed"] < 0.7 * err["plain"], err
+
+
+def test_activation_stats_keep_the_rows_a_full_sample_would_and_no_more(tmp_path):
+    """The smoothing's statistics sample up to 64 rows a feed and keep the first `rows` of them: feeds of varied
+    lengths (some under 64 rows, one a single row), so that the rows kept, the max and the mean are what sampling every
+    feed, holding it all and cutting at the end gives (the generator drawn for every feed, as before)."""
+    from edgevlm.export.quantize import activation_probe, activation_stats
+
+    rng = np.random.default_rng(5)
+    _graph(tmp_path / "g.onnx", rng, 1.0)
+    feeds = [{"x": rng.standard_normal((1, t, K)).astype(np.float32)} for t in (100, 30, 1, 90, 70, 64, 200, 5)]
+    names = ["h", "r"]
+    got = activation_stats(tmp_path / "g.onnx", names, FeedReader(feeds), "test", rows=150)
+    with activation_probe(tmp_path / "g.onnx", names, "reference") as session:
+        outs = [dict(zip(names, session.run(names, f), strict=True)) for f in feeds]
+    draw = np.random.default_rng(0)
+    picks = {n: [] for n in names}
+    for out in outs:
+        for n in names:
+            x = out[n].reshape(-1, out[n].shape[-1])
+            picks[n].append(x[draw.choice(len(x), size=min(len(x), 64), replace=False)])
+    for n in names:
+        rows = np.concatenate([o[n].reshape(-1, o[n].shape[-1]) for o in outs])
+        np.testing.assert_array_equal(got[n].rows, np.concatenate(picks[n])[:150])
+        np.testing.assert_array_equal(got[n].amax, np.abs(rows).max(0))
+        np.testing.assert_allclose(got[n].mean_abs, np.abs(rows).mean(0), rtol=1e-5)
