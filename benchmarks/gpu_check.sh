@@ -37,6 +37,9 @@ except ImportError:
 if ((${#missing[@]})); then
   echo "gpu_check: cannot run here; missing:" >&2
   printf '  - %s\n' "${missing[@]}" >&2
+  if ((${#missing[@]} == 1)) && [[ ${missing[0]} == tensorrt:* ]]; then
+    echo "gpu_check: --without-tensorrt checks everything else here" >&2
+  fi
   exit 2
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

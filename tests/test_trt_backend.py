@@ -446,3 +446,26 @@ def test_the_backend_on_a_real_gpu_matches_onnxruntime_on_cpu(trt_bundle, monkey
     again = rs.prefill(rs.prepare(rendered))  # the prompt's rows but its last, from the prefix cache
     assert again.reused > 512
     np.testing.assert_allclose(again.logits, first, atol=2e-2)
+
+
+def test_the_gpu_check_fails_fast_listing_what_this_machine_lacks(tmp_path):
+    """benchmarks/gpu_check.sh, for real on this machine (no GPU): exit 2 before any work, one line per thing
+    missing, each naming its fix; --without-tensorrt drops TensorRT from the list and nothing else."""
+    from edgevlm.backends import trt_device
+
+    if all(trt_device.available().values()) and _has_ort_cuda():
+        pytest.skip("everything the GPU check needs is here")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**ENV, "PYTHON": sys.executable}
+    runs = {flag: subprocess.run(["bash", str(script), *([flag] if flag else []), str(tmp_path / "w")],
+                                 capture_output=True, env=env, timeout=120) for flag in ("", "--without-tensorrt")}
+    listed = {}
+    for flag, proc in runs.items():
+        err = proc.stderr.decode().splitlines()
+        assert proc.returncode == 2 and err[0] == "gpu_check: cannot run here; missing:", err
+        listed[flag] = [line.split(":")[0].strip("- ") for line in err[1:] if line.startswith("  - ")]
+        assert not (tmp_path / "w").exists()  # nothing exported, nothing written
+    found = trt_device.available()
+    assert ("tensorrt" in listed[""]) == (not found["tensorrt"])
+    assert ("onnxruntime-gpu" in listed[""]) == (not _has_ort_cuda())
+    assert listed["--without-tensorrt"] == [m for m in listed[""] if m != "tensorrt"]
