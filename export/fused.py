@@ -38,10 +38,6 @@ from edgevlm.export.graphs import (
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary tables that do not depend on the length
 OPSET = 17
-# The oldest IR version that carries opset 17, not the installed onnx's newest (make_model's default): ONNX Runtime
-# refuses a graph of a newer IR than it knows, and the GPU and Jetson builds lag the CPU wheel (onnxruntime-gpu
-# 1.31.1 refused IR 14 on an H200 where the pinned CPU wheel, 1.32.0, read it).
-IR_VERSION = 8
 
 
 def _head_dim(config) -> int:
@@ -249,7 +245,10 @@ def _decoder_model(g: _Graph, body, lm_head, config, embeds: bool, positions: in
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
                                                          onnx.helper.make_opsetid("com.microsoft", 1)],
                                    producer_name="edgevlm")
-    model.ir_version = IR_VERSION
+    # The oldest IR version that carries these opsets, not the installed onnx's newest (make_model's default): ONNX
+    # Runtime refuses a graph of a newer IR than it knows, and the GPU and Jetson builds lag the CPU wheel
+    # (onnxruntime-gpu 1.31.1 refused IR 14 on an H200 where the pinned CPU wheel, 1.32.0, read it).
+    model.ir_version = onnx.helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True)
     return model
 
 

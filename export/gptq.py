@@ -227,7 +227,7 @@ def blocksum_matrix(k: int, block_size: int) -> np.ndarray:
 
 def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], *, block_size: int = 32,
                    exclude: Iterable[str] = (), accuracy_level: int = 4, cache: dict | None = None,
-                   grams: dict | None = None, offsets: bool = False,
+                   grams: MutableMapping[str, np.ndarray] | None = None, offsets: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Every MatMul of `src` with a constant 2-D weight (but `exclude`) as GPTQ'd int4 MatMulNBits, written to
     `dst` (weights in `dst`.data). Returns each one's relative output error on the calibration inputs,

@@ -35,7 +35,7 @@ def graphs() -> dict[str, onnx.ModelProto]:
             [helper.make_tensor_value_info("A", a, ["M", GEMM_K])],
             [helper.make_tensor_value_info("Y", y, ["M", GEMM_N])])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgevlm")
-        model.ir_version = 8
+        model.ir_version = helper.find_min_ir_version_for(model.opset_import)  # readable by older ONNX Runtimes
         onnx.checker.check_model(model)
         out[precision] = model
     return out

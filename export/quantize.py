@@ -409,7 +409,6 @@ def activation_stats(src: Path, activations: list[str], reader: FeedReader, tag:
     sums = {a: 0.0 for a in activations}
     counts = dict.fromkeys(activations, 0)
     samples: dict[str, list[np.ndarray]] = {a: [] for a in activations}
-    kept = dict.fromkeys(activations, 0)
     rng = np.random.default_rng(0)
     with activation_probe(src, activations, tag) as session:
         reader.rewind()
@@ -423,9 +422,8 @@ def activation_stats(src: Path, activations: list[str], reader: FeedReader, tag:
                 # the first `rows` are not kept: they were cut at the end, after holding every feed's (1.2 GB
                 # of SmolLM2's int4 export's 4.3 GB peak).
                 pick = rng.choice(len(x), size=min(len(x), 64), replace=False)
-                if kept[name] < rows:
+                if sum(map(len, samples[name])) < rows:
                     samples[name].append(x[pick])
-                    kept[name] += len(pick)
     return {a: ActivationStats(amax[a], sums[a] / max(counts[a], 1), np.concatenate(samples[a])[:rows])
             for a in activations}
 
