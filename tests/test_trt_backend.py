@@ -47,6 +47,15 @@ def _has_ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _decode_alike(ref_state, our_state, steps: int, atol: float) -> None:
+    """The prefill's logits, then `steps` decode steps teacher-forced on the reference's greedy tokens, each
+    within `atol` of the reference's."""
+    np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=atol)
+    for _ in range(steps):
+        token = int(np.argmax(ref_state.logits))
+        np.testing.assert_allclose(our_state.step(token), ref_state.step(token), atol=atol)
+
+
 # ---------------------------------------------------------------- pure decisions
 def test_a_tensorrt_bundle_on_cuda_runs_its_engines_and_everything_else_onnxruntime():
     choose = trt_plan.choose_backend
@@ -211,12 +220,9 @@ def test_the_backend_matches_onnxruntime_token_for_token_with_the_kv_on_the_devi
         assert our_state.prompt_len == ref_state.prompt_len == len(ref.prepare(rendered, image).input_ids)
         if image is None:
             assert our_state.prompt_len > 512
-        np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=1e-5)
         engine = ours._engine.engine  # the fake's
         runs_before, copied = len(engine.runs), dict(rt.copies)
-        for _ in range(5):
-            token = int(np.argmax(ref_state.logits))
-            np.testing.assert_allclose(our_state.step(token), ref_state.step(token), atol=1e-5)
+        _decode_alike(ref_state, our_state, 5, atol=1e-5)
         steps = engine.runs[runs_before:]
         assert all(r["profile"] == 1 for r in steps)  # the decode profile
         assert [r["position_ids"] for r in steps] == [(1, 1)] * 5
@@ -402,11 +408,7 @@ def test_onnxruntime_on_cuda_decodes_what_it_does_on_cpu(tiny_bundle):
     for role, image in (("extractor", random_image(61, 83)), ("reasoner", None)):
         cpu, gpu = OrtModel(b, role), OrtModel(b, role, device="cuda")
         rendered = cpu.tokenizer.apply_chat_template(cpu.family.messages("Describe it.", with_image=image is not None))
-        ref, ours = prefill_each((cpu, gpu), rendered, image)
-        np.testing.assert_allclose(ours.logits, ref.logits, atol=2e-2)
-        for _ in range(8):
-            token = int(np.argmax(ref.logits))
-            np.testing.assert_allclose(ours.step(token), ref.step(token), atol=2e-2)
+        _decode_alike(*prefill_each((cpu, gpu), rendered, image), 8, atol=2e-2)
 
 
 @pytest.mark.cuda
@@ -433,10 +435,7 @@ def test_the_backend_on_a_real_gpu_matches_onnxruntime_on_cpu(trt_bundle, monkey
         rendered = ref.tokenizer.apply_chat_template(ref.family.messages(text, with_image=image is not None))
         ref_state, our_state = prefill_each((ref, ours), rendered, image)
         assert our_state.prompt_len == ref_state.prompt_len
-        np.testing.assert_allclose(our_state.logits, ref_state.logits, atol=2e-2)
-        for _ in range(5):
-            token = int(np.argmax(ref_state.logits))
-            np.testing.assert_allclose(our_state.step(token), ref_state.step(token), atol=2e-2)
+        _decode_alike(ref_state, our_state, 5, atol=2e-2)
         assert ours.cuda.peak >= ours.kv.allocated_bytes() > 0
     from edgevlm.cache import PrefixCache
 

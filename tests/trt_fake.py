@@ -107,8 +107,12 @@ class _Context:
         return self.engine.session.run(None, feeds)[index].shape
 
     def execute_async_v3(self, stream):
-        if self.engine.gpu:
-            return self._execute_on_gpu()
+        (self._run_on_gpu if self.engine.gpu else self._run_on_host)()
+        self.engine.runs.append({n: s for n, s in self.shapes.items()} | {"profile": self.profile})
+        return True
+
+    def _run_on_host(self):
+        """The graph on ONNX Runtime's CPU provider, from and to the fake device memory (host addresses)."""
         session = self.engine.session
         feeds = {i.name: _read(self.addresses[i.name], self.shapes[i.name], self.engine.dtypes[i.name])
                  for i in session.get_inputs()}
@@ -116,11 +120,8 @@ class _Context:
         for o, value in zip(session.get_outputs(), outputs, strict=True):
             value = np.ascontiguousarray(value)
             ctypes.memmove(self.addresses[o.name], value.ctypes.data, value.nbytes)
-        self.engine.runs.append({n: s for n, s in self.shapes.items()} | {"profile": self.profile})
-        return True
 
-
-    def _execute_on_gpu(self):
+    def _run_on_gpu(self):
         """The graph on ONNX Runtime's CUDA provider, its inputs read in place at their device addresses, its
         outputs copied device to device to theirs; after the backend's copies on its stream, before its next."""
         from cuda.bindings import runtime as rt
@@ -139,8 +140,6 @@ class _Context:
             _cuda_ok(rt.cudaMemcpy(self.addresses[o.name], value.data_ptr(), nbytes,
                                    rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
         _cuda_ok(rt.cudaDeviceSynchronize())
-        self.engine.runs.append({n: s for n, s in self.shapes.items()} | {"profile": self.profile})
-        return True
 
 
 def _cuda_ok(result) -> None:
