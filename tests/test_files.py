@@ -391,8 +391,11 @@ def _terminate_once_writing(cmd: list, folder: Path, name: str, started) -> byte
     deadline = time.monotonic() + 180
     while proc.poll() is None:
         partial = [p for p in folder.iterdir() if p.name.startswith(f".{name}.")]
-        if partial and started(partial[0]):
-            break
+        try:
+            if partial and started(partial[0]):
+                break
+        except FileNotFoundError:  # a file the writer renamed or removed while `started` looked: look again
+            pass
         assert time.monotonic() < deadline, "the write did not start"
         time.sleep(0.002)
     proc.send_signal(signal.SIGTERM)
