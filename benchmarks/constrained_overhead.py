@@ -13,13 +13,16 @@ Two scenarios per bundle:
   at temperature 1 to a JSON schema (a robot action with a free-text target, so the answer runs for a while),
   a regex of words, or three choices: the model's pick is mostly refused, every step masks.
 
-Each is run twice, speculating (the default) and masking every step (speculate=False). Per row: the
-constrained tokens, the share of them that computed a mask (speculating), the median decode step (ms), and
-per path the constraint's cost per token (us: the time `choose` takes less that of a plain `sample` on the
-same logits; the medians of the tokens that took the speculated token and of those that masked, weighted by
-their shares, so that a step preempted on a busy machine does not count) and its ratio to the decode step.
-A negative cost: the masked step samples among a few allowed tokens, cheaper than a plain top-k/top-p sample
-over the whole vocabulary.
+Each is run three ways after a warm-up on other inputs (other test questions, other seeds), which builds
+llguidance's tables and leaves its states in the grammars' memory (what a robot asking with the same
+constraint every frame has): cold (nothing remembered: `remember=False`, speculate then check), warm (the
+default: remembered masks reused, speculate then check where none is), and the reference that masks every
+step and remembers nothing. Per row: the constrained tokens, the median decode step (ms), and per way the
+share of tokens for which llguidance computed a mask, the constraint's cost per token (us: the time `choose`
+takes less that of a plain `sample` on the same logits; the medians of the speculated tokens, of the tokens
+drawn from a remembered mask and of those that computed one, weighted by their shares, so that a step
+preempted on a busy machine does not count) and its ratio to the decode step. A negative cost: the masked
+step samples among a few allowed tokens, cheaper than a plain top-k/top-p sample over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +59,17 @@ KINDS = {
 class Clock:
     """Times every decode step and every constrained `choose` (less a plain `sample` of the same logits)."""
 
-    def __init__(self):
-        self.steps, self.hit, self.miss = [], [], []  # decode steps; choose's cost, speculated or masked
-        self.speculate = True
+    def __init__(self, speculate: bool = True, remember: bool = True):
+        self.speculate, self.remember = speculate, remember
+        self.steps: list[float] = []
+        # choose's cost: a speculated token, one drawn from a remembered mask, one that computed the mask
+        self.hit: list[float] = []
+        self.drawn: list[float] = []
+        self.miss: list[float] = []
         self.shadow = np.random.default_rng(0)  # the plain samples' own stream: the run's is not touched
+
+    def new_matcher(self, *args, **kwargs) -> AnswerMatcher:
+        return self.matcher(AnswerMatcher(*args, **kwargs, speculate=self.speculate, remember=self.remember))
 
     def state(self, state):
         clock, step = self, state.step
@@ -76,12 +87,11 @@ class Clock:
 
     def matcher(self, matcher: AnswerMatcher):
         clock, choose = self, matcher.choose
-        matcher.speculate = self.speculate
 
         def timed(logits, decoding, rng, remaining):
             if not matcher.active:
                 return choose(logits, decoding, rng, remaining)
-            masked, shadow_first = matcher.masked, (len(clock.hit) + len(clock.miss)) % 2
+            masked, computed, shadow_first = matcher.masked, matcher.computed, self.tokens % 2
             if shadow_first:  # alternate which comes first after the step (ORT's threads may still be spinning)
                 t = time.perf_counter()
                 sample(logits, decoding, clock.shadow)
@@ -93,25 +103,28 @@ class Clock:
                 t = time.perf_counter()
                 sample(logits, decoding, clock.shadow)
                 plain = time.perf_counter() - t
-            (clock.miss if matcher.masked > masked else clock.hit).append(spent - plain)
+            group = (clock.miss if matcher.computed > computed else clock.drawn if matcher.masked > masked
+                     else clock.hit)
+            group.append(spent - plain)
             return token
 
         matcher.choose = timed
         return matcher
 
-
     @property
     def tokens(self) -> int:
-        return len(self.hit) + len(self.miss)
+        return len(self.hit) + len(self.drawn) + len(self.miss)
 
     def cost(self) -> float:
-        """Seconds per constrained token: the median of the speculated tokens' and of the masked ones', weighted
-        by their shares (a mean that a preempted step on a busy machine does not move)."""
-        return sum(statistics.median(xs) * len(xs) for xs in (self.hit, self.miss) if xs) / max(self.tokens, 1)
+        """Seconds per constrained token: the median of each kind of token, weighted by their shares (a mean
+        that a preempted step on a busy machine does not move)."""
+        groups = (self.hit, self.drawn, self.miss)
+        return sum(statistics.median(xs) * len(xs) for xs in groups if xs) / max(self.tokens, 1)
 
 
-def answers(clock: Clock, pipe: Pipeline, temperature: float, items: int) -> None:
-    """The demo's test questions through the pipeline, each answer constrained (no-think)."""
+def answers(clock: Clock, pipe: Pipeline, temperature: float, items: int, warmup: bool) -> None:
+    """The demo's test questions through the pipeline, each answer constrained (no-think): the first `items`,
+    or the next `items` as the warm-up."""
     rows = [json.loads(line) for line in (demo.TEST_SET / "items.jsonl").read_text().splitlines() if line.strip()]
     sets = answer_sets(rows)
 
@@ -121,23 +134,25 @@ def answers(clock: Clock, pipe: Pipeline, temperature: float, items: int) -> Non
         return generate(clock.state(state), decoding, answer=clock.matcher(answer), **kw)
 
     pipeline_module.generate = timed_generate
+    pipeline_module.AnswerMatcher = partial(AnswerMatcher, speculate=clock.speculate, remember=clock.remember)
     try:
-        for item in rows[:items]:
+        for item in rows[items:2 * items] if warmup else rows[:items]:
             options = {"choices": item["choices"]} if item.get("choices") else {"one_of": sets[item["type"]]}
             pipe(str(demo.TEST_SET / item["image"]), item["question"], think=False, temperature=temperature,
                  max_new_tokens=24, seed=0, **options)
     finally:
-        pipeline_module.generate = generate
+        pipeline_module.generate, pipeline_module.AnswerMatcher = generate, AnswerMatcher
 
 
-def forced(clock: Clock, model, kind: str, tokens: int, repeats: int) -> None:
-    """A constraint the prompt does not ask for, from the first token, at temperature 1 (`repeats` seeds)."""
+def forced(clock: Clock, model, kind: str, tokens: int, repeats: int, warmup: bool) -> None:
+    """A constraint the prompt does not ask for, from the first token, at temperature 1 (`repeats` seeds; the
+    warm-up's are others)."""
     prompt = model.prepare(render_prompt(model, "Describe a table with two red cups as JSON.", enable_thinking=False))
     for seed in range(repeats):
-        matcher = AnswerMatcher(KINDS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False)
+        matcher = clock.new_matcher(KINDS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False)
         for _ in generate(clock.state(model.prefill(prompt)), Decoding(max_new_tokens=tokens, temperature=1.0),
-                          eos_ids=model.eos_ids, max_context=model.max_context, rng=np.random.default_rng(seed),
-                          answer=clock.matcher(matcher)):
+                          eos_ids=model.eos_ids, max_context=model.max_context,
+                          rng=np.random.default_rng(seed + (1000 if warmup else 0)), answer=matcher):
             pass
 
 
@@ -156,22 +171,18 @@ def main() -> None:
         runs += [(f"forced {kind}", forced, (model, kind, args.tokens, args.repeats)) for kind in KINDS]
         for name, run, run_args in runs:
             print(f"{path}: {name} ...", file=sys.stderr, flush=True)
-            run(Clock(), *run_args)  # warm: the first mask of a vocabulary builds llguidance's tables
-            clocks = {}
-            for speculate in (True, False):
-                clocks[speculate] = clock = Clock()
-                clock.speculate = speculate
-                run(clock, *run_args)
-            spec, ref = clocks[True], clocks[False]
-            step = statistics.median(spec.steps + ref.steps)
+            run(Clock(), *run_args, warmup=True)
+            clocks = [Clock(remember=False), Clock(), Clock(speculate=False, remember=False)]  # cold, warm, mask
+            for clock in clocks:
+                run(clock, *run_args, warmup=False)
+            step = statistics.median([s for clock in clocks for s in clock.steps])
             rows.append((Path(path).name, model.name.rsplit("/", 1)[-1], model.tokenizer.vocab_size, name,
-                         spec.tokens, len(spec.miss) / max(spec.tokens, 1), step, spec.cost(), ref.cost()))
-    print(f"\n{'bundle':<16} {'reasoner':<24} {'vocab':>6} {'scenario':<19} {'tokens':>6} {'masked':>6} "
-          f"{'decode ms':>9} {'spec us':>7} {'spec':>6} {'mask us':>7} {'mask':>6}")
-    for bundle, name, vocab, scenario, n, masked, step, spec, ref in rows:
-        print(f"{bundle[-16:]:<16} {name[-24:]:<24} {vocab:>6} {scenario:<19} {n:>6} {masked:>6.0%} "
-              f"{step * 1e3:>9.3f} {spec * 1e6:>7.1f} {spec / step:>6.1%} {ref * 1e6:>7.1f} {ref / step:>6.1%}")
-
+                         clocks[0].tokens, step, [(len(c.miss) / max(c.tokens, 1), c.cost()) for c in clocks]))
+    ways = "".join(f" {'computed':>8} {way + ' us':>8} {way:>6}" for way in ("cold", "warm", "mask"))
+    print(f"\n{'bundle':<16} {'reasoner':<24} {'vocab':>6} {'scenario':<19} {'tokens':>6} {'decode ms':>9}{ways}")
+    for bundle, name, vocab, scenario, n, step, costs in rows:
+        cells = "".join(f" {share:>8.0%} {cost * 1e6:>8.1f} {cost / step:>6.1%}" for share, cost in costs)
+        print(f"{bundle[-16:]:<16} {name[-24:]:<24} {vocab:>6} {scenario:<19} {n:>6} {step * 1e3:>9.3f}{cells}")
 
 if __name__ == "__main__":
     main()

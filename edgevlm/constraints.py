@@ -134,19 +134,68 @@ def _vocabulary(tokenizer, eos: frozenset[int]) -> _Vocabulary:
     return _Vocabulary(tokenizer, set(eos))
 
 
-@lru_cache(maxsize=64)
-def _template(vocab: _Vocabulary, grammar: str):
-    """A fresh matcher of `grammar`, to copy (~2 us) rather than build (~1 ms) for each generation."""
-    return _llguidance().LLMatcher(vocab.llg, grammar, log_level=0)
+class _Node:
+    """A state of an answer under one grammar: the states its allowed tokens lead to, as seen so far, and once
+    a mask was computed there, the allowed tokens (a bit per token, and their ids)."""
+
+    __slots__ = ("children", "bits", "ids", "shared")
+
+    def __init__(self, shared: bool):
+        self.children: dict[int, _Node] = {}
+        self.bits: np.ndarray | None = None  # uint8, bit t % 8 of byte t // 8 for token t (llguidance's order)
+        self.ids: np.ndarray | None = None  # int32, ascending
+        self.shared = shared  # part of its grammar's trie (counted in its bounds), else one answer's own
+
+
+class _Grammar:
+    """One grammar over one vocabulary: a fresh matcher to copy (~2 us) rather than build (~1 ms) for each
+    answer, and the states answers have reached (a trie of tokens) with the masks computed in them, so that an
+    answer along a path seen before (a robot asking with the same schema every frame) reuses them instead of
+    asking llguidance again (a mask costs 5-55 us on a 1k vocabulary, the token that completes an answer as
+    much). Bounded: MAX_NODES states and MAX_MASK_BYTES of masks; past either, an answer's new states are its
+    own and go with it. Generations on other threads may add to it at once: a race adds one of two equal
+    states, or masks, and may overshoot a bound by a state."""
+
+    MAX_NODES = 4096
+    MAX_MASK_BYTES = 1 << 20
+
+    def __init__(self, vocab: _Vocabulary, grammar: str):
+        self.template = _llguidance().LLMatcher(vocab.llg, grammar, log_level=0)
+        self.root = _Node(shared=True)
+        self.nodes, self.mask_bytes = 1, 0
+
+    def child(self, node: _Node, token: int) -> _Node:
+        """The state `token` leads to from `node` (an allowed token), added if new."""
+        child = node.children.get(token)
+        if child is None:
+            shared = node.shared and self.nodes < self.MAX_NODES
+            child = _Node(shared)
+            if shared or not node.shared:  # a full trie gets no private state (which would then stay)
+                self.nodes += shared
+                node.children[token] = child
+        return child
+
+    def remember(self, node: _Node, bits: np.ndarray, ids: np.ndarray) -> None:
+        size = bits.nbytes + ids.nbytes
+        if node.shared:
+            if self.mask_bytes + size > self.MAX_MASK_BYTES:
+                return
+            self.mask_bytes += size
+        node.bits, node.ids = bits, ids
+
+
+@lru_cache(maxsize=32)  # with its remembered states: at most ~2 MB each
+def _grammar(vocab: _Vocabulary, grammar: str) -> _Grammar:
+    return _Grammar(vocab, grammar)
 
 
 class AnswerMatcher:
     """One generation's constraint: idle while the model reasons, then chooses every token of the answer under
     its grammar (`choose`, in place of `sample`, with the generation loop).
 
-    Speculate, then check: the token the model would pick anyway is asked of llguidance (~1-2 us); only when it
-    is refused is the vocabulary's mask computed (7-20 us, plus numpy) and the token drawn again among the
-    allowed tokens. `speculate=False` masks every step (the reference). Both give the masked distribution
+    Speculate, then check: the token the model would pick anyway is checked (~1-2 us with llguidance); only
+    when it is refused is the vocabulary's mask computed (5-55 us, plus numpy) and the token drawn again among
+    the allowed tokens. `speculate=False` masks every step (the reference). Both give the masked distribution
     exactly, token for token under greedy decoding:
 
     - greedy: the argmax of the logits, if allowed, is the argmax of the masked logits.
@@ -159,52 +208,77 @@ class AnswerMatcher:
       temperature alone is at least top_p (plus 1e-4 for float32 rounding). Masking and top-k only remove
       other tokens, so t's share of what is kept can only grow; a share of at least top_p removes every other
       token from the nucleus (HF removes the second token when 1 - p(t) <= 1 - top_p). Else: masked.
+
+    Remembered: the masks of states an earlier answer of the same grammar reached (`_Grammar`) are used as
+    computed, and a sampled step draws among them at once (no speculative draw from the whole vocabulary);
+    llguidance's matcher is copied and fed the answer's tokens only when a state without a remembered mask is
+    reached, so an answer along a remembered path never asks it. `remember=False`: this answer's states are
+    its own (the tests' reference).
     """
 
     def __init__(self, constraint: Constraint, tokenizer, eos_ids: set[int], *, start: str, prefix: bool = True,
-                 speculate: bool = True):
+                 speculate: bool = True, remember: bool = True):
         """`start`: "now" (the stage writes only the answer), "think_end" (after `</think>`) or "marker" (when
         the text reaches "Answer:", or only ANSWER_RESERVE tokens are left). `prefix`: the answer begins with
         "Answer: " (reasoner stages; direct mode answers bare). `speculate`: False masks every step."""
         self.constraint, self.tokenizer, self.start, self.speculate = constraint, tokenizer, start, speculate
+        self.remember = remember
         self.eos_ids = frozenset(eos_ids)
         self.vocab = _vocabulary(tokenizer, self.eos_ids)
-        self.matcher = None
+        self.node: _Node | None = None  # the answer's state, once it started
+        self.matcher = None  # llguidance's, copied from the grammar's template when first asked
+        self._pending: list[int] = []  # the answer's tokens not yet given to `matcher`
         self.text = ""  # the plain-text reasoning so far ("marker" start), to find the marker
-        self.masked = 0  # steps that computed the mask (the rest took the speculated token)
+        self.masked = 0  # steps that drew among the allowed tokens (the rest took the speculated token)
+        self.computed = 0  # masks llguidance computed (the rest of the masked steps were remembered)
         if start == "now":
             self._activate(MARKER + " " if prefix else None)
 
     @property
     def active(self) -> bool:
-        return self.matcher is not None
+        return self.node is not None
 
     @property
     def satisfied(self) -> bool:
         """The answer so far is a complete one."""
-        return self.matcher is not None and (self.matcher.is_accepting() or self.matcher.is_stopped())
+        if self.node is None:
+            return False
+        matcher = self._synced()
+        return matcher.is_accepting() or matcher.is_stopped()
 
     def _activate(self, prefix: str | None) -> None:
-        self.matcher = _template(self.vocab, _compile(self.constraint.grammar(prefix))).deep_copy()
+        self.grammar = _grammar(self.vocab, _compile(self.constraint.grammar(prefix)))
+        self.node = self.grammar.root if self.remember else _Node(shared=False)
         self._bitmask = np.zeros((self.vocab.size + 31) // 32, np.int32)  # a bit per token: 1 = allowed
         self._bits = self._bitmask.view(np.uint8)
         self._pointer = (self._bitmask.ctypes.data, self._bitmask.nbytes)
 
+    def _synced(self):
+        """llguidance's matcher, at the answer's state."""
+        if self.matcher is None:
+            self.matcher = self.grammar.template.deep_copy()
+        if self._pending:
+            tokens, self._pending = self._pending, []
+            # One by one: consume_tokens refuses an EOS after a stopped answer, which consume_token takes.
+            if not all(self.matcher.consume_token(token) for token in tokens):  # remembered as allowed: a bug
+                raise RuntimeError(f"llguidance refused a remembered answer: {self.matcher.get_error()}")
+        return self.matcher
+
     def think_ended(self) -> None:
-        if self.start == "think_end" and self.matcher is None:
+        if self.start == "think_end" and self.node is None:
             self._activate(MARKER + " ")
 
     def choose(self, logits: np.ndarray, decoding: Decoding, rng: np.random.Generator, remaining: int) -> int | None:
         """The next token, sampled as `sample` would from `logits` (which this does not modify) with every token
         the answer cannot continue with removed, and advanced past; None when the answer can go no further
         (every token refused). `remaining`: the tokens left, this one included ("marker" start)."""
-        if self.matcher is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
+        if self.node is None and self.start == "marker" and remaining <= ANSWER_RESERVE:
             self._activate("\n" + MARKER + " ")
-        if self.matcher is None:
+        if self.node is None:
             token = sample(logits, decoding, rng)
             self._read(token)
             return token
-        if self.speculate:
+        if self.speculate and (self.node.ids is None or decoding.temperature <= 0):
             token = _speculated(logits, decoding, rng)
             if token is not None and self._accept(token):
                 return token
@@ -216,21 +290,48 @@ class AnswerMatcher:
         # nothing to the softmax, top-k or top-p; greedy: the same token), without sorting (np.partition for
         # top-k, ~6 ms at 49k) a vocabulary that is mostly -inf.
         token = int(allowed[sample(np.asarray(logits, np.float32)[allowed], decoding, rng)])
-        self.matcher.consume_token(token)
+        self.node = self.grammar.child(self.node, token)
+        self._pending.append(token)
         return token
 
     def _accept(self, token: int) -> bool:
         """Advance past `token` if the answer allows it (what the mask would say, without computing it)."""
+        node = self.node
+        known = self._known(node, token)
+        if known is not None:
+            if known:
+                self.node = self.grammar.child(node, token)
+                self._pending.append(token)
+            return known
+        matcher = self._synced()
         if token in self.eos_ids:  # allowed once the answer is complete; a stopped matcher refuses to try it
-            return self.matcher.is_accepting() and self.matcher.consume_token(token)
-        return token < self.vocab.size and self.matcher.try_consume_tokens([token]) == 1
+            ok = bool(matcher.is_accepting() and matcher.consume_token(token))
+        else:
+            ok = token < self.vocab.size and matcher.try_consume_tokens([token]) == 1
+        if ok:
+            self.node = self.grammar.child(node, token)  # consumed: nothing pending
+        return ok
+
+    def _known(self, node: _Node, token: int) -> bool | None:
+        """Whether `token` is allowed in `node`, where remembered (a token taken there before, or its mask)."""
+        if token in node.children:
+            return True
+        if node.bits is None:
+            return None
+        return token < self.vocab.size and bool(node.bits[token >> 3] >> (token & 7) & 1)
 
     def allowed(self, size: int) -> np.ndarray:
         """The ids below `size` (the logits' length) of the tokens the answer can continue with: the mask,
-        computed without advancing."""
-        self.matcher.unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
-        bits = np.unpackbits(self._bits, count=min(self.vocab.size, size), bitorder="little")
-        return np.flatnonzero(bits.view(bool))  # as bool: 8x faster than over uint8 (170 us at 49k tokens)
+        remembered or computed, without advancing."""
+        node = self.node
+        ids = node.ids
+        if ids is None:
+            self._synced().unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
+            self.computed += 1
+            bits = np.unpackbits(self._bits, count=self.vocab.size, bitorder="little")
+            ids = np.flatnonzero(bits.view(bool)).astype(np.int32)  # as bool: 8x faster than over uint8
+            self.grammar.remember(node, self._bits.copy(), ids)
+        return ids if size >= self.vocab.size else ids[:np.searchsorted(ids, size)]
 
     def _read(self, token: int) -> None:
         """A token of the plain-text reasoning ("marker" start): the answer starts after "Answer:"."""

@@ -270,7 +270,8 @@ def test_speculation_chooses_the_tokens_masking_does_and_the_answers_validate(to
     tokenizer, eos = model.tokenizer, model.eos_ids
     size = tokenizer.vocab_size
     spec = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False)
-    ref = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False, speculate=False)
+    ref = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False, speculate=False,
+                        remember=False)
     rng, greedy, tokens = np.random.default_rng(seed), Decoding(max_new_tokens=1), []
     for _ in range(40):
         logits, allowed = rng.normal(size=size).astype(np.float32), ref.allowed(size)
@@ -298,7 +299,7 @@ def test_sampled_speculation_draws_from_the_masked_distribution(torch_models, de
     size = model.tokenizer.vocab_size
     logits = np.random.default_rng(0).normal(size=size).astype(np.float32) * 2
     fresh = lambda speculate: AnswerMatcher(Constraint.regex(r"[a-z]+"), model.tokenizer, model.eos_ids,  # noqa: E731
-                                            start="now", prefix=False, speculate=speculate)
+                                            start="now", prefix=False, speculate=speculate, remember=False)
     allowed = fresh(False).allowed(size)
     logits[allowed[:3]] += 3.0  # three allowed tokens share most of the masked mass, refused ones most of the rest
     logits[np.setdiff1d(np.argsort(logits)[-40:], allowed)[:20]] += 4.0
@@ -350,7 +351,7 @@ def test_speculation_and_masking_generate_the_same_greedy_answers_on_both_backen
         runs = []
         for speculate in (True, False):
             matcher = AnswerMatcher(CONSTRAINTS[kind](), model.tokenizer, model.eos_ids, start="now", prefix=False,
-                                    speculate=speculate)
+                                    speculate=speculate, remember=speculate)
             runs.append(_generated(generate(model.prefill(prompt), Decoding(max_new_tokens=24),
                                             eos_ids=model.eos_ids, max_context=model.max_context,
                                             rng=np.random.default_rng(0), answer=matcher)))
@@ -364,3 +365,133 @@ def _generated(gen):
             tokens.append(next(gen))
         except StopIteration as done:
             return tokens, done.value.stop_reason
+
+
+# ---------------------------------------------------------------- remembered states
+def _one_hot(size: int, token: int) -> np.ndarray:
+    logits = np.zeros(size, np.float32)
+    logits[token] = 1.0
+    return logits
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(sorted(CONSTRAINTS)),
+       backend=st.sampled_from(["torch", "onnxruntime"]), temperature=st.sampled_from([0.0, 1.0]),
+       drift=st.floats(0.0, 1.0))
+def test_remembered_masks_choose_only_what_llguidance_allows(torch_models, bundle_pipe, seed, kind, backend,
+                                                            temperature, drift):
+    """Property: answers in a row sharing their grammar's remembered states (the logits of each step repeat
+    from one answer to the next but for a `drift` share of steps, so later answers walk paths earlier ones
+    took) choose only tokens llguidance allows, step by step: under greedy decoding the token the reference
+    (masking every step, remembering nothing) picks; sampled from a remembered mask, the reference's very draw.
+    Their `satisfied` agrees with the reference's, and a finished answer validates."""
+    model = torch_models("qwen3") if backend == "torch" else bundle_pipe.reasoner
+    tokenizer, eos = model.tokenizer, model.eos_ids
+    size, decoding, greedy = tokenizer.vocab_size, Decoding(1, temperature=temperature), Decoding(1)
+    rng, remembered = np.random.default_rng(seed), 0
+    for _ in range(4):
+        mem = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False)
+        ref = AnswerMatcher(CONSTRAINTS[kind](), tokenizer, eos, start="now", prefix=False, speculate=False,
+                            remember=False)
+        tokens, token = [], None
+        for step in range(40):
+            logits = np.random.default_rng([seed, step]).normal(size=size).astype(np.float32) * 4
+            if rng.random() < drift:
+                logits += rng.normal(size=size).astype(np.float32) * 4
+            known = mem.node.ids is not None
+            remembered += known
+            token = mem.choose(logits, decoding, np.random.default_rng([seed, step, 1]), 100)
+            if temperature <= 0 or known:
+                assert token == ref.choose(logits, decoding, np.random.default_rng([seed, step, 1]), 100)
+            else:  # drawn speculatively: allowed, and the reference takes it
+                assert token is None or ref.choose(_one_hot(size, token), greedy, rng, 100) == token
+            if token is None or token in eos:
+                break
+            tokens.append(token)
+        assert mem.satisfied == ref.satisfied
+        if token in eos:
+            assert _validates(kind, tokenizer.decode(tokens).strip()), tokenizer.decode(tokens)
+    event(f"{kind}: {'some' if remembered else 'no'} remembered masks")
+
+
+def test_an_answer_along_a_remembered_path_asks_llguidance_nothing(bundle_pipe):
+    """The second answer of a grammar, down the path the first took, uses the first's masks and never copies
+    llguidance's matcher; the same tokens come out, and it is complete when asked."""
+    model = bundle_pipe.reasoner
+    size, eos = model.tokenizer.vocab_size, model.eos_ids
+    steps = [np.random.default_rng([7, i]).normal(size=size).astype(np.float32) for i in range(12)]
+    constraint = Constraint.choice(["left", "right", "none at all", "a path remembered"])  # a grammar of its own
+    runs = []
+    for _ in range(2):
+        matcher = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False)
+        tokens = []
+        for logits in steps:
+            tokens.append(matcher.choose(logits, Decoding(1), np.random.default_rng(0), 100))
+            if tokens[-1] in eos:
+                break
+        runs.append((tokens, matcher.masked, matcher.computed, matcher.matcher))
+        assert matcher.satisfied
+    (first, masked, computed, _), (second, masked_again, computed_again, copied) = runs
+    assert first == second and first[-1] in eos
+    assert computed == masked > 0 and masked_again == masked
+    assert computed_again == 0 and copied is None
+
+
+def test_remembered_states_and_masks_stay_within_their_bounds(bundle_pipe, monkeypatch):
+    """Past MAX_NODES states or MAX_MASK_BYTES of masks a grammar remembers nothing more (an answer's new
+    states are its own), and its answers still choose only allowed tokens."""
+    from edgevlm import constraints
+
+    model = bundle_pipe.reasoner
+    size, eos = model.tokenizer.vocab_size, model.eos_ids
+    most = 3 * ((size + 31) // 32 * 4 + 4 * size)  # room for three masks of any size, not for all
+    monkeypatch.setattr(constraints._Grammar, "MAX_NODES", 12)
+    monkeypatch.setattr(constraints._Grammar, "MAX_MASK_BYTES", most)
+    constraint = Constraint.regex(r"[a-z]+( [a-z]+)* bounded")  # a grammar of its own
+    for seed in range(10):
+        matcher = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False)
+        ref = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False, speculate=False,
+                            remember=False)
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            token = matcher.choose(rng.normal(size=size).astype(np.float32) * 3, Decoding(1, temperature=1.0), rng,
+                                   100)
+            if token is None:
+                break
+            assert ref.choose(_one_hot(size, token), Decoding(1), rng, 100) == token
+            if token in eos:
+                break
+    grammar, seen, stack = matcher.grammar, [], [matcher.grammar.root]
+    while stack:
+        node = stack.pop()
+        seen.append(node)
+        stack.extend(node.children.values())
+    assert all(node.shared for node in seen) and len(seen) == grammar.nodes == 12
+    held = sum(node.bits.nbytes + node.ids.nbytes for node in seen if node.ids is not None)
+    assert held == grammar.mask_bytes and 0 < held <= most
+
+
+def test_answers_on_several_threads_share_remembered_states_safely(bundle_pipe):
+    """Generations on four threads at once, down overlapping paths of one grammar, choose what each would
+    alone with nothing remembered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = bundle_pipe.reasoner
+    size, eos = model.tokenizer.vocab_size, model.eos_ids
+    constraint = Constraint.json_schema({**SCHEMA, "title": "threads"})  # a grammar of its own
+
+    def answer(seed: int, remember: bool) -> list[int]:
+        matcher = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False, remember=remember)
+        tokens = []
+        for step in range(30):
+            logits = np.random.default_rng([seed % 3, step]).normal(size=size).astype(np.float32)
+            logits[np.random.default_rng([seed, step]).integers(size)] += 2.0 * (seed % 2)
+            tokens.append(matcher.choose(logits, Decoding(1), np.random.default_rng(0), 100))
+            if tokens[-1] is None or tokens[-1] in eos:
+                break
+        return tokens
+
+    expected = [answer(seed, False) for seed in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(answer, range(12), [True] * 12)) == expected
