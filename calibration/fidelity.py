@@ -37,7 +37,17 @@ def reference_run(reference: Model, rendered: Prompt | str, image: Image.Image |
         logits.append(np.array(state.logits, dtype=np.float32))
         if n < tokens - 1:
             state.step(int(np.argmax(logits[-1])))
-    return np.stack(logits), prepared.image_features
+    return np.stack(logits), _feature_array(prepared.image_features)
+
+
+def _feature_array(features) -> np.ndarray | None:
+    """Image features as one array [visual tokens, hidden]: ONNX Runtime's are one; transformers' (the PyTorch
+    reference backend's) are its vision output, the packed features of each image in `pooler_output`."""
+    pooled = getattr(features, "pooler_output", None)
+    if pooled is None:
+        return None if features is None else np.asarray(features)
+    pooled = pooled if isinstance(pooled, (list, tuple)) else [pooled]
+    return np.concatenate([p.detach().float().cpu().numpy().reshape(-1, p.shape[-1]) for p in pooled])
 
 
 def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str, Image.Image | None]],
@@ -50,8 +60,9 @@ def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str,
         prepared = candidate.prepare(rendered, image)
         candidate.encode(prepared)
         state = candidate.prefill(prepared)
-        if ref_features is not None and prepared.image_features is not None:
-            cosines.append(float(cosine(np.asarray(ref_features), np.asarray(prepared.image_features)).mean()))
+        features = _feature_array(prepared.image_features)
+        if ref_features is not None and features is not None:
+            cosines.append(float(cosine(ref_features, features).mean()))
         test = []
         for n in range(tokens):
             test.append(np.array(state.logits, dtype=np.float32))

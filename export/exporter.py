@@ -24,7 +24,7 @@ import numpy as np
 
 from edgevlm import bundle
 from edgevlm.calibration.metrics import report_table
-from edgevlm.errors import EdgeVLMError, UsageError
+from edgevlm.errors import EdgeVLMError, ModelError, UsageError
 from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE, remove_graph
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
 from edgevlm.memory import check_image_budget, with_image_budget
@@ -318,7 +318,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     started = time.perf_counter()
 
     with bundle.atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        models, references, kept_int8, int8_checks = {}, {}, {}, {}
+        models, references, kept_int8, int8_checks, parity = {}, {}, {}, {}, {}
         for role, name, model_dir, family in roles:
             @contextmanager
             def step(what: str, role=role):
@@ -330,6 +330,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
 
             reference = export_module(family.name).export_model(model_dir, tmp / REFERENCE / role, tmp, step=step,
                                                                 fused=flavour == "onnxruntime")
+            parity[role] = _check_parity(tmp, role, reference, model_dir, family, items[0], flavour, log)
             if role == "extractor":  # the quantized model and the fidelity check see the same images
                 reference = with_image_budget(reference, max_image_tokens)
             references[role] = reference
@@ -349,13 +350,53 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
             flavour=flavour,
             quantization={**plan.describe(), "calibration": str(calibration), "kept_int8": kept_int8,
                           "int8_compute_checks": {r: c for r, c in int8_checks.items() if c}},
-            provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1)},
+            provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1),
+                        "parity": parity},
             fidelity=fidelity)
         if flavour == "tensorrt":
             _write_trtexec_script(tmp, manifest, target)
         bundle.write_manifest(tmp, manifest, progress=lambda m: log(f"{m} ..."))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return Path(out)
+
+
+# The exported fp32 graphs against transformers' model: fp32 against fp32 differs by float rounding alone (mean
+# KL ~1e-9 on the tiny models, 1e-6 and under on real ones); a graph that computes something else is far off.
+PARITY_TOKENS = 4
+PARITY_KL = 1e-3
+PARITY_COSINE = 0.999
+
+
+def _check_parity(root: Path, role: str, reference: ModelSpec, model_dir: Path, family, item, flavour: str,
+                  log: Callable[[str], None]) -> dict:
+    """Refuse (one line) fp32 graphs that do not compute what transformers' own model does (edgevlm's PyTorch
+    reference backend) on one calibration prompt (the extract stage's, with its image, for the extractor; the
+    plan stage's for the reasoner), PARITY_TOKENS tokens teacher-forced, as optimum validates its exports: a
+    transformers or torch other than the pinned ones can trace or read a model otherwise (a GPU host's torch
+    2.11 / transformers 5.17 did), and every bundle quantized from the graphs would inherit it. Its figures."""
+    import torch
+    import transformers
+
+    from edgevlm.backends.torch_ref import TorchModel
+    from edgevlm.calibration.fidelity import measure, stage_inputs
+
+    log(f"{role}: checking the graphs against transformers ...")
+    source = TorchModel(model_dir, family)
+    stage = "extract" if role == "extractor" else "plan"
+    result = measure(source, _ort_model(root, reference, flavour), stage_inputs(stage, source, [item]), PARITY_TOKENS)
+    del source
+    figures = {"mean_kl": float(f"{result.mean_kl:.3g}"), "positions": result.positions}
+    said = f"mean KL {result.mean_kl:.1e} over {result.positions} positions"
+    if result.feature_cosine is not None:
+        figures["feature_cosine"] = round(result.feature_cosine, 6)
+        said += f", image features cosine {result.feature_cosine:.6f}"
+    if result.mean_kl > PARITY_KL or figures.get("feature_cosine", 1.0) < PARITY_COSINE:
+        raise ModelError(f"the exported {role} does not compute what transformers' model does ({said}; at most KL "
+                         f"{PARITY_KL:g}, cosine at least {PARITY_COSINE}) under transformers "
+                         f"{transformers.__version__} / torch {torch.__version__}: export with edgevlm[export]'s "
+                         f"pinned versions")
+    log(f"{role}: the graphs match transformers ({said})")
+    return figures
 
 
 TRTEXEC_SCRIPT = "trtexec.sh"

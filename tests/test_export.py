@@ -115,6 +115,9 @@ def test_manifest_describes_every_model_and_file(bundles):
     assert ex["preprocess"]["image_token_id"] == 3 and ex["preprocess"]["num_image_tokens"] == 16
     assert ex["source"]["model"].endswith("llava_onevision")
     assert set(m["provenance"]["versions"]) >= {"edgevlm", "torch", "transformers", "onnx", "onnxruntime"}
+    parity = m["provenance"]["parity"]  # the fp32 graphs against transformers' model, at export
+    assert set(parity) == {"extractor", "reasoner"} and all(p["positions"] == 4 for p in parity.values())
+    assert all(p["mean_kl"] < 1e-6 for p in parity.values()) and parity["extractor"]["feature_cosine"] > 0.9999
     files = set(m["files"])
     for entry in m["models"].values():
         for g in entry["graphs"].values():
@@ -314,3 +317,27 @@ def test_a_decoder_that_ignores_its_explicit_cache_is_refused_before_tracing(tin
                                          r"positions after 4 past and 3 new\): export with edgevlm\[export\]'s"):
         graphs.export_decoder(body, model.lm_head, model.config, tmp_path / "bad.onnx", embeds=False, fused=False)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("role, family", [("reasoner", "qwen3"), ("extractor", "llava_onevision")])
+def test_graphs_that_compute_otherwise_than_transformers_are_refused(bundles, tiny_dir, tmp_path, role, family):
+    """The export checks its fp32 graphs against transformers' own model on a calibration prompt: the bundle's
+    graphs pass against the model they came from, and are refused in one line, naming the versions, against
+    another of the same shape (other weights: what a transformers that reads or traces a model otherwise gives)."""
+    from edgevlm.calibration import data
+    from edgevlm.errors import ModelError
+    from edgevlm.export.exporter import _check_parity
+    from edgevlm.train.tiny import make_tiny
+
+    spec, item = bundle_mod.load(bundles["llava"]).manifest.models[role], data.load("scenes")[0]
+    fam = reasoner_family if role == "reasoner" else extractor_family
+    said = []
+    figures = _check_parity(bundles["llava"], role, spec, tiny_dir(family), fam(tiny_dir(family)), item,
+                            "onnxruntime", said.append)
+    assert figures["mean_kl"] < 1e-6 and said[-1].startswith(f"{role}: the graphs match transformers (mean KL")
+    other = make_tiny(family, tmp_path / "other", seed=1)
+    with pytest.raises(ModelError, match=rf"^the exported {role} does not compute what transformers' model does "
+                                         r"\(mean KL [0-9.e+-]+ over 4 positions.*\) under transformers .* / torch .*: "
+                                         r"export with edgevlm\[export\]'s pinned versions$") as refused:
+        _check_parity(bundles["llava"], role, spec, other, fam(other), item, "onnxruntime", said.append)
+    assert "\n" not in str(refused.value)
