@@ -153,8 +153,8 @@ class _Grammar:
     answer along a path seen before (a robot asking with the same schema every frame) reuses them instead of
     asking llguidance again (a mask costs 5-55 us on a 1k vocabulary, the token that completes an answer as
     much). Bounded: MAX_NODES states and MAX_MASK_BYTES of masks; past either, an answer's new states are its
-    own and go with it. Generations on other threads may add to it at once: a race adds one of two equal
-    states, or masks, and may overshoot a bound by a state."""
+    own and go with it. Generations on other threads add to it at once without a lock: a state is added once
+    (dict.setdefault), a mask kept once; a race can overshoot a bound's count by one."""
 
     MAX_NODES = 4096
     MAX_MASK_BYTES = 1 << 20
@@ -169,15 +169,18 @@ class _Grammar:
         child = node.children.get(token)
         if child is None:
             shared = node.shared and self.nodes < self.MAX_NODES
-            child = _Node(shared)
-            if shared or not node.shared:  # a full trie gets no private state (which would then stay)
-                self.nodes += shared
-                node.children[token] = child
+            if node.shared and not shared:  # a full trie: the answer's own state, not kept in it
+                return _Node(shared=False)
+            new = _Node(shared)
+            child = node.children.setdefault(token, new)  # one state, whichever thread adds it first
+            self.nodes += shared and child is new
         return child
 
     def remember(self, node: _Node, bits: np.ndarray, ids: np.ndarray) -> None:
-        size = bits.nbytes + ids.nbytes
+        if node.ids is not None:  # another generation computed it meanwhile
+            return
         if node.shared:
+            size = bits.nbytes + ids.nbytes
             if self.mask_bytes + size > self.MAX_MASK_BYTES:
                 return
             self.mask_bytes += size
