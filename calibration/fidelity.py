@@ -50,10 +50,10 @@ def _feature_array(features) -> np.ndarray | None:
     return np.concatenate([p.detach().float().cpu().numpy().reshape(-1, p.shape[-1]) for p in pooled])
 
 
-def measure(reference: Model, candidate: Model, inputs: list[tuple[Prompt | str, Image.Image | None]],
+def measure(reference: Model | None, candidate: Model, inputs: list[tuple[Prompt | str, Image.Image | None]],
             tokens: int = 32, recorded: list[tuple[np.ndarray, np.ndarray | None]] | None = None) -> Fidelity:
     """Compare `candidate` with `reference` on rendered prompts (with their image, if any). `recorded`: the
-    reference's reference_run of each input, if kept from before (else run now)."""
+    reference's reference_run of each input, if kept from before (else run now; `reference` may be None with it)."""
     ref_all, test_all, matches, cosines = [], [], [], []
     for i, (rendered, image) in enumerate(inputs):
         ref, ref_features = recorded[i] if recorded is not None else reference_run(reference, rendered, image, tokens)

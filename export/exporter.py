@@ -8,6 +8,7 @@ turn it into a gate: a bundle that misses them is not written.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -378,13 +379,15 @@ def _check_parity(root: Path, role: str, reference: ModelSpec, model_dir: Path, 
     import transformers
 
     from edgevlm.backends.torch_ref import TorchModel
-    from edgevlm.calibration.fidelity import measure, stage_inputs
+    from edgevlm.calibration.fidelity import measure, reference_run, stage_inputs
 
     log(f"{role}: checking the graphs against transformers ...")
     source = TorchModel(model_dir, family)
-    stage = "extract" if role == "extractor" else "plan"
-    result = measure(source, _ort_model(root, reference, flavour), stage_inputs(stage, source, [item]), PARITY_TOKENS)
-    del source
+    inputs = stage_inputs("extract" if role == "extractor" else "plan", source, [item])
+    recorded = [reference_run(source, rendered, image, PARITY_TOKENS) for rendered, image in inputs]
+    del source  # one model in memory at a time: transformers', then the graphs'
+    gc.collect()
+    result = measure(None, _ort_model(root, reference, flavour), inputs, PARITY_TOKENS, recorded=recorded)
     figures = {"mean_kl": float(f"{result.mean_kl:.3g}"), "positions": result.positions}
     said = f"mean KL {result.mean_kl:.1e} over {result.positions} positions"
     if result.feature_cosine is not None:
