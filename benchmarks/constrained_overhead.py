@@ -32,7 +32,6 @@ import json
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -129,12 +128,9 @@ def answers(clock: Clock, pipe: Pipeline, temperature: float, items: int, warmup
     sets = answer_sets(rows)
 
     def timed_generate(state, decoding, *, answer=None, **kw):  # the constrained stage's steps, not the extractor's
-        if answer is None:
-            return generate(state, decoding, **kw)
-        return generate(clock.state(state), decoding, answer=clock.matcher(answer), **kw)
+        return generate(state if answer is None else clock.state(state), decoding, answer=answer, **kw)
 
-    pipeline_module.generate = timed_generate
-    pipeline_module.AnswerMatcher = partial(AnswerMatcher, speculate=clock.speculate, remember=clock.remember)
+    pipeline_module.generate, pipeline_module.AnswerMatcher = timed_generate, clock.new_matcher
     try:
         for item in rows[items:2 * items] if warmup else rows[:items]:
             options = {"choices": item["choices"]} if item.get("choices") else {"one_of": sets[item["type"]]}

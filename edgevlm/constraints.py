@@ -293,9 +293,13 @@ class AnswerMatcher:
         # nothing to the softmax, top-k or top-p; greedy: the same token), without sorting (np.partition for
         # top-k, ~6 ms at 49k) a vocabulary that is mostly -inf.
         token = int(allowed[sample(np.asarray(logits, np.float32)[allowed], decoding, rng)])
+        self._advance(token)
+        return token
+
+    def _advance(self, token: int) -> None:
+        """Past an allowed `token`, which llguidance's matcher is given when next asked."""
         self.node = self.grammar.child(self.node, token)
         self._pending.append(token)
-        return token
 
     def _accept(self, token: int) -> bool:
         """Advance past `token` if the answer allows it (what the mask would say, without computing it)."""
@@ -303,8 +307,7 @@ class AnswerMatcher:
         known = self._known(node, token)
         if known is not None:
             if known:
-                self.node = self.grammar.child(node, token)
-                self._pending.append(token)
+                self._advance(token)
             return known
         matcher = self._synced()
         if token in self.eos_ids:  # allowed once the answer is complete; a stopped matcher refuses to try it

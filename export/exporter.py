@@ -375,11 +375,9 @@ def _check_parity(root: Path, role: str, reference: ModelSpec, model_dir: Path, 
     plan stage's for the reasoner), PARITY_TOKENS tokens teacher-forced, as optimum validates its exports: a
     transformers or torch other than the pinned ones can trace or read a model otherwise (a GPU host's torch
     2.11 / transformers 5.17 did), and every bundle quantized from the graphs would inherit it. Its figures."""
-    import torch
-    import transformers
-
     from edgevlm.backends.torch_ref import TorchModel
     from edgevlm.calibration.fidelity import measure, reference_run, stage_inputs
+    from edgevlm.export.graphs import PINNED, under_versions
 
     log(f"{role}: checking the graphs against transformers ...")
     source = TorchModel(model_dir, family)
@@ -395,9 +393,7 @@ def _check_parity(root: Path, role: str, reference: ModelSpec, model_dir: Path, 
         said += f", image features cosine {result.feature_cosine:.6f}"
     if result.mean_kl > PARITY_KL or figures.get("feature_cosine", 1.0) < PARITY_COSINE:
         raise ModelError(f"the exported {role} does not compute what transformers' model does ({said}; at most KL "
-                         f"{PARITY_KL:g}, cosine at least {PARITY_COSINE}) under transformers "
-                         f"{transformers.__version__} / torch {torch.__version__}: export with edgevlm[export]'s "
-                         f"pinned versions")
+                         f"{PARITY_KL:g}, cosine at least {PARITY_COSINE}) {under_versions()}: {PINNED}")
     log(f"{role}: the graphs match transformers ({said})")
     return figures
 

@@ -196,17 +196,24 @@ def check_explicit_cache(wrapper: DecoderWithPast, sample: tuple) -> None:
     other than the pinned one can ignore the cache DecoderWithPast hands the body, and the traced graph then
     attends to the new positions alone (a GPU host's torch 2.11 / transformers 5.17 export: its present held the
     new positions alone, the bundle exported, and its first decode step failed inside ONNX Runtime)."""
-    import transformers
-
     from edgevlm.errors import ModelError
 
     with torch.no_grad():
         present = wrapper(*sample)[1]
     past, new = sample[3].shape[2], sample[0].shape[1]
     if present.shape[2] != past + new:
-        raise ModelError(f"the decoder ignored its explicit KV cache under transformers {transformers.__version__} / "
-                         f"torch {torch.__version__} (present holds {present.shape[2]} positions after {past} past "
-                         f"and {new} new): export with edgevlm[export]'s pinned versions")
+        raise ModelError(f"the decoder ignored its explicit KV cache {under_versions()} (present holds "
+                         f"{present.shape[2]} positions after {past} past and {new} new): {PINNED}")
+
+
+PINNED = "export with edgevlm[export]'s pinned versions"  # what a refusal of a drifted export says to do
+
+
+def under_versions() -> str:
+    """The transformers and torch an export ran under, as a refusal that may owe them names them."""
+    import transformers
+
+    return f"under transformers {transformers.__version__} / torch {torch.__version__}"
 
 
 def export_embedding(embedding: nn.Module, vocab_size: int, path: Path) -> Path:
