@@ -198,8 +198,11 @@ class AnswerMatcher:
 
     Speculate, then check: the token the model would pick anyway is checked (~1-2 us with llguidance); only
     when it is refused is the vocabulary's mask computed (5-55 us, plus numpy) and the token drawn again among
-    the allowed tokens. `speculate=False` masks every step (the reference). Both give the masked distribution
-    exactly, token for token under greedy decoding:
+    the allowed tokens. `speculate=False` masks every step (the reference). The check asks what the mask would
+    allow: where the grammar forces bytes (a key's remaining letters), llguidance's mask allows only the first
+    token of their canonical tokenization, though any valid split would parse ("o" then "unt" for "ount"), so
+    the check takes that token alone. Both give the masked distribution exactly, token for token under greedy
+    decoding:
 
     - greedy: the argmax of the logits, if allowed, is the argmax of the masked logits.
     - temperature alone: a draw that is refused is redrawn from the masked distribution q. An allowed token s
@@ -310,7 +313,10 @@ class AnswerMatcher:
                 self._advance(token)
             return known
         matcher = self._synced()
-        if token in self.eos_ids:  # allowed once the answer is complete; a stopped matcher refuses to try it
+        forced = matcher.compute_ff_tokens()  # bytes the grammar forces, as their canonical tokens (~0.1 us)
+        if forced:  # llguidance's mask then allows the first of them alone (try would take any valid split)
+            ok = token == forced[0] and bool(matcher.consume_token(token))
+        elif token in self.eos_ids:  # allowed once the answer is complete; a stopped matcher refuses to try it
             ok = bool(matcher.is_accepting() and matcher.consume_token(token))
         else:
             ok = token < self.vocab.size and matcher.try_consume_tokens([token]) == 1

@@ -291,6 +291,25 @@ def test_speculation_chooses_the_tokens_masking_does_and_the_answers_validate(to
         assert spec.satisfied and _validates(kind, tokenizer.decode(tokens).strip()), tokenizer.decode(tokens)
 
 
+def test_where_the_grammar_forces_bytes_speculation_takes_the_canonical_token_as_the_mask_does(torch_models):
+    """In `{"c` the schema forces "ount": llguidance's try takes "o" (a valid split), its mask only "ou" (the
+    canonical tokenization's first token). A model that prefers "o" gets "ou" either way (hypothesis found
+    speculation taking "o")."""
+    model = torch_models("qwen3")
+    tokenizer, size = model.tokenizer, model.tokenizer.vocab_size
+    (o,), (ou,) = tokenizer.encode("o"), tokenizer.encode("ou")
+    picks = []
+    for speculate in (True, False):
+        matcher = AnswerMatcher(Constraint.json_schema(SCHEMA), tokenizer, model.eos_ids, start="now",
+                                prefix=False, speculate=speculate, remember=False)
+        for token in tokenizer.encode('{"c'):
+            assert matcher.choose(_one_hot(size, token), Decoding(1), np.random.default_rng(0), 100) == token
+        logits = np.zeros(size, np.float32)
+        logits[o], logits[ou] = 2.0, 1.0
+        picks.append(matcher.choose(logits, Decoding(1), np.random.default_rng(0), 100))
+    assert picks == [ou, ou]
+
+
 @pytest.mark.parametrize("decoding", [Decoding(1, temperature=1.0), Decoding(1, temperature=0.7, top_p=0.8, top_k=20)])
 def test_sampled_speculation_draws_from_the_masked_distribution(torch_models, decoding):
     """Temperature alone: a refused draw is redrawn from the mask (rejection sampling), so the first token's
