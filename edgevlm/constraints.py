@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import UsageError
-from edgevlm.generation import Decoding, sample
+from edgevlm.generation import Decoding, distribution, draw, sample
 
 MARKER = "Answer:"  # what the method's prompts ask the reasoner to write before its answer
 # Tokens a plain-text reasoner keeps for its answer: past this point of its budget it must answer.
@@ -205,9 +205,10 @@ class AnswerMatcher:
     the masked distribution exactly, token for token under greedy decoding:
 
     - greedy: the argmax of the logits, if allowed, is the argmax of the masked logits.
-    - temperature alone: a draw that is refused is redrawn from the masked distribution q. An allowed token s
-      comes out with probability p(s) + (1 - A) q(s), A the allowed mass and q(s) = p(s) / A: that is p(s) / A
-      = q(s) (rejection sampling, with one exact fallback draw).
+    - temperature alone: a draw that is refused is redrawn from the masked distribution q (the first draw's
+      weights, the allowed ones renormalized). An allowed token s comes out with probability p(s) + (1 - A)
+      q(s), A the allowed mass and q(s) = p(s) / A: that is p(s) / A = q(s) (rejection sampling, with one exact
+      fallback draw).
     - top-k and top-p change the kept set once tokens are masked, so a first draw from the unmasked nucleus is
       not a draw from the masked one. The shortcut is taken only where both are certain to give the same
       single token t, the argmax: with top-k 1 and no tie for the top; or with top-p when t's probability under
@@ -284,18 +285,27 @@ class AnswerMatcher:
             token = sample(logits, decoding, rng)
             self._read(token)
             return token
+        weights = None
         if self.speculate and (self.node.ids is None or decoding.temperature <= 0):
-            token = _speculated(logits, decoding, rng)
+            token, weights = _speculated(logits, decoding, rng)
             if token is not None and self._accept(token):
                 return token
         self.masked += 1
         allowed = self.allowed(len(logits))
         if not allowed.size:  # the constraint can go no further (llguidance refused a token)
             return None
-        # Drawn among the allowed tokens alone: the distribution of the logits with the rest at -inf (which add
-        # nothing to the softmax, top-k or top-p; greedy: the same token), without sorting (np.partition for
-        # top-k, ~6 ms at 49k) a vocabulary that is mostly -inf.
-        token = int(allowed[sample(np.asarray(logits, np.float32)[allowed], decoding, rng)])
+        kept = None if weights is None or allowed.size == 1 else weights[allowed]
+        if allowed.size == 1:  # forced (a key's letters, the rest of a choice): whatever the logits, no draw
+            token = int(allowed[0])
+        elif kept is not None and kept.max() >= 1e-20:
+            # A refused draw at temperature alone: redrawn from its own weights, the allowed ones (unless they all
+            # sit so far below the refused best that float32 lost the smaller ones).
+            token = int(allowed[draw(None, kept, rng)])
+        else:
+            # Drawn among the allowed tokens alone: the distribution of the logits with the rest at -inf (which
+            # add nothing to the softmax, top-k or top-p; greedy: the same token), without sorting (np.partition
+            # for top-k, ~6 ms at 49k) a vocabulary that is mostly -inf.
+            token = int(allowed[sample(np.asarray(logits, np.float32)[allowed], decoding, rng)])
         self._advance(token)
         return token
 
@@ -362,22 +372,24 @@ class AnswerMatcher:
             self.text = self.text[-len(MARKER) - 8:]
 
 
-def _speculated(logits: np.ndarray, decoding: Decoding, rng: np.random.Generator) -> int | None:
+def _speculated(logits: np.ndarray, decoding: Decoding,
+                rng: np.random.Generator) -> tuple[int | None, np.ndarray | None]:
     """The token to try before masking (see AnswerMatcher): the one the masked draw is certain to agree with
-    if it is allowed (greedy, or a single-token nucleus), a draw to accept or redraw (temperature alone), or
-    None (mask first)."""
+    if it is allowed (greedy, or a single-token nucleus), a draw to accept or redraw (temperature alone: with
+    the whole vocabulary's weights it was drawn from, for the redraw), or None (mask first)."""
     if decoding.temperature <= 0:
-        return int(np.argmax(logits))
+        return int(np.argmax(logits)), None
     top_k = decoding.top_k if 0 < decoding.top_k < logits.size else 0
     if top_k == 0 and decoding.top_p >= 1.0:
-        return sample(logits, decoding, rng)
+        ids, weights = distribution(logits, decoding)
+        return draw(ids, weights, rng), (weights if ids is None else None)
     token = int(np.argmax(logits))
     best = float(logits[token])
     if not np.isfinite(best):
-        return None
+        return None, None
     if top_k == 1:
-        return token if np.count_nonzero(logits == best) == 1 else None
+        return (token if np.count_nonzero(logits == best) == 1 else None), None
     if decoding.top_p < 1.0:
         share = 1.0 / np.exp((np.asarray(logits, np.float32) - best) / np.float32(decoding.temperature)).sum()
-        return token if share >= decoding.top_p + 1e-4 else None
-    return None
+        return (token if share >= decoding.top_p + 1e-4 else None), None
+    return None, None

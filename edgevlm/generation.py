@@ -118,7 +118,11 @@ def sample(logits: np.ndarray, decoding: Decoding, rng: np.random.Generator) -> 
     """Greedy when temperature is 0; else a draw from `distribution`."""
     if decoding.temperature <= 0:
         return int(np.argmax(logits))
-    ids, weights = distribution(logits, decoding)
+    return draw(*distribution(logits, decoding), rng)
+
+
+def draw(ids: np.ndarray | None, weights: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from `distribution`'s output."""
     pick = _draw(weights, rng.random())
     return pick if ids is None else int(ids[pick])
 

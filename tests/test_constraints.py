@@ -339,6 +339,24 @@ def test_sampled_speculation_draws_from_the_masked_distribution(torch_models, de
         assert spec.masked == 1
 
 
+def test_a_refused_draw_far_above_every_allowed_token_is_redrawn_from_the_allowed_logits(torch_models):
+    """The redraw reuses the refused draw's weights, unless the allowed tokens' weights have all but vanished
+    beside the refused best (float underflow): then it samples the allowed logits afresh, still exactly."""
+    model = torch_models("qwen3")
+    size = model.tokenizer.vocab_size
+    matcher = lambda: AnswerMatcher(Constraint.regex(r"[a-z]+"), model.tokenizer, model.eos_ids,  # noqa: E731
+                                    start="now", prefix=False, remember=False)
+    allowed = matcher().allowed(size)
+    refused = int(np.setdiff1d(np.arange(size), allowed)[0])
+    logits = np.full(size, -1e4, np.float32)
+    logits[allowed[:2]] = 0.0, 1.0
+    logits[refused] = 800.0  # the first draw takes it; the allowed weights (exp(-800): 0 even in float64) vanish
+    rng = np.random.default_rng(3)
+    draws = [matcher().choose(logits, Decoding(1, temperature=1.0), rng, 100) for _ in range(2000)]
+    assert set(draws) == set(allowed[:2].tolist())
+    assert abs(np.mean(np.equal(draws, allowed[1])) - 1 / (1 + np.exp(-1.0))) < 0.04
+
+
 def test_a_complete_answer_takes_eos_without_a_mask(torch_models):
     """A finished choice stops the matcher (llguidance's try refuses EOS then, its mask allows it): the EOS the
     model picks is taken, as the mask would, and a refused one is masked away."""
