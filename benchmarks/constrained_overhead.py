@@ -21,7 +21,8 @@ step and remembers nothing. Per row: the constrained tokens, the median decode s
 share of tokens for which llguidance computed a mask, the constraint's cost per token (us: the time `choose`
 takes less that of a plain `sample` on the same logits; the medians of the speculated tokens, of the tokens
 drawn from a remembered mask and of those that computed one, weighted by their shares, so that a step
-preempted on a busy machine does not count) and its ratio to the decode step. A negative cost: the masked
+preempted on a busy machine does not count; each median balanced between the two orders of choose and the
+plain sample, see `Clock.cost`) and its ratio to the decode step. A negative cost: the masked
 step samples among a few allowed tokens, cheaper than a plain top-k/top-p sample over the whole vocabulary.
 """
 
@@ -122,7 +123,7 @@ class Clock:
     def cost(self) -> float:
         """Seconds per constrained token: each kind of token's cost, weighted by their shares. A kind's cost is
         the mean of two medians, of its tokens timed choose first and of those timed the plain sample first:
-        whichever runs first after the step pays the same extra (~15 us here, ORT's threads winding down), so
+        whichever runs first after the step pays the same extra (~15 us here, cause not pinned down), so
         a single median of both orders lands on one side of it or the other; the two medians' mean cancels
         it, as a mean would, and a step preempted on a busy machine moves it no more than a median."""
         total = 0.0
