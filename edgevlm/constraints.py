@@ -26,12 +26,22 @@ MARKER = "Answer:"  # what the method's prompts ask the reasoner to write before
 # Tokens a plain-text reasoner keeps for its answer: past this point of its budget it must answer.
 ANSWER_RESERVE = 64
 _LEADING_SPACE = r"/[ \t\n]{0,4}/"  # a blank line or so before the answer, as models write it
+# A constraint's text at most (a schema's JSON, a regex, the options together): ~50,000 short options. Past it
+# llguidance refuses the grammar anyway, but only after seconds and gigabytes (a million options: 10 s, 2.5 GB).
+MAX_CONSTRAINT_CHARS = 1_000_000
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")  # what a literal escapes in a regex (Rust's regex::escape)
 
 
 def _llguidance():
     import llguidance
 
     return llguidance
+
+
+def _limits():
+    """llguidance's own bounds on a grammar's work per step (its defaults), with errors that do not quote the
+    grammar and parser state back (by default they do: tens of kB for a long list of choices)."""
+    return _llguidance().LLParserLimits(verbose_errors=False)
 
 
 @dataclass(frozen=True)
@@ -54,19 +64,25 @@ class Constraint:
         # Compact JSON (no whitespace between tokens) unless the schema's own x-guidance says otherwise.
         options = {"whitespace_flexible": False, **(schema.get("x-guidance") or {})}
         rule = "%json " + json.dumps({**schema, "x-guidance": options}, separators=(",", ":"))
+        _bound(len(rule), "the JSON schema")
         return cls("json_schema", rule, schema)._checked()
 
     @classmethod
     def regex(cls, pattern: str) -> Constraint:
         if not isinstance(pattern, str) or not pattern:
             raise UsageError("the regular expression must be a non-empty string")
+        _bound(len(pattern), "the regular expression")
         return cls("regex", "/" + _llguidance().regex_to_lark(pattern) + "/")._checked()
 
     @classmethod
     def choice(cls, options: list[str] | tuple[str, ...]) -> Constraint:
         if not options or not all(isinstance(o, str) and o for o in options):
             raise UsageError("choices must be a non-empty list of non-empty strings")
-        return cls("choice", " | ".join(json.dumps(o) for o in dict.fromkeys(options)))._checked()
+        # One lexeme (a regex of the options), not a rule of one alternative per option: its states are the
+        # lexer's, where a rule of thousands of alternatives passes llguidance's 2,000 items in a parse row.
+        _bound(sum(map(len, options)), "the choices together")
+        pattern = "|".join("".join("\\" + c if c in _REGEX_META else c for c in o) for o in dict.fromkeys(options))
+        return cls("choice", "/" + _llguidance().regex_to_lark(pattern) + "/")._checked()
 
     def grammar(self, prefix: str | None) -> str:
         """The Lark grammar of an answer: leading blanks, then `prefix` (if any), then the rule."""
@@ -90,6 +106,11 @@ class Constraint:
             return json.loads(answer)
         except ValueError:
             return None
+
+
+def _bound(chars: int, what: str) -> None:
+    if chars > MAX_CONSTRAINT_CHARS:
+        raise UsageError(f"{what} is {chars:,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}")
 
 
 def answer_text(response: str, *, prefix: bool) -> str:
@@ -116,7 +137,7 @@ def _compile(lark: str) -> str:
 def _validate(lark: str) -> tuple[bool, tuple[str, ...]]:
     """(is_error, messages) of a grammar: once per grammar, though a call's options are checked twice (when
     given, and when the run starts)."""
-    error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(_compile(lark), None)
+    error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(_compile(lark), None, limits=_limits())
     return error, tuple(messages)
 
 
@@ -160,7 +181,7 @@ class _Grammar:
     MAX_MASK_BYTES = 1 << 20
 
     def __init__(self, vocab: _Vocabulary, grammar: str):
-        self.template = _llguidance().LLMatcher(vocab.llg, grammar, log_level=0)
+        self.template = _llguidance().LLMatcher(vocab.llg, grammar, log_level=0, limits=_limits())
         self.root = _Node(shared=True)
         self.nodes, self.mask_bytes = 1, 0
 
@@ -238,6 +259,7 @@ class AnswerMatcher:
         self.text = ""  # the plain-text reasoning so far ("marker" start), to find the marker
         self.masked = 0  # steps that drew among the allowed tokens (the rest took the speculated token)
         self.computed = 0  # masks llguidance computed (the rest of the masked steps were remembered)
+        self.error: str | None = None  # why llguidance stopped following the answer (its limits), if it did
         if start == "now":
             self._activate(MARKER + " " if prefix else None)
 
@@ -248,10 +270,8 @@ class AnswerMatcher:
     @property
     def satisfied(self) -> bool:
         """The answer so far is a complete one."""
-        if self.node is None:
-            return False
-        matcher = self._synced()
-        return matcher.is_accepting() or matcher.is_stopped()
+        matcher = None if self.node is None else self._synced()
+        return matcher is not None and (matcher.is_accepting() or matcher.is_stopped())
 
     def _activate(self, prefix: str | None) -> None:
         self.grammar = _grammar(self.vocab, _compile(self.constraint.grammar(prefix)))
@@ -261,15 +281,24 @@ class AnswerMatcher:
         self._pointer = (self._bitmask.ctypes.data, self._bitmask.nbytes)
 
     def _synced(self):
-        """llguidance's matcher, at the answer's state."""
+        """llguidance's matcher, at the answer's state; None once it stopped following the answer."""
         if self.matcher is None:
             self.matcher = self.grammar.template.deep_copy()
         if self._pending:
             tokens, self._pending = self._pending, []
             # One by one: consume_tokens refuses an EOS after a stopped answer, which consume_token takes.
-            if not all(self.matcher.consume_token(token) for token in tokens):  # remembered as allowed: a bug
-                raise RuntimeError(f"llguidance refused a remembered answer: {self.matcher.get_error()}")
-        return self.matcher
+            all(self.matcher.consume_token(token) for token in tokens)
+        return None if self._failed() else self.matcher
+
+    def _failed(self) -> bool:
+        """Whether llguidance's matcher is in its error state, which it never leaves: a grammar past its limits
+        (a row of over 2,000 parse items: thousands of choices or optional keys), found only as the answer
+        reaches it; then the answer goes no further (stop reason "constraint") and `error` says why. Else (a
+        remembered token it refuses) a bug, ended the same way rather than raised in the middle of a robot's
+        call."""
+        if self.error is None and self.matcher is not None and self.matcher.is_error():
+            self.error = _first_line(self.matcher.get_error())
+        return self.error is not None
 
     def think_ended(self) -> None:
         if self.start == "think_end" and self.node is None:
@@ -324,8 +353,11 @@ class AnswerMatcher:
                 self._advance(token)
             return known
         matcher = self._synced()
+        if matcher is None:
+            return False
         if matcher.compute_ff_bytes():  # forced bytes (~2 us to ask): the check reads the mask (~20 us there)
-            self.allowed(self.vocab.size)  # none was remembered here: computed into self._bits, and remembered
+            if not self.allowed(self.vocab.size).size:  # computed into self._bits (none was remembered here)
+                return False  # llguidance stopped
             ok = self._allows(self._bits, token)
             if ok:
                 self._advance(token)
@@ -336,6 +368,7 @@ class AnswerMatcher:
             ok = token < self.vocab.size and matcher.try_consume_tokens([token]) == 1
         if ok:
             self.node = self.grammar.child(node, token)  # consumed: nothing pending
+        self._failed()  # a refused try leaves the matcher as it was, unless a limit stopped it
         return ok
 
     def _known(self, node: _Node, token: int) -> bool | None:
@@ -356,8 +389,13 @@ class AnswerMatcher:
         node = self.node
         ids = node.ids
         if ids is None:
-            self._synced().unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
+            matcher = self._synced()
+            if matcher is None:
+                return np.empty(0, np.int32)
+            matcher.unsafe_compute_mask_ptr(*self._pointer)  # writes the bitmask, checking its size
             self.computed += 1
+            if self._failed():  # its mask then allows only EOS, which would end an unfinished answer
+                return np.empty(0, np.int32)
             bits = np.unpackbits(self._bits, count=self.vocab.size, bitorder="little")
             ids = np.flatnonzero(bits.view(bool)).astype(np.int32)  # as bool: 8x faster than over uint8
             self.grammar.remember(node, self._bits.copy(), ids)

@@ -351,7 +351,7 @@ class Pipeline:
                                        prompts.DIRECT.with_max_new_tokens(opts.max_new_tokens), image=image,
                                        answer=answer)
         result.response = stage.text.strip()
-        self._answer(result, call, stage, stage.text, prefix=False)
+        self._answer(result, call, stage, stage.text, answer, prefix=False)
 
     def _extract_think(self, result: Result, call: _Call, image, opts: Options):
         """Plan (unless the caller gave the instruction), extract, then think (unless mode is extract)."""
@@ -387,16 +387,16 @@ class Pipeline:
         prompt = prompts.reasoner_prompt(result.extraction, result.question, multiple_choice=result.multiple_choice,
                                          think=opts.think)
         start = "think_end" if control is not None else "marker" if opts.think else "now"
+        answer = self._matcher(call, self.reasoner, start=start)
         stage = yield from self._stage(result, call, "think", self.reasoner, prompt, decoding,
-                                       enable_thinking=opts.think, think=control,
-                                       answer=self._matcher(call, self.reasoner, start=start))
+                                       enable_thinking=opts.think, think=control, answer=answer)
         reasoning, response = self._split_thinking(stage, control)
         result.reasoning = reasoning.replace("<think>", "", 1).strip() or None
         result.response = response.strip()
         if control is not None and control.think_end_id not in stage.token_ids and stage.stop_reason != "eos":
             result.notes.append(f"the reasoner was still thinking when it stopped ({stage.stop_reason}); "
                                 "there is no answer")
-        self._answer(result, call, stage, response, prefix=True)
+        self._answer(result, call, stage, response, answer, prefix=True)
 
     def _matcher(self, call: _Call, model: Model, *, start: str, prefix: bool = True) -> AnswerMatcher | None:
         """The answer's constraint for one stage (none for benchmarks' fixed-length runs)."""
@@ -404,7 +404,8 @@ class Pipeline:
             return None
         return AnswerMatcher(call.constraint, model.tokenizer, model.eos_ids, start=start, prefix=prefix)
 
-    def _answer(self, result: Result, call: _Call, stage: StageResult, response: str, *, prefix: bool) -> None:
+    def _answer(self, result: Result, call: _Call, stage: StageResult, response: str,
+                matcher: AnswerMatcher | None, *, prefix: bool) -> None:
         """The answer from the last stage's visible output: the constrained part where there is a constraint
         (and its parsed value for a schema), else the paper's "Answer:" rule."""
         if call.constraint is None or call.fixed_tokens:
@@ -412,8 +413,13 @@ class Pipeline:
             result.answer = _checked_answer(result, answer, call.letters)
             return
         if stage.stop_reason == "constraint":
-            result.notes.append(f"the answer did not complete its {call.constraint.kind.replace('_', ' ')} "
-                                f"within the {stage.name} stage's {stage.new_tokens} tokens; there is no answer")
+            what = call.constraint.kind.replace("_", " ")
+            if matcher is not None and matcher.error:
+                result.notes.append(f"the answer could not follow its {what} past llguidance's limits "
+                                    f"({matcher.error}); there is no answer")
+            else:
+                result.notes.append(f"the answer did not complete its {what} within the {stage.name} stage's "
+                                    f"{stage.new_tokens} tokens; there is no answer")
             return
         # The constraint made it valid: an option's letter, or what the caller's schema, regex or list allows
         # (which then wins over the letters, so checking it against them would wrongly refuse it).

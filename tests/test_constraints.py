@@ -82,6 +82,9 @@ def test_an_unsatisfiable_budget_ends_with_the_stop_reason_and_a_note(pipelines)
     ({"regex": "(left"}, "invalid regular expression"),
     ({"regex": ""}, "non-empty string"),
     ({"regex": "a", "schema": {"type": "integer"}}, "give one constraint"),
+    ({"regex": "a" * 1_000_001}, "the regular expression is 1,000,001 characters; the limit is 1,000,000"),
+    ({"one_of": ["a" * 90_000 + str(i) for i in range(12)]}, "the choices together is 1,080,014 characters"),
+    ({"schema": {"enum": ["x" * 1_000_000]}}, "the JSON schema is 1,000,0"),
 ])
 def test_bad_constraints_are_one_line_usage_errors_before_any_model_runs(options, needle):
     # a Pipeline with no models: the call must fail on its options before it touches one
@@ -148,6 +151,87 @@ def test_any_schema_object_is_accepted_or_a_one_line_usage_error(schema):
         Constraint.json_schema(schema)
     except UsageError as e:
         assert "\n" not in str(e)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=6), other=st.text(max_size=12))
+def test_any_list_of_choices_takes_each_option_whole_and_nothing_else(torch_models, options, other):
+    """Property: whatever strings a caller lists (regex syntax, slashes, quotes, newlines, emoji), each option's
+    tokens make a complete answer, and a string that is not an option does not."""
+    try:
+        constraint = Constraint.choice(options)
+    except UsageError as e:
+        assert "\n" not in str(e)
+        return
+    model = torch_models("qwen3")
+    tokenizer = model.tokenizer
+
+    def complete(text: str) -> bool:
+        matcher = AnswerMatcher(constraint, tokenizer, model.eos_ids, start="now", prefix=False,
+                                remember=False)._synced()
+        return (all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+                and matcher.is_accepting())
+
+    for option in options:
+        if option.lstrip(" \t\n") == option:  # (leading blanks before an answer are the grammar's own)
+            assert complete(option), option
+    if other and other not in options and other.lstrip(" \t\n") == other:
+        assert not complete(other), other
+
+
+def test_thousands_of_choices_are_one_lexeme_within_llguidance_limits(torch_models):
+    """A list of options compiles to one regex lexeme: 20,000 options (a rule of one alternative each stops
+    llguidance's parser at 2,000 items a row) still give a finished answer from the list."""
+    model = torch_models("qwen3")
+    options = [f"item {i}" for i in range(20_000)]
+    matcher = AnswerMatcher(Constraint.choice(options), model.tokenizer, model.eos_ids, start="now", prefix=False)
+    rng = np.random.default_rng(0)
+    tokens = []
+    for _ in range(12):
+        token = matcher.choose(rng.normal(size=model.tokenizer.vocab_size).astype(np.float32) * 3,
+                               Decoding(1, temperature=1.0), rng, 100)
+        assert token is not None, matcher.error
+        if token in model.eos_ids:
+            break
+        tokens.append(token)
+    assert token in model.eos_ids and model.tokenizer.decode(tokens).strip() in options
+
+
+# 3,000 optional keys: llguidance's parser stops past 2,000 items in a row once the answer opens a key
+WIDE = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(3000)}}
+
+
+def test_an_answer_past_llguidance_limits_ends_with_the_reason_and_never_an_eos(torch_models):
+    """llguidance's matcher in its error state allows only EOS, which would end the answer unfinished as if it
+    were complete: the answer instead goes no further (None: stop reason "constraint"), saying why."""
+    model = torch_models("qwen3")
+    tokenizer, size = model.tokenizer, model.tokenizer.vocab_size
+    eos = min(model.eos_ids)
+    for remember in (False, True):
+        for speculate in (True, False):
+            matcher = AnswerMatcher(Constraint.json_schema(WIDE), tokenizer, model.eos_ids, start="now",
+                                    prefix=False, speculate=speculate, remember=remember)
+            chosen = []
+            for token in [*tokenizer.encode('{"k1":1}', add_special_tokens=False), eos]:
+                logits = _one_hot(size, token)
+                logits[eos] = 0.5  # the next best, everywhere
+                out = matcher.choose(logits, Decoding(1), np.random.default_rng(0), 100)
+                if out is None:
+                    break
+                chosen.append(out)
+            assert out is None and not model.eos_ids & set(chosen), (remember, speculate, chosen)
+            assert "items" in matcher.error and "\n" not in matcher.error and not matcher.satisfied
+
+
+def test_a_pipeline_answer_past_llguidance_limits_is_no_answer_with_a_note(pipelines, bundle_pipe):
+    for backend, pipe in _pipes(pipelines, bundle_pipe).items():
+        r = pipe(random_image(seed=6), "Describe it as JSON", schema=WIDE, think=False, seed=1, temperature=1.0,
+                 **BUDGET)
+        if r.stages["think"].stop_reason == "constraint":
+            assert r.answer == "" and r.answer_json is None
+            assert any("llguidance's limits" in n or "did not complete" in n for n in r.notes), (backend, r.notes)
+        else:  # the sampled answer closed the object before it reached the limit: a valid one
+            jsonschema.validate(r.answer_json, WIDE)
 
 
 def test_one_of_keeps_the_question_open_and_the_answer_in_the_list(pipelines, bundle_pipe):
