@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ _LEADING_SPACE = r"/[ \t\n]{0,4}/"  # a blank line or so before the answer, as m
 # A constraint's text at most (a schema's JSON, a regex, the options together): ~50,000 short options. Past it
 # llguidance refuses the grammar anyway, but only after seconds and gigabytes (a million options: 10 s, 2.5 GB).
 MAX_CONSTRAINT_CHARS = 1_000_000
+KEPT_CHARS = 65_536  # grammars up to this size are kept once compiled and built (see _kept)
 _REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")  # what a literal escapes in a regex (Rust's regex::escape)
 
 
@@ -127,13 +128,28 @@ def _first_line(message: str) -> str:
     return (f"{head}: {detail}" if detail else head)[:300]
 
 
-# Bounded: a server sees as many grammars as its clients send.
-@lru_cache(maxsize=256)
+def _kept(maxsize: int):
+    """An LRU cache of a function whose last argument is a grammar's text, for grammars of up to KEPT_CHARS:
+    a server sees as many grammars as its clients send, and a large one (up to MAX_CONSTRAINT_CHARS) costs
+    llguidance ~100 MB built, so those are made again on each call rather than kept."""
+    def wrap(fn):
+        cached = lru_cache(maxsize=maxsize)(fn)
+
+        @wraps(fn)
+        def call(*args):
+            return (cached if len(args[-1]) <= KEPT_CHARS else fn)(*args)
+
+        return call
+
+    return wrap
+
+
+@_kept(256)
 def _compile(lark: str) -> str:
     return _llguidance().grammar_from("lark", lark)
 
 
-@lru_cache(maxsize=256)
+@_kept(256)
 def _validate(lark: str) -> tuple[bool, tuple[str, ...]]:
     """(is_error, messages) of a grammar: once per grammar, though a call's options are checked twice (when
     given, and when the run starts)."""
@@ -208,7 +224,7 @@ class _Grammar:
         node.bits, node.ids = bits, ids
 
 
-@lru_cache(maxsize=32)  # with its remembered states: at most ~2 MB each
+@_kept(32)  # with its remembered states: at most ~2 MB, and llguidance's tables (~10 MB at KEPT_CHARS)
 def _grammar(vocab: _Vocabulary, grammar: str) -> _Grammar:
     return _Grammar(vocab, grammar)
 

@@ -197,6 +197,21 @@ def test_thousands_of_choices_are_one_lexeme_within_llguidance_limits(torch_mode
     assert token in model.eos_ids and model.tokenizer.decode(tokens).strip() in options
 
 
+def test_small_grammars_are_kept_built_and_large_ones_made_per_call(torch_models):
+    """A server's clients may each send a grammar of up to a megabyte: those over KEPT_CHARS are compiled and
+    built again per call (~100 MB each while in use), so the caches cannot hold dozens of them."""
+    from edgevlm.constraints import KEPT_CHARS, _compile, _grammar, _vocabulary
+
+    model = torch_models("qwen3")
+    vocab = _vocabulary(model.tokenizer, frozenset(model.eos_ids))
+    for options, kept in ((["left", "right"], True), ([f"option {i:06d}" for i in range(KEPT_CHARS // 10)], False)):
+        grammar = Constraint.choice(options).grammar(None)
+        assert (len(grammar) <= KEPT_CHARS) == kept
+        compiled = _compile(grammar)
+        assert (_compile(grammar) is compiled) == kept
+        assert (_grammar(vocab, compiled) is _grammar(vocab, compiled)) == kept
+
+
 # 3,000 optional keys: llguidance's parser stops past 2,000 items in a row once the answer opens a key
 WIDE = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(3000)}}
 
