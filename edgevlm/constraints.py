@@ -58,13 +58,20 @@ class Constraint:
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
-            except ValueError as e:
-                raise UsageError(f"the JSON schema is not JSON: {e}") from None
+            except (ValueError, RecursionError) as e:
+                raise UsageError(f"the JSON schema is not JSON: {_first_line(str(e))}") from None
         if not isinstance(schema, dict):
             raise UsageError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        guidance = schema.get("x-guidance") or {}
+        if not isinstance(guidance, dict):
+            raise UsageError(f"the JSON schema's x-guidance must be an object of llguidance's options, got "
+                             f"{type(guidance).__name__}")
         # Compact JSON (no whitespace between tokens) unless the schema's own x-guidance says otherwise.
-        options = {"whitespace_flexible": False, **(schema.get("x-guidance") or {})}
-        rule = "%json " + json.dumps({**schema, "x-guidance": options}, separators=(",", ":"))
+        try:
+            rule = "%json " + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False, **guidance}},
+                                         separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:  # a Python caller's set, NaN, object, or a cycle
+            raise UsageError(f"the JSON schema is not JSON: {_first_line(str(e))}") from None
         _bound(len(rule), "the JSON schema")
         return cls("json_schema", rule, schema)._checked()
 

@@ -140,13 +140,23 @@ def test_any_user_text_as_a_constraint_is_accepted_or_a_one_line_usage_error(tex
         assert c.grammar("Answer: ").startswith("start:")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(schema=st.recursive(st.sampled_from([{"type": t} for t in ("integer", "string", "boolean", "null", "nope")]),
                            lambda inner: st.one_of(
                                st.builds(lambda p: {"type": "object", "properties": p},
                                          st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-                               st.builds(lambda i: {"type": "array", "items": i}, inner)), max_leaves=6))
-def test_any_schema_object_is_accepted_or_a_one_line_usage_error(schema):
+                               st.builds(lambda i: {"type": "array", "items": i}, inner)), max_leaves=6),
+       guidance=st.one_of(st.none(), st.dictionaries(st.sampled_from(["whitespace_flexible", "lenient", "nope"]),
+                                                     st.one_of(st.booleans(), st.text(max_size=3)), max_size=2),
+                          st.lists(st.integers(), max_size=2), st.text(max_size=3), st.integers()),
+       odd=st.sampled_from([None, float("nan"), {1, 2}, object()]))
+def test_any_schema_object_is_accepted_or_a_one_line_usage_error(schema, guidance, odd):
+    """Property: whatever a caller puts in a schema (llguidance's x-guidance options of any type, values JSON
+    cannot hold: NaN, a set, an object), it compiles or is refused in one line."""
+    if guidance is not None:
+        schema = {**schema, "x-guidance": guidance}
+    if odd is not None:
+        schema = {**schema, "default": odd}
     try:
         Constraint.json_schema(schema)
     except UsageError as e:
