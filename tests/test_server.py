@@ -198,6 +198,8 @@ def test_a_client_that_goes_away_cancels_its_waiting_request(served, client):
      "response_format"),
     (json.dumps({"messages": messages(), "response_format": {"type": "json_schema", "json_schema": {
         "schema": {"type": "objekt"}}}}).encode(), 400, "invalid JSON schema"),
+    (json.dumps({"messages": messages(), "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "integer", "x-guidance": [1]}}}}).encode(), 400, "x-guidance must be an object"),
     (b"x" * 2_000_001, 413, "over 2000000 bytes"),
 ])
 def test_bad_requests_are_4xx_json_errors(served, body, status, needle):
