@@ -315,7 +315,7 @@ class AnswerMatcher:
 
     def _failed(self) -> bool:
         """Whether llguidance's matcher is in its error state, which it never leaves: a grammar past its limits
-        (a row of over 2,000 parse items: thousands of choices or optional keys), found only as the answer
+        (a row of over 2,000 parse items: an object of thousands of optional keys), found only as the answer
         reaches it; then the answer goes no further (stop reason "constraint") and `error` says why. Else (a
         remembered token it refuses) a bug, ended the same way rather than raised in the middle of a robot's
         call."""
