@@ -52,6 +52,7 @@ class Constraint:
     kind: str
     rule: str
     schema: dict | None = None
+    options: tuple[str, ...] = ()  # a choice's options, as the caller wrote them
 
     @classmethod
     def json_schema(cls, schema: dict | str) -> Constraint:
@@ -84,13 +85,15 @@ class Constraint:
 
     @classmethod
     def choice(cls, options: list[str] | tuple[str, ...]) -> Constraint:
-        if not options or not all(isinstance(o, str) and o for o in options):
+        if not options or not all(isinstance(o, str) and o.strip() for o in options):
             raise UsageError("choices must be a non-empty list of non-empty strings")
+        _bound(sum(map(len, options)), "the choices together")
         # One lexeme (a regex of the options), not a rule of one alternative per option: its states are the
         # lexer's, where a rule of thousands of alternatives passes llguidance's 2,000 items in a parse row.
-        _bound(sum(map(len, options)), "the choices together")
-        pattern = "|".join("".join("\\" + c if c in _REGEX_META else c for c in o) for o in dict.fromkeys(options))
-        return cls("choice", "/" + _llguidance().regex_to_lark(pattern) + "/")._checked()
+        # Stripped: an answer is read without its surrounding blanks (`answer`: the caller's own option).
+        words = dict.fromkeys(o.strip() for o in options)
+        pattern = "|".join("".join("\\" + c if c in _REGEX_META else c for c in o) for o in words)
+        return cls("choice", "/" + _llguidance().regex_to_lark(pattern) + "/", options=tuple(options))._checked()
 
     def grammar(self, prefix: str | None) -> str:
         """The Lark grammar of an answer: leading blanks, then `prefix` (if any), then the rule."""
@@ -105,6 +108,11 @@ class Constraint:
             first = next((m for m in messages if m.strip()), "invalid")
             raise UsageError(f"invalid {what}: {_first_line(first)}")
         return self
+
+    def answer(self, text: str) -> str:
+        """A constrained answer's text as the caller wrote it: for a choice, the first option it is (an option
+        written with blanks around it, " left ", is answered as such)."""
+        return next((o for o in self.options if o.strip() == text), text)
 
     def parse(self, answer: str) -> Any:
         """The JSON value of an answer a schema constrained (None for other kinds, or text that is not JSON)."""

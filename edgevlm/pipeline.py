@@ -423,7 +423,7 @@ class Pipeline:
             return
         # The constraint made it valid: an option's letter, or what the caller's schema, regex or list allows
         # (which then wins over the letters, so checking it against them would wrongly refuse it).
-        result.answer = answer_text(response, prefix=prefix)
+        result.answer = call.constraint.answer(answer_text(response, prefix=prefix))
         result.answer_json = call.constraint.parse(result.answer)
 
     def _split_thinking(self, stage: StageResult, control: ThinkControl | None) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from edgevlm.constraints import AnswerMatcher, Constraint
 from edgevlm.errors import UsageError
 from edgevlm.generation import Decoding, generate
 from edgevlm.pipeline import Pipeline
+from edgevlm.tokenizer import Prompt
 
 SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9},
                                            "side": {"enum": ["left", "right", "none"]}},
@@ -166,12 +167,13 @@ def test_any_schema_object_is_accepted_or_a_one_line_usage_error(schema, guidanc
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(options=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=6), other=st.text(max_size=12))
 def test_any_list_of_choices_takes_each_option_whole_and_nothing_else(torch_models, options, other):
-    """Property: whatever strings a caller lists (regex syntax, slashes, quotes, newlines, emoji), each option's
-    tokens make a complete answer, and a string that is not an option does not."""
+    """Property: whatever strings a caller lists (regex syntax, slashes, quotes, newlines, emoji, blanks
+    around them), each option's tokens (without its surrounding blanks) make a complete answer, which reads as
+    the caller's own option, and a string that is not an option does not."""
     try:
         constraint = Constraint.choice(options)
     except UsageError as e:
-        assert "\n" not in str(e)
+        assert "\n" not in str(e) and any(not o.strip() for o in options)
         return
     model = torch_models("qwen3")
     tokenizer = model.tokenizer
@@ -179,13 +181,13 @@ def test_any_list_of_choices_takes_each_option_whole_and_nothing_else(torch_mode
     def complete(text: str) -> bool:
         matcher = AnswerMatcher(constraint, tokenizer, model.eos_ids, start="now", prefix=False,
                                 remember=False)._synced()
-        return (all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
-                and matcher.is_accepting())
+        ids = tokenizer.encode_prompt(Prompt.literal(text))  # as written ("<|im_start|>" is text here)
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
 
     for option in options:
-        if option.lstrip(" \t\n") == option:  # (leading blanks before an answer are the grammar's own)
-            assert complete(option), option
-    if other and other not in options and other.lstrip(" \t\n") == other:
+        assert complete(option.strip()), option
+        assert constraint.answer(option.strip()) == next(o for o in options if o.strip() == option.strip())
+    if other and other not in {o.strip() for o in options} and other.lstrip(" \t\n") == other:
         assert not complete(other), other
 
 
@@ -261,11 +263,10 @@ def test_a_pipeline_answer_past_llguidance_limits_is_no_answer_with_a_note(pipel
 
 def test_one_of_keeps_the_question_open_and_the_answer_in_the_list(pipelines, bundle_pipe):
     for backend, pipe in _pipes(pipelines, bundle_pipe).items():
-        r = pipe(random_image(seed=5), "Which side?", one_of=["left side", "right", "none at all"], seed=5,
-                 temperature=1.0, **BUDGET)
+        listed = ["left side ", "right", "none at all"]  # an option with a blank after it is answered as written
+        r = pipe(random_image(seed=5), "Which side?", one_of=listed, seed=5, temperature=1.0, **BUDGET)
         assert not r.multiple_choice
-        assert r.stages["think"].stop_reason == "constraint" or r.answer in ("left side", "right", "none at all"), \
-            backend
+        assert r.stages["think"].stop_reason == "constraint" or r.answer in listed, backend
         # a multiple-choice question asked for a listed answer instead of a letter gets that answer
         mc = pipe(random_image(seed=5), "Which side?", choices=["left", "right"], one_of=["left side", "right"],
                   seed=5, temperature=1.0, **BUDGET)
