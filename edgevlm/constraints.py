@@ -354,10 +354,9 @@ class AnswerMatcher:
         allowed = self.allowed(len(logits))
         if not allowed.size:  # the constraint can go no further (llguidance refused a token)
             return None
-        kept = None if weights is None or allowed.size == 1 else weights[allowed]
         if allowed.size == 1:  # forced (a key's letters, the rest of a choice): whatever the logits, no draw
             token = int(allowed[0])
-        elif kept is not None and kept.max() >= 1e-20:
+        elif weights is not None and (kept := weights[allowed]).max() >= 1e-20:
             # A refused draw at temperature alone: redrawn from its own weights, the allowed ones (unless they all
             # sit so far below the refused best that float32 lost the smaller ones).
             token = int(allowed[draw(None, kept, rng)])
