@@ -102,8 +102,8 @@ def _block_params(w: np.ndarray, shrink: np.ndarray = SHRINK,
     for f in shrink:
         scale = (hi - lo) * f / 15.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        if offsets:
-            zero = 7.5 - (hi + lo) / 2 / scale
+        if offsets:  # a constant block (scale 1) lands on a level, 8, as a uint4 zero point puts 0 on one
+            zero = np.where(hi > lo, 7.5 - (hi + lo) / 2 / scale, 8.0 - lo / scale)
             q = np.clip(np.round(w / scale[:, None] + zero[:, None]), 0, 15)
         else:
             zero = np.clip(np.round(-lo * f / scale), 0, 15)
