@@ -82,7 +82,7 @@ def main() -> None:
     tables = [bench_model(name, work / Path(name).name, args) for name in args.models.split(",")]
     print(f"\n{args.samples} held-out prompts x {args.tokens} tokens per stage; tok/s: decode after a 128-token "
           f"prompt, median of {args.rounds} turns; ratios: the median of each turn's to {args.baseline}")
-    print(f"{'model':<9}{'variant':<20}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}{'dec':>6}"
+    print(f"{'model':<9}{'variant':<{_width(args)}}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}{'dec':>6}"
           f"{'think top1':>11}{'KL':>8}{'exact':>6}{'dec':>6}{'tok/s':>7}{'speed':>6}{'prefill':>9}{'x fp32':>6}")
     for table in tables:
         for line in table:
@@ -142,8 +142,13 @@ def bench_model(name: str, work: Path, args) -> list[str]:
             prefills[m].append(_prefill_speed(model))
     base = args.baseline if args.baseline in results else "fp32"
     label = Path(name).name[:8]
-    return [_row(label, m, size, results[base][0], fid, speeds[m], speeds[base], prefills[m], prefills["fp32"])
-            for m, (size, fid, _) in results.items()]
+    return [_row(label, m, _width(args), size, results[base][0], fid, speeds[m], speeds[base], prefills[m],
+                 prefills["fp32"]) for m, (size, fid, _) in results.items()]
+
+
+def _width(args) -> int:
+    """The variant column's: the longest variant name and two blanks."""
+    return max(len(m) for m in ["variant", *args.methods.split(",")]) + 2
 
 
 def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict, errors: dict) -> None:
@@ -197,13 +202,13 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
                   smooth_int8=keep if "sm8" in opts else (), offsets="off" in opts)
 
 
-def _row(model: str, name: str, size: float, base_size: float, fid, speeds: list, base_speeds: list,
+def _row(model: str, name: str, width: int, size: float, base_size: float, fid, speeds: list, base_speeds: list,
          prefills: list, fp32_prefills: list) -> str:
     """One variant's line: its medians, and the medians of its ratios to the baseline's turn by turn."""
     def paired(xs, bases):
         return float(np.median(np.divide(xs, bases)))
 
-    head = f"{model:<9}{name:<20}{size:>7.1f}{size / base_size:>6.2f}"
+    head = f"{model:<9}{name:<{width}}{size:>7.1f}{size / base_size:>6.2f}"
     tail = (f"{np.median(speeds):>7.1f}{paired(speeds, base_speeds):>6.2f}{np.median(prefills):>9.0f}"
             f"{paired(prefills, fp32_prefills):>6.2f}")
     if fid is None:
