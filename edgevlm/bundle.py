@@ -126,6 +126,9 @@ class Bundle:
                                        *([f"KL {q['fidelity_kl']}"] if q.get("fidelity_kl") else [])])
                 names = ", ".join(kept) if len(kept) <= 8 else f"{len(kept)} MatMuls ({', '.join(kept[:3])}, ...)"
                 lines.append(f"  kept in 8 bits for the fidelity target ({wanted}): {names}")
+            offsets = ((m.quantization or {}).get("offsets") or {}).get(role)
+            if offsets:
+                lines.append(f"  int4 on the weights' own grid (float zero points, block sums): {len(offsets)} MatMuls")
         lines.append(report_table(m.fidelity))
         return "\n".join(lines)
 

@@ -306,6 +306,10 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
                    "--format tensorrt, whose dequantize layer takes no zero points].")
 @click.option("--int4-keep-int8", default="head,down", show_default=True, metavar="LIST",
               help="Decoder layers an int4 model keeps in int8: head, down (MLP down projections), or none.")
+@click.option("--int4-offsets", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="int4 (gptq): MatMuls whose weights sit on a 4-bit grid with a float minimum per block (a GGUF "
+                   "Q4_1 import) keep it exactly, through float zero points carried as extra blocks over the "
+                   "input's block sums (two small nodes per input); off: re-rounded to uint4 zero points.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 quantization block size.")
 @click.option("--int8-mode", type=click.Choice(["compute", "weights"]), default="compute", show_default=True,
               help="int8 decoders and vision towers: int8 activations too (prefill and vision on the CPU's int8 "
@@ -326,7 +330,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
                    "stage's top-1 agreement on calibration prompts to this; fail if even all 8-bit misses it.")
 @click.option("--fidelity-kl", type=click.FloatRange(min=0), callback=_finite,
               help="int4 (gptq): the same, for every stage's mean KL from fp32 at most this (0: no KL target) "
-                   "[default: 0.02 when neither is given; missing that default warns, never fails].")
+                   "[default: 0.01 when neither is given; missing that default warns, never fails].")
 @click.option("--target", metavar="NAME", help="Where the bundle will run: cpu, cuda, jetson-orin-nano, "
               "jetson-orin-nx, jetson-orin-agx [default: cpu; cuda with --format tensorrt].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if edgevlm wrote it (a bundle); nothing else.")
@@ -334,7 +338,8 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               help="A visual-token budget kept in the bundle: each image cut (a smaller AnyRes grid, a shorter resized "
               "edge) to at most N prompt positions.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
-           vision_quant, embed_quant, int4_method, int4_keep_int8, block_size, int8_mode, calibration, fidelity_samples,
+           vision_quant, embed_quant, int4_method, int4_keep_int8, int4_offsets, block_size, int8_mode, calibration,
+           fidelity_samples,
            fidelity_tokens, min_agreement, max_kl, fidelity_target, fidelity_kl, target, overwrite,
            max_image_tokens):
     """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
@@ -350,7 +355,7 @@ def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant,
     plan = exporter.QuantPlan(extractor=extractor_quant or quant, reasoner=reasoner_quant or quant,
                               vision=vision_quant, embed=embed_quant, int4_method=int4_method,
                               block_size=block_size, keep_int8=keep, fidelity_target=fidelity_target,
-                              fidelity_kl=fidelity_kl,
+                              fidelity_kl=fidelity_kl, int4_offsets=int4_offsets == "auto",
                               int8_compute=int8_mode == "compute")
     exporter.export_bundle(out, extractor=extractor, reasoner=reasoner, preset=preset,
                            with_reasoner=not no_reasoner, gguf_file=gguf_file, fmt=fmt, quant=plan, target=target,

@@ -26,6 +26,7 @@ import numpy as np
 from edgevlm import bundle
 from edgevlm.calibration.metrics import report_table
 from edgevlm.errors import EdgeVLMError, ModelError, UsageError
+from edgevlm.export.gptq import offset_matmuls
 from edgevlm.export.quantize import INT4_METHODS, KEEP_INT8_BLOCK, QUANTS, SENSITIVE, remove_graph
 from edgevlm.manifest import ATTENTION_MASK, PAST, PIXEL_VALUES, POSITION_IDS, Manifest, ModelSpec
 from edgevlm.memory import check_image_budget, with_image_budget
@@ -38,8 +39,9 @@ DEFAULT_INT4_METHOD = {"onnxruntime": "gptq", "tensorrt": "awq"}
 DEFAULT_EMBED = {"onnxruntime": "int8", "tensorrt": "fp32"}
 # What a GPTQ int4 decoder keeps by default on calibration prompts, moving its costliest MatMuls to 8 bits until it
 # does: half the 0.02 mean KL from fp32 the project's int4 promises (issue 26), a margin for prompts it has not
-# seen. Off any grid (the demo reasoner: 0.003) GPTQ meets it as is; SmolLM2 from its GGUF's Q4_1 grid (0.032)
-# does not. (Top-1 agreement is no default criterion: a random tiny model's flat distributions never reach 0.95.)
+# seen. Off any grid (the demo reasoner: 0.003) GPTQ meets it as is, as does SmolLM2 keeping its GGUF's Q4_1 grid
+# through offsets (0.004); re-rounded to uint4 zero points (--int4-offsets off) SmolLM2 does not (0.032). (Top-1
+# agreement is no default criterion: a random tiny model's flat distributions never reach 0.95.)
 DEFAULT_FIDELITY_KL = 0.01
 FORMATS = ("onnx", "tensorrt")  # graphs for ONNX Runtime, or for TensorRT's ONNX parser (edgevlm.export.tensorrt)
 REFERENCE = ".reference"  # fp32 graphs, inside the temporary bundle until the report is done
@@ -60,6 +62,7 @@ class QuantPlan:
     fidelity_kl: float | None = None  # mean KL it must stay under (0: none); None: DEFAULT_FIDELITY_KL for GPTQ int4
     targets_given: bool = True  # False where resolved() set the default: missing it then warns, never fails
     int8_compute: bool = True  # int8 decoders and vision towers on int8 activations where the check passes
+    int4_offsets: bool = True  # gptq: float zero points for MatMuls on a float-minimum grid (gptq.on_float_grid)
 
     def for_graph(self, role: str, graph: str) -> str:
         base = self.extractor if role == "extractor" else self.reasoner
@@ -74,7 +77,7 @@ class QuantPlan:
                 "embed": self.embed, "int4_method": self.int4_method, "block_size": self.block_size,
                 "keep_int8": list(self.keep_int8), "keep_int8_block_size": KEEP_INT8_BLOCK,
                 "fidelity_target": self.fidelity_target, "fidelity_kl": self.fidelity_kl,
-                "int8_compute": self.int8_compute}
+                "int8_compute": self.int8_compute, "int4_offsets": self.int4_offsets}
 
     def resolved(self, flavour: str = "onnxruntime") -> QuantPlan:
         """This plan with its int4 method chosen: the flavour's default where none was given."""
@@ -215,7 +218,7 @@ def _convert_graph(src: Path, dst: Path, quant: str, kind: str, plan: QuantPlan,
         kept = [*keep, *extra_int8]  # their inputs smoothed against their int8 activation blocks
         errors = quantize.int4(src, dst, method=plan.int4_method, block_size=plan.block_size, reader=reader,
                                keep_int8=kept, cache=cache, smooth_int8=kept if reader is not None else (),
-                               progress=log)
+                               offsets="auto" if plan.int4_offsets else False, progress=log)
     if kind == "decoder" and quant in ("int8", "int4") and plan.embed in ("int8", "int4"):
         quantize.quantize_embeddings(dst, dst, bits=int(plan.embed[3:]))  # a token table inside the decoder
     return errors
@@ -319,7 +322,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
     started = time.perf_counter()
 
     with bundle.atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        models, references, kept_int8, int8_checks, parity = {}, {}, {}, {}, {}
+        models, references, kept_int8, offsets, int8_checks, parity = {}, {}, {}, {}, {}, {}
         for role, name, model_dir, family in roles:
             @contextmanager
             def step(what: str, role=role):
@@ -340,6 +343,10 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
             models[role] = replace(models[role], source=_source(name, model_dir))
             if kept:
                 kept_int8[role] = list(kept)
+            decoder = models[role].graphs["decoder"]
+            if decoder.quant == "int4" and flavour == "onnxruntime" and (
+                    names := offset_matmuls(tmp / decoder.file)):
+                offsets[role] = names
         fidelity = None
         if not plan.is_reference and fidelity_samples > 0:
             fidelity = _fidelity(tmp, models, references, eval_items, fidelity_tokens, log, flavour)
@@ -350,6 +357,7 @@ def export_bundle(out: str | Path, *, extractor: str | None = None, reasoner: st
             stages=stages, models=models, created=datetime.now(UTC).isoformat(timespec="seconds"), target=target,
             flavour=flavour,
             quantization={**plan.describe(), "calibration": str(calibration), "kept_int8": kept_int8,
+                          "offsets": offsets,
                           "int8_compute_checks": {r: c for r, c in int8_checks.items() if c}},
             provenance={"versions": _versions(), "export_seconds": round(time.perf_counter() - started, 1),
                         "parity": parity},

@@ -212,6 +212,40 @@ def with_offsets(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_siz
             np.concatenate([z0, rz.reshape(n, -1)], axis=1))
 
 
+BLOCKSUMS = ".with_blocksums"  # the suffix of an input augmented with its block sums (with_offsets)
+GRID_SHARE = 0.99  # of a weight's blocks on a float-minimum 4-bit grid, for on_float_grid
+
+
+def on_float_grid(w: np.ndarray, block_size: int) -> bool:
+    """Whether W [K, N] sits on a 4-bit grid with a float minimum per block of `block_size` input channels (GGUF's
+    Q4_1: w = d * q + m, q in 0..15 spanning its block, d and m any floats), where GPTQ with offsets reproduces it
+    and a uint4 zero point cannot: at least GRID_SHARE of its blocks are d * q + m within 1% of a step (those of
+    up to 256 of its output columns, evenly spaced: a quantized model's are all alike), and in most of them -m / d
+    is not an integer (GGUF's Q4_0, (q - 8) * d, is a uint4 zero point's grid already). A weight of continuous
+    values has no such block (30 values each a hundredth of a step from a level)."""
+    k, n = w.shape
+    if k % block_size:
+        return False
+    w = w[:, ::max(1, n // 256)]
+    blocks = w.reshape(k // block_size, block_size, w.shape[1]).astype(np.float64)
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    step = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    levels = (blocks - lo[:, None]) / step[:, None]
+    on = np.abs(levels - np.round(levels)).max(axis=1) < 0.01
+    zero = -lo / step
+    integral = (np.abs(zero - np.round(zero)) < 0.01) & (np.round(zero) >= 0) & (np.round(zero) <= 15)
+    return bool(on.mean() >= GRID_SHARE and (on & ~integral).sum() > on.sum() / 2)
+
+
+def offset_matmuls(path: Path) -> list[str]:
+    """The MatMuls of graph `path` that quantize_graph gave offsets (they read their input's block sums)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name.removesuffix("_Q4") for n in graph.node
+            if n.op_type == "MatMulNBits" and n.input[0].endswith(BLOCKSUMS)]
+
+
 def _blocksum_width(blocks: int, block_size: int) -> int:
     """Columns of x's block sums: one per block, padded to whole blocks."""
     return -(-blocks // block_size) * block_size
@@ -227,7 +261,7 @@ def blocksum_matrix(k: int, block_size: int) -> np.ndarray:
 
 def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], *, block_size: int = 32,
                    exclude: Iterable[str] = (), accuracy_level: int = 4, cache: dict | None = None,
-                   grams: MutableMapping[str, np.ndarray] | None = None, offsets: bool = False,
+                   grams: MutableMapping[str, np.ndarray] | None = None, offsets: bool | str = False,
                    progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Every MatMul of `src` with a constant 2-D weight (but `exclude`) as GPTQ'd int4 MatMulNBits, written to
     `dst` (weights in `dst`.data). Returns each one's relative output error on the calibration inputs,
@@ -236,9 +270,10 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     (smoothing another layer's input can scale this one's columns); `grams` (likewise) its inputs' X^T X, which
     that smoothing leaves as they are (it changes only the activations that 8-bit layers alone read).
     `offsets`: float zero points (with_offsets) where K is whole blocks: a weight on a grid with a float minimum
-    per block (GGUF's Q4_1, Q4_K) then comes out as it was, not re-rounded, at the cost of two small nodes per
-    input (its block sums and a Concat): 6-20% of SmolLM2-135M's decode step, 10% on 0.6B-sized MatMuls, nothing
-    measurable on 1.7B-sized ones (README). The export does not use it yet."""
+    per block (GGUF's Q4_1) then comes out as it was, not re-rounded, at the cost of two small nodes per input
+    (its block sums, a MatMul by a 0/1 matrix, and a Concat: about a tenth of SmolLM2-135M's decode step; a
+    Reshape and ReduceSum measured no faster). True: every such MatMul; "auto" (the export's): those whose
+    weight is on_float_grid, so that a model off any grid gets no extra node."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -249,8 +284,12 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     targets = [node for node in graph.node if node.op_type == "MatMul" and node.name not in exclude
                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2]
     cache = {} if cache is None else cache
-    prints = {t.name: _fingerprint(numpy_helper.to_array(inits[t.input[1]])) + ("+offsets" if offsets else "")
-              for t in targets}
+    prints, use_offsets = {}, {}
+    for t in targets:
+        w = numpy_helper.to_array(inits[t.input[1]])
+        use_offsets[t.name] = w.shape[0] % block_size == 0 and (
+            offsets is True or (offsets == "auto" and on_float_grid(w, block_size)))
+        prints[t.name] = _fingerprint(w) + ("+offsets" if use_offsets[t.name] else "")
     for t in targets:
         if t.name in cache and cache[t.name][4] != prints[t.name]:
             del cache[t.name]
@@ -266,7 +305,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     augmented: dict[str, str] = {}  # an input -> [input, its blocksums] (offsets)
     for i, node in enumerate(targets):
         k = inits[node.input[1]].dims[0]
-        offset = offsets and k % block_size == 0  # the block sums need K in whole blocks
+        offset = use_offsets[node.name]  # the block sums need K in whole blocks
         if node.name not in cache:
             cache[node.name] = (*_quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
                                            block_size, offset), prints[node.name])
@@ -275,7 +314,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
         if offset:
             q, scales, zeros = with_offsets(q, scales, zeros, block_size)
             if (x := augmented.get(node.input[0])) is None:
-                x = augmented[node.input[0]] = f"{node.input[0]}.with_blocksums"
+                x = augmented[node.input[0]] = node.input[0] + BLOCKSUMS
                 b = f"gptq.blocksum_{k}"
                 if b not in inits:
                     inits[b] = numpy_helper.from_array(blocksum_matrix(k, block_size), b)

@@ -268,12 +268,13 @@ def smooth_8bit_inputs(src: Path, dst: Path, reader: FeedReader, matmuls: Iterab
 def int4(src: Path, dst: Path, *, method: str = "awq", block_size: int = 32, reader: FeedReader | None = None,
          exclude: list[str] | None = None, keep_int8: list[str] | None = None,
          keep_block_size: int = KEEP_INT8_BLOCK, accuracy_level: int = 4, cache: dict | None = None,
-         smooth_int8: Iterable[str] = (), offsets: bool = False, progress=None) -> dict[str, float]:
+         smooth_int8: Iterable[str] = (), offsets: bool | str = False, progress=None) -> dict[str, float]:
     """int4 weights by `method`; `keep_int8` MatMuls get 8-bit weights (blocks of `keep_block_size`) instead,
     the inputs of those of them in `smooth_int8` smoothed first (smooth_8bit_inputs), `exclude` stay fp32. For
     gptq, returns each int4 MatMul's relative output error on the calibration prompts (see gptq.quantize_graph);
     else {}. `cache`: a dict the caller keeps across calls on one `src` and `reader`, of GPTQ's per-MatMul results
-    and the smoothing's activation statistics. `offsets`: gptq with float zero points (gptq.quantize_graph)."""
+    and the smoothing's activation statistics. `offsets`: gptq with float zero points (gptq.quantize_graph: True, or
+    "auto" where a weight is on a float-minimum grid)."""
     cache = {} if cache is None else cache
     smooth_int8 = [n for n in smooth_int8 if n in (keep_int8 or ())]
     if smooth_int8:

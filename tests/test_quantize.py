@@ -9,6 +9,8 @@ import sys
 import onnx
 import pytest
 from conftest import random_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgevlm import bundle as bundle_mod
 from edgevlm.export.exporter import QuantPlan, export_bundle
@@ -189,6 +191,7 @@ def test_a_bundle_below_the_fidelity_gate_is_not_written(tiny_dir, tmp_path):
     (["--quant", "int8", "--fidelity-target", "0.9"], "need --quant int4"),
     (["--quant", "int4", "--int4-method", "rtn", "--fidelity-kl", "0.01"], "need --quant int4"),
     (["--quant", "int4", "--fidelity-kl", "-1"], "--fidelity-kl"),
+    (["--quant", "int4", "--int4-offsets", "on"], "--int4-offsets"),
     (["--min-agreement", "0.9"], "need a quantized export"),
     (["--calibration", "/nonexistent"], "calibration set"),
 ])
@@ -489,3 +492,86 @@ def test_fidelity_target_keeps_the_costliest_matmuls_in_8_bits_or_refuses(tiny_d
     assert proc.returncode == 1 and err[-1].startswith("edgevlm: error: the fidelity target (top-1 1.0) is out of "
                                                        "reach")
     assert not (tmp_path / "c").exists()
+
+
+def _on_q4_1_grid(src, dst):
+    """A copy of model directory `src` whose language model's linear weights sit on GGUF Q4_1's grid: per block of
+    32 input channels d * q + m, q in 0..15 spanning the block, d and m any floats (what a GGUF import gives)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    snapped = 0
+    for name, w in weights.items():
+        if "language_model" in name and name.endswith("proj.weight") and w.shape[1] % 32 == 0:
+            blocks = w.astype(np.float64).reshape(w.shape[0], -1, 32)
+            lo, hi = blocks.min(axis=2, keepdims=True), blocks.max(axis=2, keepdims=True)
+            d = (hi - lo) / 15
+            weights[name] = (np.round((blocks - lo) / d) * d + lo).reshape(w.shape).astype(w.dtype)
+            snapped += 1
+    assert snapped >= 8
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_int4_reproduces_a_gguf_q4_1_grid_and_adds_nothing_off_it(tiny_dir, tmp_path):
+    """Weights on a grid with a float minimum per block (GGUF's Q4_1: SmolLM2's) have no uint4 zero point, so int4
+    re-rounds them. By default the export finds such MatMuls and gives them float zero points as extra blocks
+    over their input's block sums (gptq.with_offsets): they then compute the model's own weights, and the extract
+    stage stays far nearer fp32 than with --int4-offsets off. The manifest lists them and info counts them; a
+    model off any grid gets none, so no extra node."""
+    model = _on_q4_1_grid(tiny_dir("llava_onevision"), tmp_path / "q4_1")
+    args = [sys.executable, "-m", "edgevlm", "export", "--no-reasoner", "--quant", "int4", "--fidelity-samples", "3",
+            "--fidelity-tokens", "8", "--fidelity-kl", "0"]
+    reports = {}
+    for mode, extractor, offsets in [("auto", model, "auto"), ("off", model, "off"),
+                                     ("random", tiny_dir("llava_onevision"), "auto")]:
+        proc = subprocess.run([*args, "--out", tmp_path / mode, "--extractor", extractor, "--int4-offsets", offsets],
+                              capture_output=True, env=ENV, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()
+        b = bundle_mod.load(tmp_path / mode)
+        q, reports[mode] = b.manifest.quantization, b.manifest.fidelity["extract"]
+        graph = onnx.load(str(b.file(b.models["extractor"].graphs["decoder"].file)), load_external_data=False).graph
+        four = {n.name.removesuffix("_Q4"): n.input[0] for n in graph.node if n.op_type == "MatMulNBits"
+                and next(a.i for a in n.attribute if a.name == "bits") == 4}
+        zero_points = {i.data_type for i in graph.initializer if i.name.endswith("_zero_points")}
+        assert four and zero_points == {onnx.TensorProto.UINT8}  # the fast kernel's format either way
+        if mode == "auto":  # every int4 MatMul (the head and down projections are 8-bit) reads its block sums
+            assert sorted(q["offsets"]["extractor"]) == sorted(four) and q["int4_offsets"] is True
+            assert all(x.endswith(".with_blocksums") for x in four.values())
+            info = subprocess.run([sys.executable, "-m", "edgevlm", "info", tmp_path / mode], capture_output=True,
+                                  env=ENV, timeout=120).stdout.decode()
+            assert f"int4 on the weights' own grid (float zero points, block sums): {len(four)} MatMuls" in info
+        else:  # asked not to, or random weights: off any grid
+            assert q["offsets"] == {} and not any(x.endswith(".with_blocksums") for x in four.values())
+    # re-rounding the grid costs the extract stage; reproducing it leaves the int8 activations' error alone
+    assert reports["auto"]["mean_kl"] < reports["off"]["mean_kl"] / 3, reports
+
+
+@given(seed=st.integers(0, 2**32 - 1), blocks=st.integers(1, 6), n=st.integers(1, 600), d=st.floats(1e-4, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_a_weight_is_on_a_float_grid_only_where_every_block_is_d_q_plus_m(seed, blocks, n, d):
+    """on_float_grid, which decides where the export adds block sums: any weight made of Q4_1 blocks (d * q + m per
+    block of 32, q in 0..15 spanning it; constant blocks too) is on it; continuous values, the grid with a tenth
+    of a step of noise, or Q4_0's symmetric grid (which uint4 zero points hold as it is), are not."""
+    import numpy as np
+
+    from edgevlm.export import gptq
+
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (blocks, 32, n))
+    q[:, 0], q[:, 1] = 0, 15
+    scale = d * rng.uniform(0.5, 2.0, (blocks, 1, n))
+    scale[0, 0, : n // 7] = 0.0  # some constant blocks
+    m = -scale * (rng.integers(0, 12, scale.shape) + rng.uniform(0.1, 0.9, scale.shape))  # -m / d: no integer
+    grid = (q * scale + m).reshape(blocks * 32, n).astype(np.float32)
+    assert gptq.on_float_grid(grid, 32)
+    noisy = grid + (0.1 * np.repeat(scale.reshape(blocks, n), 32, axis=0) * rng.standard_normal(grid.shape))
+    assert not gptq.on_float_grid(noisy.astype(np.float32), 32) or not scale.any()
+    assert not gptq.on_float_grid(rng.standard_normal((blocks * 32, n)).astype(np.float32), 32)
+    assert not gptq.on_float_grid(grid[:-1], 32)  # not whole blocks: no block sums
+    q4_0 = ((q - 8) * scale).reshape(blocks * 32, n).astype(np.float32)  # GGUF's Q4_0: zero point 8 already
+    assert not gptq.on_float_grid(q4_0, 32)
