@@ -339,8 +339,7 @@ def bench(bundles, extractor, reasoner, preset, images, questions, data, mode, t
               "edge) to at most N prompt positions.")
 def export(out, extractor, reasoner, preset, gguf_file, no_reasoner, fmt, quant, extractor_quant, reasoner_quant,
            vision_quant, embed_quant, int4_method, int4_keep_int8, int4_offsets, block_size, int8_mode, calibration,
-           fidelity_samples,
-           fidelity_tokens, min_agreement, max_kl, fidelity_target, fidelity_kl, target, overwrite,
+           fidelity_samples, fidelity_tokens, min_agreement, max_kl, fidelity_target, fidelity_kl, target, overwrite,
            max_image_tokens):
     """Export an extractor and a reasoner (HF checkpoints or GGUF) to a bundle of ONNX graphs.
 
