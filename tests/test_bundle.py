@@ -130,6 +130,10 @@ MALFORMED = {
                             "quantization.int8_compute_checks.extractor.vision: expected an object"),
     "int8 weights unknown": (_set("quantization", value={"int8_compute_checks": {"reasoner": {"decoder": {
         "compute": True, "weights": "int3"}}}}), "quantization.int8_compute_checks.reasoner.decoder.weights"),
+    "offsets a number": (_set("quantization", value={"offsets": {"reasoner": 90}}),
+                         "quantization.offsets.reasoner: expected an array"),
+    "int4_offsets a string": (_set("quantization", value={"int4_offsets": "yes"}),
+                              "quantization.int4_offsets: expected true or false"),
     "models a list": (_set("models", value=[]), "models: expected an object, got an array of 0"),
     "files missing": (_delete("files"), "files: required, but missing"),
     "unknown top-level field": (_set("plugins", value=["evil.so"]), "plugins: unknown field"),
