@@ -287,7 +287,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     prints, use_offsets = {}, {}
     for t in targets:
         w = numpy_helper.to_array(inits[t.input[1]])
-        use_offsets[t.name] = w.shape[0] % block_size == 0 and (
+        use_offsets[t.name] = w.shape[0] % block_size == 0 and (  # the block sums need K in whole blocks
             offsets is True or (offsets == "auto" and on_float_grid(w, block_size)))
         prints[t.name] = _fingerprint(w) + ("+offsets" if use_offsets[t.name] else "")
     for t in targets:
@@ -305,7 +305,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
     augmented: dict[str, str] = {}  # an input -> [input, its blocksums] (offsets)
     for i, node in enumerate(targets):
         k = inits[node.input[1]].dims[0]
-        offset = use_offsets[node.name]  # the block sums need K in whole blocks
+        offset = use_offsets[node.name]
         if node.name not in cache:
             cache[node.name] = (*_quantize(numpy_helper.to_array(inits[node.input[1]]), grams[node.input[0]],
                                            block_size, offset), prints[node.name])
