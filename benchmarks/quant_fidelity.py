@@ -12,7 +12,8 @@ planner and reasoning prompts the reasoner really sees: top-1 agreement and mean
 positions, greedy exact match over `--tokens` tokens per stage; then file size and decode speed (the
 variants of a model timed in turns, `--rounds` times, median: this machine's timings are noisy), each also
 as a ratio to `--baseline` (the export default before GPTQ): the speed ratio is the median of each turn's own
-ratio, so that the machine's pace drifting between turns cancels. `dec`: the top-1 agreement at the positions
+ratio, so that the machine's pace drifting between turns cancels; `best`, the ratio of the fastest turns (a
+turn slowed by load elsewhere drops out). `dec`: the top-1 agreement at the positions
 where fp32's top token is at least twice as likely as its runner-up (calibration.metrics.decisive).
 """
 
@@ -81,9 +82,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="edgevlm-quant-"))
     tables = [bench_model(name, work / Path(name).name, args) for name in args.models.split(",")]
     print(f"\n{args.samples} held-out prompts x {args.tokens} tokens per stage; tok/s: decode after a 128-token "
-          f"prompt, median of {args.rounds} turns; ratios: the median of each turn's to {args.baseline}")
+          f"prompt, median of {args.rounds} turns; ratios: the median of each turn's to {args.baseline} (best: "
+          f"of the fastest turns)")
     print(f"{'model':<9}{'variant':<{_width(args)}}{'MB':>7}{'size':>6}{'plan top1':>10}{'KL':>8}{'exact':>6}{'dec':>6}"
-          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'dec':>6}{'tok/s':>7}{'speed':>6}{'prefill':>9}{'x fp32':>6}")
+          f"{'think top1':>11}{'KL':>8}{'exact':>6}{'dec':>6}{'tok/s':>7}{'speed':>6}{'best':>6}{'prefill':>9}"
+          f"{'x fp32':>6}")
     for table in tables:
         for line in table:
             print(line)
@@ -204,13 +207,14 @@ def quantize_variant(method: str, src: Path, out: Path, feeds: list, cache: dict
 
 def _row(model: str, name: str, width: int, size: float, base_size: float, fid, speeds: list, base_speeds: list,
          prefills: list, fp32_prefills: list) -> str:
-    """One variant's line: its medians, and the medians of its ratios to the baseline's turn by turn."""
+    """One variant's line: its medians, the medians of its ratios to the baseline's turn by turn, and the ratio of
+    its fastest decode turn to the baseline's."""
     def paired(xs, bases):
         return float(np.median(np.divide(xs, bases)))
 
     head = f"{model:<9}{name:<{width}}{size:>7.1f}{size / base_size:>6.2f}"
-    tail = (f"{np.median(speeds):>7.1f}{paired(speeds, base_speeds):>6.2f}{np.median(prefills):>9.0f}"
-            f"{paired(prefills, fp32_prefills):>6.2f}")
+    tail = (f"{np.median(speeds):>7.1f}{paired(speeds, base_speeds):>6.2f}{max(speeds) / max(base_speeds):>6.2f}"
+            f"{np.median(prefills):>9.0f}{paired(prefills, fp32_prefills):>6.2f}")
     if fid is None:
         return f"{head}{'(reference)':>61}{tail}"
     stages = "".join(f"{fid[s].top1_agreement:>{w}.3f}{fid[s].mean_kl:>8.4f}{fid[s].exact_match:>6.2f}"
