@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from edgevlm.automaton import automaton
 from edgevlm.errors import UsageError
 from edgevlm.generation import Decoding, distribution, draw, sample
 
 MARKER = "Answer:"  # what the method's prompts ask the reasoner to write before its answer
 # Tokens a plain-text reasoner keeps for its answer: past this point of its budget it must answer.
 ANSWER_RESERVE = 64
-_LEADING_SPACE = r"/[ \t\n]{0,4}/"  # a blank line or so before the answer, as models write it
+_LEADING_SPACE = r"[ \t\n]{0,4}"  # a blank line or so before the answer, as models write it
 # A constraint's text at most (a schema's JSON, a regex, the options together): ~50,000 short options. Past it
 # llguidance refuses the grammar anyway, but only after seconds and gigabytes (a million options: 10 s, 2.5 GB).
 MAX_CONSTRAINT_CHARS = 1_000_000
@@ -53,6 +54,7 @@ class Constraint:
     rule: str
     schema: dict | None = None
     options: tuple[str, ...] = ()  # a choice's options, as the caller wrote them
+    pattern: str | None = None  # a regex's or choice's regular expression (Python's syntax, as given)
 
     @classmethod
     def json_schema(cls, schema: dict | str) -> Constraint:
@@ -81,7 +83,7 @@ class Constraint:
         if not isinstance(pattern, str) or not pattern:
             raise UsageError("the regular expression must be a non-empty string")
         _bound(len(pattern), "the regular expression")
-        return cls("regex", "/" + _llguidance().regex_to_lark(pattern) + "/")._checked()
+        return cls("regex", "/" + _llguidance().regex_to_lark(pattern) + "/", pattern=pattern)._checked()
 
     @classmethod
     def choice(cls, options: list[str] | tuple[str, ...]) -> Constraint:
@@ -91,14 +93,23 @@ class Constraint:
         # One lexeme (a regex of the options), not a rule of one alternative per option: its states are the
         # lexer's, where a rule of thousands of alternatives passes llguidance's 2,000 items in a parse row.
         # Stripped: an answer is read without its surrounding blanks (`answer`: the caller's own option).
-        words = dict.fromkeys(o.strip() for o in options)
-        pattern = "|".join("".join("\\" + c if c in _REGEX_META else c for c in o) for o in words)
-        return cls("choice", "/" + _llguidance().regex_to_lark(pattern) + "/", options=tuple(options))._checked()
+        pattern = "|".join(map(_literal, dict.fromkeys(o.strip() for o in options)))
+        return cls("choice", "/" + _llguidance().regex_to_lark(pattern) + "/", options=tuple(options),
+                   pattern=pattern)._checked()
 
     def grammar(self, prefix: str | None) -> str:
-        """The Lark grammar of an answer: leading blanks, then `prefix` (if any), then the rule."""
-        start = _LEADING_SPACE + (f" {json.dumps(prefix)}" if prefix else "")
-        return f"start: {start} answer\nanswer: {self.rule}\n"
+        """The Lark grammar of an answer: leading blanks, then `prefix` (if any), then the rule. A regex's or
+        choice's is one lexeme, whose state the answer's text alone decides (see `parts`)."""
+        start = f"/{_LEADING_SPACE}/" + (f" {json.dumps(prefix)}" if prefix else "")
+        if self.pattern is None:
+            return f"start: {start} answer\nanswer: {self.rule}\n"
+        return f"start: ANSWER\nANSWER: {start} RULE\nRULE: {self.rule}\n"
+
+    def parts(self, prefix: str | None) -> tuple[str, ...] | None:
+        """The grammar's one lexeme as regular expressions in a row (Python's syntax), or None (JSON)."""
+        if self.pattern is None:
+            return None
+        return (_LEADING_SPACE, _literal(prefix or ""), self.pattern)
 
     def _checked(self) -> Constraint:
         """A constraint llguidance can compile, else a one-line UsageError (before any model runs)."""
@@ -122,6 +133,11 @@ class Constraint:
             return json.loads(answer)
         except ValueError:
             return None
+
+
+def _literal(text: str) -> str:
+    """A regular expression matching `text` alone."""
+    return "".join("\\" + c if c in _REGEX_META else c for c in text)
 
 
 def _bound(chars: int, what: str) -> None:
@@ -179,6 +195,14 @@ class _Vocabulary:
     def __init__(self, tokenizer, eos_ids: set[int]):
         self.llg = _llguidance().LLTokenizer(tokenizer.to_json(), eos_token=sorted(eos_ids))
         self.size = self.llg.vocab_size  # the bitmask's length in bits, as llguidance writes it
+        self._texts: dict[int, bytes | None] = {}  # at most a vocabulary's
+
+    def text(self, token: int) -> bytes | None:
+        """A token's bytes as text (None for a special token: an end of sequence)."""
+        if token not in self._texts:
+            special = self.llg.is_special_token(token)
+            self._texts[token] = None if special else self.llg.decode_bytes([token])
+        return self._texts[token]
 
 
 @lru_cache(maxsize=8)
@@ -190,49 +214,77 @@ class _Node:
     """A state of an answer under one grammar: the states its allowed tokens lead to, as seen so far, and once
     a mask was computed there, the allowed tokens (a bit per token, and their ids)."""
 
-    __slots__ = ("children", "bits", "ids", "shared")
+    __slots__ = ("children", "bits", "ids", "shared", "key", "checked")
 
-    def __init__(self, shared: bool):
+    def __init__(self, shared: bool, key=None):
         self.children: dict[int, _Node] = {}
         self.bits: np.ndarray | None = None  # uint8, bit t % 8 of byte t // 8 for token t (llguidance's order)
         self.ids: np.ndarray | None = None  # int32, ascending
-        self.shared = shared  # part of its grammar's trie (counted in its bounds), else one answer's own
+        self.shared = shared  # part of its grammar's states (counted in its bounds), else one answer's own
+        self.key = key  # the answer's regex state (edgevlm.automaton), where its text decides it
+        self.checked = False  # a token was checked here without the mask
 
 
 class _Grammar:
     """One grammar over one vocabulary: a fresh matcher to copy (~2 us) rather than build (~1 ms) for each
-    answer, and the states answers have reached (a trie of tokens) with the masks computed in them, so that an
-    answer along a path seen before (a robot asking with the same schema every frame) reuses them instead of
-    asking llguidance again (a mask costs 5-55 us on a 1k vocabulary, the token that completes an answer as
-    much). Bounded: MAX_NODES states and MAX_MASK_BYTES of masks; past either, an answer's new states are its
-    own and go with it. Generations on other threads add to it at once without a lock: a state is added once
-    (dict.setdefault), a mask kept once; a race can overshoot a bound's count by one."""
+    answer, and the states answers have reached with the masks computed in them, so that an answer reaching a
+    state seen before (a robot asking with the same constraint every frame) reuses them instead of asking
+    llguidance again (a mask costs 5-55 us on a 1k vocabulary, the token that completes an answer as much).
+
+    A state is what is left to match. For a regex or choice, whose grammar is one lexeme, the answer's text
+    decides it (`automaton`: the lexeme's states; llguidance's mask is a function of what is left, so two texts
+    with the same state have the same mask), and answers of different words share the states of a word's
+    letters. Else (JSON, or a regex outside the syntax the automaton takes) a state is the tokens that led to it
+    (a trie). Bounded: MAX_NODES states, MAX_EDGES tokens from one to the next (a trie has one per state; a
+    regex's states can have one per token of the vocabulary) and MAX_MASK_BYTES of masks; past one, an
+    answer's new states (or edges, or masks) are its own and go with it. Generations on other threads add to it
+    at once without a lock: a state is added once (dict.setdefault), a mask kept once; a race can overshoot a
+    bound's count by one."""
 
     MAX_NODES = 4096
+    MAX_EDGES = 16_384
     MAX_MASK_BYTES = 1 << 20
 
-    def __init__(self, vocab: _Vocabulary, grammar: str):
+    def __init__(self, vocab: _Vocabulary, parts: tuple[str, ...] | None, grammar: str):
+        self.vocab = vocab
         self.template = _llguidance().LLMatcher(vocab.llg, grammar, log_level=0, limits=_limits())
-        self.root = _Node(shared=True)
-        self.nodes, self.mask_bytes = 1, 0
+        self.automaton = None if parts is None else automaton(list(parts))
+        self.root = _Node(shared=True, key=None if self.automaton is None else self.automaton.start)
+        self.keyed = {} if self.automaton is None else {self.root.key: self.root}  # the states reached, by key
+        self.nodes, self.edges, self.mask_bytes, self.largest = 1, 0, 0, 0
 
     def child(self, node: _Node, token: int) -> _Node:
         """The state `token` leads to from `node` (an allowed token), added if new."""
         child = node.children.get(token)
+        if child is not None:
+            return child
+        key = None
+        if node.key is not None and (text := self.vocab.text(token)) is not None:
+            key = self.automaton.after(node.key, text)
+            child = self.keyed.get(key)
         if child is None:
-            shared = node.shared and self.nodes < self.MAX_NODES
-            if node.shared and not shared:  # a full trie: the answer's own state, not kept in it
-                return _Node(shared=False)
-            new = _Node(shared)
-            child = node.children.setdefault(token, new)  # one state, whichever thread adds it first
-            self.nodes += shared and child is new
-        return child
+            shared = node.shared and self.nodes < self.MAX_NODES and self.edges < self.MAX_EDGES
+            new = _Node(shared, key)
+            if not shared:  # an answer's own state: kept only by its own states
+                return new if node.shared else node.children.setdefault(token, new)
+            # one state, whichever thread adds it first
+            child = node.children.setdefault(token, new) if key is None else self.keyed.setdefault(key, new)
+            self.nodes += child is new
+        elif node.shared and self.edges >= self.MAX_EDGES:
+            return child
+        self.edges += node.shared
+        return node.children.setdefault(token, child)
+
+    def has_room(self, node: _Node) -> bool:
+        """Whether a mask computed in `node` would be remembered (one as large as the largest so far would)."""
+        return node.shared and self.mask_bytes + self.largest <= self.MAX_MASK_BYTES
 
     def remember(self, node: _Node, bits: np.ndarray, ids: np.ndarray) -> None:
         if node.ids is not None:  # another generation computed it meanwhile
             return
         if node.shared:
             size = bits.nbytes + ids.nbytes
+            self.largest = max(self.largest, size)
             if self.mask_bytes + size > self.MAX_MASK_BYTES:
                 return
             self.mask_bytes += size
@@ -240,8 +292,8 @@ class _Grammar:
 
 
 @_kept(32)  # with its remembered states: at most ~2 MB, and llguidance's tables (~10 MB at KEPT_CHARS)
-def _grammar(vocab: _Vocabulary, grammar: str) -> _Grammar:
-    return _Grammar(vocab, grammar)
+def _grammar(vocab: _Vocabulary, parts: tuple[str, ...] | None, grammar: str) -> _Grammar:
+    return _Grammar(vocab, parts, grammar)
 
 
 class AnswerMatcher:
@@ -305,7 +357,7 @@ class AnswerMatcher:
         return matcher is not None and (matcher.is_accepting() or matcher.is_stopped())
 
     def _activate(self, prefix: str | None) -> None:
-        self.grammar = _grammar(self.vocab, _compile(self.constraint.grammar(prefix)))
+        self.grammar = _grammar(self.vocab, self.constraint.parts(prefix), _compile(self.constraint.grammar(prefix)))
         self.node = self.grammar.root if self.remember else _Node(shared=False)
         self._bitmask = np.zeros((self.vocab.size + 31) // 32, np.int32)  # a bit per token: 1 = allowed
         self._bits = self._bitmask.view(np.uint8)
@@ -317,8 +369,12 @@ class AnswerMatcher:
             self.matcher = self.grammar.template.deep_copy()
         if self._pending:
             tokens, self._pending = self._pending, []
-            # One by one: consume_tokens refuses an EOS after a stopped answer, which consume_token takes.
-            all(self.matcher.consume_token(token) for token in tokens)
+            # At once (half the cost of one by one), but an end of sequence alone: consume_tokens refuses one
+            # after a stopped answer, which consume_token takes.
+            if self.eos_ids.isdisjoint(tokens):
+                self.matcher.consume_tokens(tokens)
+            else:
+                all(self.matcher.consume_token(token) for token in tokens)
         return None if self._failed() else self.matcher
 
     def _failed(self) -> bool:
@@ -364,7 +420,7 @@ class AnswerMatcher:
             # Drawn among the allowed tokens alone: the distribution of the logits with the rest at -inf (which
             # add nothing to the softmax, top-k or top-p; greedy: the same token), without sorting (np.partition
             # for top-k, ~6 ms at 49k) a vocabulary that is mostly -inf.
-            token = int(allowed[sample(np.asarray(logits, np.float32)[allowed], decoding, rng)])
+            token = int(allowed[sample(logits.take(allowed), decoding, rng)])
         self._advance(token)
         return token
 
@@ -385,13 +441,18 @@ class AnswerMatcher:
         matcher = self._synced()
         if matcher is None:
             return False
-        if matcher.compute_ff_bytes():  # forced bytes (~2 us to ask): the check reads the mask (~20 us there)
-            if not self.allowed(self.vocab.size).size:  # computed into self._bits (none was remembered here)
+        # The check reads the mask (~20 us) where the grammar forces bytes (~2 us to ask), and in a state the
+        # answer's text decides that an answer reached before, if its mask can be remembered (it then serves
+        # every later answer there).
+        if (node.checked and node.key is not None and self.grammar.has_room(node)) or matcher.compute_ff_bytes():
+            if not self.allowed(self.vocab.size).size:
                 return False  # llguidance stopped
-            ok = self._allows(self._bits, token)
+            # computed into self._bits, unless another generation remembered the state's mask meanwhile
+            ok = self._allows(self._bits if node.bits is None else node.bits, token)
             if ok:
                 self._advance(token)
             return ok
+        node.checked = True
         if token in self.eos_ids:  # allowed once the answer is complete; a stopped matcher refuses to try it
             ok = bool(matcher.is_accepting() and matcher.consume_token(token))
         else:

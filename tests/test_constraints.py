@@ -217,11 +217,12 @@ def test_small_grammars_are_kept_built_and_large_ones_made_per_call(torch_models
     model = torch_models("qwen3")
     vocab = _vocabulary(model.tokenizer, frozenset(model.eos_ids))
     for options, kept in ((["left", "right"], True), ([f"option {i:06d}" for i in range(KEPT_CHARS // 10)], False)):
-        grammar = Constraint.choice(options).grammar(None)
+        constraint = Constraint.choice(options)
+        grammar, parts = constraint.grammar(None), constraint.parts(None)
         assert (len(grammar) <= KEPT_CHARS) == kept
         compiled = _compile(grammar)
         assert (_compile(grammar) is compiled) == kept
-        assert (_grammar(vocab, compiled) is _grammar(vocab, compiled)) == kept
+        assert (_grammar(vocab, parts, compiled) is _grammar(vocab, parts, compiled)) == kept
 
 
 # 3,000 optional keys: llguidance's parser stops past 2,000 items in a row once the answer opens a key
@@ -585,17 +586,45 @@ def test_an_answer_along_a_remembered_path_asks_llguidance_nothing(bundle_pipe):
     assert computed_again == 0 and copied is None
 
 
-def test_remembered_states_and_masks_stay_within_their_bounds(bundle_pipe, monkeypatch):
-    """Past MAX_NODES states or MAX_MASK_BYTES of masks a grammar remembers nothing more (an answer's new
-    states are its own), and its answers still choose only allowed tokens."""
+def test_answers_of_other_words_reuse_the_masks_of_a_regex_state():
+    """A regex's states are what is left to match, whatever text reached them: once answers have been through
+    each state twice (the second visit computes its mask), an answer of words never seen before asks
+    llguidance nothing, and takes the tokens the reference (masking every step) takes."""
+    from edgevlm.demo import REASONER
+    from edgevlm.tokenizer import Tokenizer
+
+    tokenizer, eos = Tokenizer(REASONER), {0, 2}
+    constraint = Constraint.regex(r"[a-z]( [a-z])*\.")  # a grammar of its own
+    size = tokenizer.vocab_size
+    ids = {c: tokenizer.encode(c) for c in "abc. "}
+    assert all(len(v) == 1 for v in ids.values())
+    for text in ("a b c.", "c a b.", "b c a."):
+        matcher = AnswerMatcher(constraint, tokenizer, eos, start="now", prefix=False)
+        ref = AnswerMatcher(constraint, tokenizer, eos, start="now", prefix=False, speculate=False, remember=False)
+        for want in [ids[c][0] for c in text] + [2]:
+            logits = _one_hot(size, want)
+            assert matcher.choose(logits, Decoding(1), np.random.default_rng(0), 100) == want
+            assert ref.choose(logits, Decoding(1), np.random.default_rng(0), 100) == want
+    assert matcher.computed == 0 and matcher.matcher is None
+    # before the answer, after its first letter, after a blank, after a later letter, after the stop
+    assert len(matcher.grammar.keyed) == 5
+
+
+@pytest.mark.parametrize("constraint", [
+    Constraint.regex(r"[a-z]+( [a-z]+)* bounded"),  # states keyed by the answer's text (a graph)
+    Constraint.json_schema({"type": "object", "properties": {"bounded": {"type": "string"}}}),  # a trie of tokens
+], ids=["regex", "json"])
+def test_remembered_states_and_masks_stay_within_their_bounds(bundle_pipe, monkeypatch, constraint):
+    """Past MAX_NODES states, MAX_EDGES tokens between them or MAX_MASK_BYTES of masks a grammar remembers
+    nothing more (an answer's new states are its own), and its answers still choose only allowed tokens."""
     from edgevlm import constraints
 
     model = bundle_pipe.reasoner
     size, eos = model.tokenizer.vocab_size, model.eos_ids
     most = 3 * ((size + 31) // 32 * 4 + 4 * size)  # room for three masks of any size, not for all
     monkeypatch.setattr(constraints._Grammar, "MAX_NODES", 12)
+    monkeypatch.setattr(constraints._Grammar, "MAX_EDGES", 20)
     monkeypatch.setattr(constraints._Grammar, "MAX_MASK_BYTES", most)
-    constraint = Constraint.regex(r"[a-z]+( [a-z]+)* bounded")  # a grammar of its own
     for seed in range(10):
         matcher = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False)
         ref = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False, speculate=False,
@@ -609,13 +638,17 @@ def test_remembered_states_and_masks_stay_within_their_bounds(bundle_pipe, monke
             assert ref.choose(_one_hot(size, token), Decoding(1), rng, 100) == token
             if token in eos:
                 break
-    grammar, seen, stack = matcher.grammar, [], [matcher.grammar.root]
+    grammar, seen, stack, edges = matcher.grammar, {}, [matcher.grammar.root], 0
     while stack:
         node = stack.pop()
-        seen.append(node)
-        stack.extend(node.children.values())
-    assert all(node.shared for node in seen) and len(seen) == grammar.nodes == 12
-    held = sum(node.bits.nbytes + node.ids.nbytes for node in seen if node.ids is not None)
+        if id(node) not in seen:
+            seen[id(node)] = node
+            edges += len(node.children)
+            stack.extend(node.children.values())
+    assert all(node.shared for node in seen.values())
+    assert len(seen) == grammar.nodes <= 12 and edges == grammar.edges <= 20
+    assert grammar.nodes == 12 or grammar.edges == 20  # a bound was reached
+    held = sum(node.bits.nbytes + node.ids.nbytes for node in seen.values() if node.ids is not None)
     assert held == grammar.mask_bytes and 0 < held <= most
 
 
