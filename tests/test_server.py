@@ -126,7 +126,9 @@ def test_concurrent_clients_are_all_answered(served):
     replies = []
 
     def ask(i):
-        c = openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        # A client that retries a 503, as OpenAI's does by default: a third request that comes before the
+        # runner has taken the first finds two waiting (max_queue 2) and is told to try again later.
+        c = openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=2, timeout=120)
         replies.append(c.chat.completions.create(model="tiny", messages=messages(url=data_url(random_image(seed=i))),
                                                  **ASK))
 
