@@ -431,7 +431,7 @@ class AnswerMatcher:
 
     def _accept(self, token: int) -> bool:
         """Advance past `token` if the answer allows it: what the mask would say, computed only where the grammar
-        forces bytes."""
+        forces bytes or in a regex's state visited before."""
         node = self.node
         known = self._known(node, token)
         if known is not None:

@@ -652,14 +652,17 @@ def test_remembered_states_and_masks_stay_within_their_bounds(bundle_pipe, monke
     assert held == grammar.mask_bytes and 0 < held <= most
 
 
-def test_answers_on_several_threads_share_remembered_states_safely(bundle_pipe):
+@pytest.mark.parametrize("constraint", [
+    Constraint.json_schema({**SCHEMA, "title": "threads"}),  # a grammar of its own: a trie
+    Constraint.regex(r"[a-z]+( [a-z]+)* threads"),  # states keyed by the answer's text
+], ids=["json", "regex"])
+def test_answers_on_several_threads_share_remembered_states_safely(bundle_pipe, constraint):
     """Generations on four threads at once, down overlapping paths of one grammar, choose what each would
     alone with nothing remembered."""
     from concurrent.futures import ThreadPoolExecutor
 
     model = bundle_pipe.reasoner
     size, eos = model.tokenizer.vocab_size, model.eos_ids
-    constraint = Constraint.json_schema({**SCHEMA, "title": "threads"})  # a grammar of its own
 
     def answer(seed: int, remember: bool) -> list[int]:
         matcher = AnswerMatcher(constraint, model.tokenizer, eos, start="now", prefix=False, remember=remember)
